@@ -1,0 +1,3 @@
+from fbmount.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""Mount configuration: one dataclass, built from the command line and `-o` options.
+
+Every long option can also be given as `-o name=value` so that /etc/fstab and the systemd
+unit can say everything the command line can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from fbmount.errors import StartupError
+
+MIB = 1024 * 1024
+DEFAULT_ENDPOINT = "https://s3.filebase.com"
+
+# Generic mount(8)/fstab options that mean nothing to fbmount: accepted, ignored.
+IGNORED_MOUNT_OPTIONS = {
+    "_netdev", "nofail", "noauto", "auto", "user", "users", "nouser", "dev", "nodev",
+    "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "norelatime",
+    "strictatime", "async", "sync", "defaults", "rw", "delay_connect",
+}
+
+
+@dataclass
+class Config:
+    bucket: str | None
+    mountpoint: Path
+    prefix: str = ""
+    endpoint: str = DEFAULT_ENDPOINT
+    region: str = "us-east-1"
+    profile: str | None = None
+    passwd_file: Path | None = None
+    ca_bundle: Path | None = None
+    foreground: bool = False
+    read_only: bool = False
+    debug: bool = False
+    cache_dir: Path | None = None
+    upload_delay: float = 2.0
+    attr_ttl: float = 10.0
+    dir_ttl: float = 10.0
+    part_size: int = 8 * MIB
+    read_ahead: int = 64 * MIB
+    copy: str = "auto"  # auto | yes | no
+    url_expiry: float = 3600.0  # seconds a user.fbmount.url pre-signed link stays valid
+    parallel: int = 8
+    retries: int = 5
+    timeout: float = 120.0
+    allow_other: bool = False
+    default_permissions: bool = False
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    umask: int = 0o022
+    fsname: str = ""
+    extra_fuse_options: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.prefix = self.prefix.strip("/")
+        if self.prefix:
+            self.prefix += "/"
+        if self.copy not in ("auto", "yes", "no"):
+            raise StartupError(f"--copy must be auto, yes or no, not {self.copy!r}")
+        if self.part_size < 5 * MIB:
+            raise StartupError("--part-size must be at least 5 MiB (the S3 minimum part size)")
+        if self.allow_other:
+            # Other users must never bypass the modes fbmount shows.
+            self.default_permissions = True
+
+    @property
+    def source(self) -> str:
+        """BUCKET[:PREFIX] as shown in /proc/mounts."""
+        return f"{self.bucket}:{self.prefix.rstrip('/')}" if self.prefix else str(self.bucket)
+
+    def state_dir(self) -> Path:
+        """Per endpoint+bucket+prefix directory for staging and the metadata index."""
+        base = self.cache_dir or default_cache_dir()
+        ident = f"{self.endpoint}|{self.bucket}|{self.prefix}"
+        digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        safe_bucket = "".join(c for c in str(self.bucket) if c.isalnum() or c in "-_.")
+        return base / f"{safe_bucket}-{digest}"
+
+
+def default_cache_dir() -> Path:
+    if os.getuid() == 0 and "XDG_CACHE_HOME" not in os.environ:
+        return Path("/var/cache/fbmount")
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "fbmount"
+
+
+def parse_size_mib(text: str) -> int:
+    """'8' → 8 MiB; also accepts suffixes K, M, G (binary)."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = MIB
+    for suffix, m in (("K", 1024), ("M", MIB), ("G", 1024 * MIB)):
+        if text.endswith(suffix):
+            text, mult = text[:-1], m
+            break
+    try:
+        return int(float(text) * mult)
+    except ValueError:
+        raise StartupError(f"not a size: {text!r}") from None
+
+
+def apply_o_options(values: dict, opts: list[str]) -> None:
+    """Fold `-o a,b=c` items into the keyword dict used to build Config."""
+    names = {f.name for f in fields(Config)}
+    for raw in opts:
+        for item in filter(None, (s.strip() for s in raw.split(","))):
+            key, has_value, value = item.partition("=")
+            key = key.replace("-", "_")
+            if item in IGNORED_MOUNT_OPTIONS or key.startswith(("x-systemd.", "x_systemd.")):
+                continue
+            if key == "comment":
+                continue
+            if key in ("ro", "read_only"):
+                values["read_only"] = True
+            elif key in ("allow_other", "default_permissions", "debug", "foreground"):
+                values[key] = True
+            elif key in ("uid", "gid"):
+                values[key] = int(value)
+            elif key == "umask":
+                values["umask"] = int(value, 8)
+            elif key in ("part_size", "read_ahead"):
+                values[key] = parse_size_mib(value)
+            elif key in ("upload_delay", "attr_ttl", "dir_ttl", "timeout", "url_expiry"):
+                values[key] = float(value)
+            elif key in ("parallel", "retries"):
+                values[key] = int(value)
+            elif key in ("passwd_file", "ca_bundle", "cache_dir"):
+                values[key] = Path(value)
+            elif key in names and has_value:
+                values[key] = value
+            elif key in ("allow_root", "auto_unmount", "kernel_cache", "noforget"):
+                values.setdefault("extra_fuse_options", []).append(item)
+            else:
+                raise StartupError(f"unknown mount option: -o {item}")

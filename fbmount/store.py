@@ -1,0 +1,507 @@
+"""Typed S3 calls: the only module that knows botocore.
+
+Every method is awaited from trio and runs on the asyncio thread (bridge.py). Failures
+leave as FsError with an errno and a readable message. botocore's "standard" retry mode
+gives jittered exponential backoff for 5xx, throttling, resets and timeouts on every
+request, and each call also has an overall deadline so that no syscall hangs forever.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore import UNSIGNED
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+    SSLError,
+)
+
+from fbmount.bridge import AsyncioThread
+from fbmount.credentials import Credentials
+from fbmount.errors import S3_CODE_ERRNO, CopyNotSupported, FsError, PreconditionFailed
+
+log = logging.getLogger("fbmount.s3")
+
+# Codes with which servers say "this operation is switched off here".
+COPY_REFUSED_CODES = {"NotImplemented", "501", "MethodNotAllowed", "405", "AccessDenied", "403"}
+BODY_RETRIES = 3
+
+
+@dataclass(slots=True)
+class ObjectInfo:
+    """What S3 tells about one object; metadata is None when it came from a LIST."""
+
+    key: str
+    size: int
+    etag: str
+    mtime_ns: int
+    metadata: dict[str, str] | None = None
+    content_type: str | None = None
+    storage_class: str | None = None
+
+
+@dataclass(slots=True)
+class ListPage:
+    objects: list[ObjectInfo] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)
+    next_token: str | None = None
+
+
+def _ns(dt: Any) -> int:
+    return int(dt.timestamp() * 1e9) if dt is not None else time.time_ns()
+
+
+def _etag(value: str | None) -> str:
+    return (value or "").strip('"')
+
+
+def describe_client_error(e: ClientError) -> tuple[str, str]:
+    err = e.response.get("Error", {})
+    code = str(err.get("Code") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+    return code, str(err.get("Message") or code)
+
+
+def to_fs_error(e: BaseException, what: str) -> FsError:
+    """Translate a botocore/aiohttp failure into one FsError with a human message."""
+    if isinstance(e, FsError):
+        return e
+    if isinstance(e, ClientError):
+        code, message = describe_client_error(e)
+        return FsError(S3_CODE_ERRNO.get(code, errno.EIO), f"{what}: {code}: {message}")
+    if isinstance(e, SSLError | ssl.SSLError):
+        return FsError(errno.EIO, f"{what}: TLS certificate does not verify: {e}")
+    if isinstance(e, EndpointConnectionError):
+        return FsError(errno.EIO, f"{what}: cannot connect to the endpoint: {e}")
+    if isinstance(e, ReadTimeoutError | TimeoutError):
+        return FsError(errno.ETIMEDOUT, f"{what}: timed out")
+    if isinstance(e, NoCredentialsError):
+        return FsError(errno.EACCES, f"{what}: no credentials found")
+    if isinstance(e, BotoCoreError | OSError):
+        return FsError(errno.EIO, f"{what}: {type(e).__name__}: {e}")
+    return FsError(errno.EIO, f"{what}: {type(e).__name__}: {e}")
+
+
+def _drop_expect_header(request: Any, **_: Any) -> None:
+    # Unsigned header; SeaweedFS stalls the next request after an unanswered 100-continue.
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
+class S3Store:
+    """One aiobotocore client for one bucket, shared by every path of the mount."""
+
+    def __init__(
+        self,
+        bucket: str | None,
+        endpoint: str,
+        region: str,
+        credentials: Credentials | None,
+        profile: str | None = None,
+        ca_bundle: str | None = None,
+        pool_size: int = 64,
+        retries: int = 5,
+        timeout: float = 120.0,
+        copy_mode: str = "auto",
+    ) -> None:
+        self.bucket = bucket
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.copy_supported: bool | None = {"yes": True, "no": False}.get(copy_mode)
+        self.delete_many_supported: bool | None = None
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._thread = AsyncioThread()
+        self._client: Any = None
+        self._client_cm: Any = None
+        self._settings = dict(
+            endpoint=endpoint, region=region, credentials=credentials, profile=profile,
+            ca_bundle=ca_bundle, pool_size=pool_size, retries=retries,
+        )
+
+    # ----- life cycle (blocking; called outside trio) -----------------------------------
+    def open(self) -> None:
+        self._thread.call_blocking(self._open_async, timeout=30)
+
+    async def _open_async(self) -> None:
+        s = self._settings
+        creds: Credentials | None = s["credentials"]  # type: ignore[assignment]
+        session = get_session()
+        if s["profile"]:
+            session.set_config_variable("profile", s["profile"])
+        config = AioConfig(
+            region_name=s["region"],
+            signature_version="s3v4",
+            retries={"max_attempts": s["retries"], "mode": "standard"},
+            max_pool_connections=s["pool_size"],
+            connect_timeout=10,
+            read_timeout=60,
+            tcp_keepalive=True,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"},
+        )
+        kwargs: dict[str, Any] = {"endpoint_url": s["endpoint"], "config": config}
+        if creds is not None:
+            kwargs.update(
+                aws_access_key_id=creds.access_key,
+                aws_secret_access_key=creds.secret_key,
+                aws_session_token=creds.session_token,
+            )
+        if s["ca_bundle"]:
+            kwargs["verify"] = str(s["ca_bundle"])
+        if creds is not None and not creds.access_key:
+            kwargs["config"] = config.merge(AioConfig(signature_version=UNSIGNED))
+        self._client_cm = session.create_client("s3", **kwargs)
+        self._client = await self._client_cm.__aenter__()
+        self._client.meta.events.register("before-send.s3", _drop_expect_header)
+
+    def close(self) -> None:
+        if self._client_cm is not None:
+            try:
+                self._thread.call_blocking(lambda: self._client_cm.__aexit__(None, None, None), 10)
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+            self._client_cm = None
+        self._thread.stop()
+
+    def presign_get(self, key: str, expires: int) -> str:
+        """A pre-signed GET URL (pure computation, no request)."""
+        return self._thread.call_blocking(
+            lambda: self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
+            ),
+            10,
+        )
+
+    # ----- plumbing ---------------------------------------------------------------------
+    async def _call(self, op: str, what: str, coro_fn: Any, *args: Any) -> Any:
+        self.requests[op] += 1
+        try:
+            with trio.fail_after(self.timeout):
+                return await self._thread.run(coro_fn, *args)
+        except trio.TooSlowError:
+            self.errors[op] += 1
+            raise FsError(errno.ETIMEDOUT, f"{what}: no answer within {self.timeout:g}s") from None
+        except FsError:
+            self.errors[op] += 1
+            raise
+        except (Exception, ssl.SSLError) as e:
+            self.errors[op] += 1
+            raise to_fs_error(e, what) from None
+
+    # ----- objects ----------------------------------------------------------------------
+    async def head(self, key: str, bucket: str | None = None) -> ObjectInfo | None:
+        """HEAD an object; None when it does not exist."""
+
+        async def go() -> ObjectInfo | None:
+            try:
+                r = await self._client.head_object(Bucket=bucket or self.bucket, Key=key)
+            except ClientError as e:
+                if describe_client_error(e)[0] in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            return ObjectInfo(
+                key, r.get("ContentLength", 0), _etag(r.get("ETag")), _ns(r.get("LastModified")),
+                {k.lower(): v for k, v in r.get("Metadata", {}).items()},
+                r.get("ContentType"), r.get("StorageClass"),
+            )
+
+        return await self._call("HeadObject", f"HEAD {key}", go)
+
+    async def get_range(self, key: str, start: int, end: int, etag: str | None = None) -> bytes:
+        """Bytes [start, end) of an object, verified for length; If-Match pins the version."""
+
+        async def go() -> bytes:
+            want = end - start
+            for attempt in range(BODY_RETRIES):
+                params: dict[str, Any] = {
+                    "Bucket": self.bucket, "Key": key, "Range": f"bytes={start}-{end - 1}",
+                }
+                if etag:
+                    params["IfMatch"] = f'"{etag}"'
+                try:
+                    r = await self._client.get_object(**params)
+                    async with r["Body"] as body:
+                        data = await body.read()
+                except ClientError as e:
+                    code = describe_client_error(e)[0]
+                    if code in ("PreconditionFailed", "412"):
+                        raise PreconditionFailed(key) from None
+                    raise
+                except (IncompleteReadError, ResponseStreamingError, ConnectionClosedError) as e:
+                    if attempt == BODY_RETRIES - 1:
+                        raise FsError(errno.EIO, f"GET {key}: body cut short: {e}") from None
+                    continue
+                if len(data) == want or (len(data) < want and r.get("ContentLength") == len(data)
+                                         and _range_total(r) == start + len(data)):
+                    self.bytes_down += len(data)
+                    return data
+                if attempt == BODY_RETRIES - 1:
+                    raise FsError(errno.EIO, f"GET {key}: got {len(data)} of {want} bytes")
+            raise AssertionError("unreachable")
+
+        return await self._call("GetObject", f"GET {key}", go)
+
+    async def get_object(self, key: str) -> bytes:
+        """A whole (small) object: symlink targets and the like."""
+
+        async def go() -> bytes:
+            r = await self._client.get_object(Bucket=self.bucket, Key=key)
+            async with r["Body"] as body:
+                data = await body.read()
+            if len(data) != r.get("ContentLength", len(data)):
+                raise FsError(errno.EIO, f"GET {key}: body cut short")
+            self.bytes_down += len(data)
+            return data
+
+        return await self._call("GetObject", f"GET {key}", go)
+
+    async def put(
+        self, key: str, body: bytes, metadata: dict[str, str], content_type: str
+    ) -> str:
+        async def go() -> str:
+            r = await self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, Metadata=metadata,
+                ContentType=content_type, ContentMD5=_md5_b64(body),
+            )
+            self.bytes_up += len(body)
+            return _etag(r.get("ETag"))
+
+        return await self._call("PutObject", f"PUT {key}", go)
+
+    async def create_multipart(self, key: str, metadata: dict[str, str], content_type: str) -> str:
+        async def go() -> str:
+            r = await self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, Metadata=metadata, ContentType=content_type
+            )
+            return r["UploadId"]
+
+        return await self._call("CreateMultipartUpload", f"multipart {key}", go)
+
+    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
+        async def go() -> str:
+            r = await self._client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body,
+                ContentMD5=_md5_b64(body),
+            )
+            self.bytes_up += len(body)
+            return _etag(r.get("ETag"))
+
+        return await self._call("UploadPart", f"part {number} of {key}", go)
+
+    async def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> str:
+        parts = [{"PartNumber": i + 1, "ETag": f'"{t}"'} for i, t in enumerate(etags)]
+
+        async def go() -> str:
+            try:
+                r = await self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            except ClientError as e:
+                # A retried Complete whose first attempt succeeded: the upload is gone but
+                # the object is there. Check it instead of failing.
+                if describe_client_error(e)[0] != "NoSuchUpload":
+                    raise
+                info = await self._client.head_object(Bucket=self.bucket, Key=key)
+                expected = _multipart_etag(etags)
+                if _etag(info.get("ETag")) != expected:
+                    raise
+                return expected
+            return _etag(r.get("ETag"))
+
+        return await self._call("CompleteMultipartUpload", f"complete {key}", go)
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        async def go() -> None:
+            try:
+                await self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id
+                )
+            except ClientError as e:
+                if describe_client_error(e)[0] != "NoSuchUpload":
+                    raise
+
+        await self._call("AbortMultipartUpload", f"abort {key}", go)
+
+    async def delete(self, key: str) -> None:
+        async def go() -> None:
+            await self._client.delete_object(Bucket=self.bucket, Key=key)
+
+        await self._call("DeleteObject", f"DELETE {key}", go)
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """DeleteObjects in batches of 1,000; single deletes where the server lacks it."""
+        for i in range(0, len(keys), 1000):
+            batch = keys[i : i + 1000]
+            if self.delete_many_supported is not False:
+                try:
+                    await self._delete_batch(batch)
+                    self.delete_many_supported = True
+                    continue
+                except FsError as e:
+                    if e.errno != errno.ENOTSUP or self.delete_many_supported:
+                        raise
+                    log.info("server refuses DeleteObjects; deleting one by one")
+                    self.delete_many_supported = False
+            async with trio.open_nursery() as nursery:
+                limiter = trio.CapacityLimiter(16)
+                for key in batch:
+                    nursery.start_soon(self._delete_limited, limiter, key)
+
+    async def _delete_limited(self, limiter: trio.CapacityLimiter, key: str) -> None:
+        async with limiter:
+            await self.delete(key)
+
+    async def _delete_batch(self, keys: list[str]) -> None:
+        async def go() -> None:
+            r = await self._client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True},
+            )
+            errors = [e for e in r.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                first = errors[0]
+                raise FsError(
+                    S3_CODE_ERRNO.get(first.get("Code", ""), errno.EIO),
+                    f"DeleteObjects: {len(errors)} failed, first {first.get('Key')}: "
+                    f"{first.get('Code')}",
+                )
+
+        await self._call("DeleteObjects", f"DeleteObjects ({len(keys)} keys)", go)
+
+    async def copy(
+        self, src: str, dst: str, metadata: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        """Server-side copy; metadata given → REPLACE. Raises CopyNotSupported when refused."""
+        if self.copy_supported is False:
+            raise CopyNotSupported()
+
+        async def go() -> str:
+            params: dict[str, Any] = {
+                "Bucket": self.bucket, "Key": dst, "CopySource": {"Bucket": self.bucket, "Key": src},
+            }
+            if metadata is not None:
+                params.update(MetadataDirective="REPLACE", Metadata=metadata,
+                              ContentType=content_type or "application/octet-stream")
+            try:
+                r = await self._client.copy_object(**params)
+            except ClientError as e:
+                code = describe_client_error(e)[0]
+                if code in COPY_REFUSED_CODES and self.copy_supported is None:
+                    raise CopyNotSupported(f"server refuses CopyObject ({code})") from None
+                raise
+            return _etag(r.get("CopyObjectResult", {}).get("ETag"))
+
+        try:
+            etag = await self._call("CopyObject", f"COPY {src} → {dst}", go)
+        except CopyNotSupported:
+            log.info("server refuses CopyObject: renames and metadata updates will stream")
+            self.copy_supported = False
+            raise
+        self.copy_supported = True
+        return etag
+
+    # ----- listing ----------------------------------------------------------------------
+    async def list_page(
+        self, prefix: str, delimiter: str | None = "/", token: str | None = None,
+        max_keys: int = 1000, start_after: str | None = None,
+    ) -> ListPage:
+        async def go() -> ListPage:
+            params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
+            if delimiter:
+                params["Delimiter"] = delimiter
+            if token:
+                params["ContinuationToken"] = token
+            if start_after:
+                params["StartAfter"] = start_after
+            r = await self._client.list_objects_v2(**params)
+            page = ListPage(
+                [
+                    ObjectInfo(o["Key"], o.get("Size", 0), _etag(o.get("ETag")),
+                               _ns(o.get("LastModified")), storage_class=o.get("StorageClass"))
+                    for o in r.get("Contents", [])
+                ],
+                [p["Prefix"] for p in r.get("CommonPrefixes", [])],
+                r.get("NextContinuationToken") if r.get("IsTruncated") else None,
+            )
+            return page
+
+        return await self._call("ListObjectsV2", f"LIST {prefix or '/'}", go)
+
+    async def list_all(self, prefix: str, delimiter: str | None = "/") -> ListPage:
+        """Every page of a listing, following continuation tokens."""
+        total = ListPage()
+        token = None
+        while True:
+            page = await self.list_page(prefix, delimiter, token)
+            total.objects += page.objects
+            total.prefixes += page.prefixes
+            token = page.next_token
+            if not token:
+                return total
+
+    # ----- buckets ----------------------------------------------------------------------
+    async def check_bucket(self) -> None:
+        """One request that proves endpoint, credentials and bucket (fail fast at start)."""
+
+        async def go() -> None:
+            await self._client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+
+        await self._call("ListObjectsV2", f"bucket {self.bucket}", go)
+
+    async def list_buckets(self) -> list[tuple[str, int]]:
+        async def go() -> list[tuple[str, int]]:
+            r = await self._client.list_buckets()
+            return [(b["Name"], _ns(b.get("CreationDate"))) for b in r.get("Buckets", [])]
+
+        return await self._call("ListBuckets", "ListBuckets", go)
+
+    async def bucket_call(self, method: str, what: str, **params: Any) -> dict:
+        """Bucket-level calls (create/delete/ACL/CORS/versioning) for account mounts."""
+
+        async def go() -> dict:
+            return await getattr(self._client, method)(**params)
+
+        return await self._call(method, what, go)
+
+
+def _range_total(r: dict) -> int | None:
+    value = r.get("ContentRange", "")
+    try:
+        return int(value.rsplit("/", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _md5_b64(body: bytes) -> str:
+    import base64
+    import hashlib
+
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+
+
+def _multipart_etag(part_etags: list[str]) -> str:
+    import hashlib
+
+    digest = hashlib.md5(b"".join(bytes.fromhex(t) for t in part_etags), usedforsecurity=False)
+    return f"{digest.hexdigest()}-{len(part_etags)}"

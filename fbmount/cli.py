@@ -1,0 +1,78 @@
+"""Command line: `fbmount BUCKET[:PREFIX] MOUNTPOINT [options]` (and subcommands later)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fbmount import __version__
+from fbmount.config import DEFAULT_ENDPOINT, Config, apply_o_options, parse_size_mib
+from fbmount.errors import StartupError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fbmount",
+        description="Mount a Filebase (or any S3-compatible) bucket as a directory.",
+        epilog="Every long option can also be given as -o name=value (fstab, systemd).",
+    )
+    p.add_argument("source", metavar="BUCKET[:PREFIX]")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--endpoint", help=f"S3 endpoint URL (default {DEFAULT_ENDPOINT})")
+    p.add_argument("--region", help="SigV4 region (default us-east-1)")
+    p.add_argument("--profile", help="AWS shared-credentials profile")
+    p.add_argument("--passwd-file", type=Path, help="s3fs-style ACCESS:SECRET file (mode 0600)")
+    p.add_argument("--ca-bundle", type=Path, help="PEM CA bundle to verify the endpoint with")
+    p.add_argument("-f", "--foreground", action="store_true", default=None,
+                   help="stay in the foreground (default: daemonize once mounted)")
+    p.add_argument("--read-only", action="store_true", default=None)
+    p.add_argument("--debug", action="store_true", default=None, help="log every request")
+    p.add_argument("--cache-dir", type=Path, help="staging and metadata index directory")
+    p.add_argument("--upload-delay", type=float, metavar="SECS",
+                   help="upload a closed file after it has been left alone this long "
+                        "(default 2; 0 = upload at close)")
+    p.add_argument("--attr-ttl", type=float, metavar="SECS", help="attribute cache (default 10)")
+    p.add_argument("--dir-ttl", type=float, metavar="SECS", help="listing cache (default 10)")
+    p.add_argument("--part-size", metavar="MIB", help="multipart part size (default 8)")
+    p.add_argument("--read-ahead", metavar="MIB", help="sequential read-ahead (default 64)")
+    p.add_argument("--parallel", type=int, help="parallel part uploads/GETs per file (default 8)")
+    p.add_argument("--copy", choices=["auto", "yes", "no"],
+                   help="use server-side CopyObject (default auto: probe, then remember)")
+    p.add_argument("--url-expiry", type=float, metavar="SECS",
+                   help="lifetime of user.fbmount.url links (default 3600)")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                   help="mount options: allow_other, default_permissions, uid=, gid=, umask=, ro")
+    p.add_argument("--version", action="version", version=f"fbmount {__version__}")
+    return p
+
+
+def config_from_args(argv: list[str]) -> Config:
+    args = build_parser().parse_args(argv)
+    values: dict = {}
+    apply_o_options(values, args.options)
+    for name in ("endpoint", "region", "profile", "passwd_file", "ca_bundle", "foreground",
+                 "read_only", "debug", "cache_dir", "upload_delay", "attr_ttl", "dir_ttl",
+                 "parallel", "copy", "url_expiry"):
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value
+    for name in ("part_size", "read_ahead"):
+        if getattr(args, name) is not None:
+            values[name] = parse_size_mib(getattr(args, name))
+    bucket, _, prefix = args.source.partition(":")
+    if not bucket:
+        raise StartupError("no bucket given: use BUCKET[:PREFIX]")
+    return Config(bucket=bucket, prefix=prefix, mountpoint=args.mountpoint.absolute(), **values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = config_from_args(argv)
+    except StartupError as e:
+        print(f"fbmount: {e}", file=sys.stderr)
+        return 1
+    from fbmount import daemon  # imported late: --help stays fast
+
+    return daemon.run(cfg)

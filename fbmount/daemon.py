@@ -1,0 +1,294 @@
+"""Mount life cycle: check, (daemonize), recover, mount, serve, flush, unmount.
+
+Daemon mode forks *before* any thread exists (the asyncio thread, libfuse) and the parent
+waits on a pipe: it exits 0 only once the child's mount answers, or prints the child's one
+line of error and exits 1, so `fbmount ... && ls MOUNTPOINT` and mount(8) behave.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from fbmount import credentials, notify
+from fbmount.config import Config
+from fbmount.errors import FsError, StartupError
+from fbmount.fs import Filesystem
+from fbmount.metaindex import MetaIndex
+from fbmount.staging import StagingArea
+from fbmount.store import S3Store
+
+log = logging.getLogger("fbmount")
+
+
+def setup_logging(cfg: Config, daemon: bool) -> None:
+    level = logging.DEBUG if cfg.debug else logging.INFO
+    root = logging.getLogger()
+    root.handlers.clear()
+    if daemon and Path("/dev/log").exists():
+        handler: logging.Handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("fbmount[%(process)d]: %(message)s"))
+    elif daemon:
+        cfg.state_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        handler = logging.FileHandler(cfg.state_dir() / "fbmount.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(message)s" if os.environ.get("INVOCATION_ID") else "%(asctime)s %(message)s"
+        handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("botocore", "aiobotocore", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
+    if cfg.debug:
+        logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # never keys
+
+
+def check_mountpoint(path: Path) -> None:
+    try:
+        st = path.stat()
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise StartupError(
+                f"{path}: a previous mount died (Transport endpoint is not connected); "
+                f"run: fusermount3 -uz {path}"
+            ) from None
+        raise StartupError(f"mountpoint {path}: {e.strerror}") from None
+    if not stat_is_dir(st.st_mode):
+        raise StartupError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise StartupError(f"{path} is already a mount point")
+
+
+def stat_is_dir(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISDIR(mode)
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """One mount per cache directory: staged files must have exactly one uploader."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(
+            f"the cache directory {state_dir} is in use by another fbmount of the same bucket; "
+            "give this mount its own --cache-dir"
+        ) from None
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def fuse_options(cfg: Config) -> set[str]:
+    opts = {f"fsname={cfg.fsname or cfg.source}", "subtype=fbmount", "noatime"}
+    if cfg.allow_other:
+        opts.add("allow_other")
+    if cfg.default_permissions:
+        opts.add("default_permissions")
+    if cfg.read_only:
+        opts.add("ro")
+    opts.update(cfg.extra_fuse_options)
+    return opts
+
+
+def raise_read_ahead(mountpoint: Path, kib: int) -> None:
+    """FUSE caps kernel read-ahead at 128 KiB unless the mount's bdi says more (root only)."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        path.write_text(str(kib))
+    except OSError:
+        pass
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.fs: Filesystem | None = None
+        self.store: S3Store | None = None
+        self.failed_uploads = 0
+
+    def prepare(self) -> None:
+        """Everything that can fail before mounting, with a clear message."""
+        cfg = self.cfg
+        check_mountpoint(cfg.mountpoint)
+        creds = credentials.resolve(cfg.passwd_file, cfg.profile, cfg.bucket)
+        if cfg.ca_bundle and not cfg.ca_bundle.is_file():
+            raise StartupError(f"CA bundle {cfg.ca_bundle} does not exist")
+        state_dir = cfg.state_dir()
+        self.lock_fd = lock_state_dir(state_dir)
+        self.store = S3Store(
+            cfg.bucket, cfg.endpoint, cfg.region, creds, cfg.profile,
+            str(cfg.ca_bundle) if cfg.ca_bundle else None,
+            pool_size=max(32, cfg.parallel * 4), retries=cfg.retries, timeout=cfg.timeout,
+            copy_mode=cfg.copy,
+        )
+        self.store.open()
+        staging = StagingArea(state_dir / "staging")
+        index = MetaIndex(state_dir / "meta.sqlite")
+        self.fs = Filesystem(cfg, self.store, staging, index)
+
+    async def check(self) -> None:
+        assert self.store is not None
+        try:
+            await self.store.check_bucket()
+        except FsError as e:
+            raise StartupError(explain_startup_failure(self.cfg, e)) from None
+
+    async def recover(self) -> None:
+        """Upload what a crashed earlier run left staged, before serving anything."""
+        assert self.fs is not None
+        found = self.fs.staging.recover()
+        if not found:
+            return
+        log.info("recovering %d staged file(s) from an earlier run", len(found))
+        failed = await self.fs.uploader.drain()
+        if failed:
+            log.error("%d recovered file(s) could not be uploaded yet; kept in %s",
+                      len(failed), self.fs.staging.root)
+            for staged in failed:  # not part of this mount's view; next mount retries
+                self.fs.staging.entries.pop(staged.id, None)
+
+    async def serve(self, on_ready) -> None:
+        assert self.fs is not None
+        cfg, fs = self.cfg, self.fs
+        await self.check()
+        await self.recover()
+        pyfuse3.init(fs, str(cfg.mountpoint), fuse_options(cfg))
+        log.info("mounted %s at %s (endpoint %s)", cfg.source, cfg.mountpoint, cfg.endpoint)
+        unmounted = False
+        try:
+            async with trio.open_nursery() as nursery:
+                fs.nursery = nursery
+                nursery.start_soon(fs.uploader.run)
+                nursery.start_soon(self._signals)
+                nursery.start_soon(self._announce_ready, on_ready)
+                await pyfuse3.main(min_tasks=4, max_tasks=128)
+                nursery.cancel_scope.cancel()
+        finally:
+            try:
+                pyfuse3.close(unmount=True)
+                unmounted = True
+            except Exception as e:  # noqa: BLE001
+                log.error("unmount failed: %s", e)
+        notify.stopping("flushing staged uploads")
+        pending = [s for s in fs.staging.entries.values() if s.dirty]
+        if pending:
+            log.info("unmounted; uploading %d staged file(s) before exit", len(pending))
+        failed = await fs.uploader.drain()
+        self.failed_uploads = len(failed)
+        if failed:
+            log.error("%d file(s) could not be uploaded; they stay in %s and the next mount "
+                      "of this bucket uploads them", len(failed), fs.staging.root)
+        log.info("unmounted %s%s", cfg.mountpoint, "" if unmounted else " (unmount failed)")
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    continue
+                log.info("received %s: unmounting", signal.Signals(signum).name)
+                pyfuse3.terminate()
+                return
+
+    async def _announce_ready(self, on_ready) -> None:
+        await trio.to_thread.run_sync(os.stat, str(self.cfg.mountpoint))
+        await trio.to_thread.run_sync(
+            raise_read_ahead, self.cfg.mountpoint, max(1024, self.cfg.read_ahead // 1024 // 4)
+        )
+        on_ready()
+        notify.ready(f"mounted {self.cfg.source} at {self.cfg.mountpoint}")
+
+    def close(self) -> None:
+        if self.fs is not None:
+            self.fs.index.close()
+        if self.store is not None:
+            self.store.close()
+
+
+def explain_startup_failure(cfg: Config, e: FsError) -> str:
+    msg = e.message
+    if "InvalidAccessKeyId" in msg or "SignatureDoesNotMatch" in msg:
+        return f"the endpoint {cfg.endpoint} refused the credentials ({msg.split(': ', 1)[-1]})"
+    if "NoSuchBucket" in msg:
+        return f"bucket {cfg.bucket!r} does not exist at {cfg.endpoint}"
+    if e.errno == errno.EACCES:
+        return f"access to bucket {cfg.bucket!r} denied: {msg}"
+    return msg
+
+
+def run(cfg: Config) -> int:
+    """Mount and serve until unmounted. Returns the process exit code."""
+    ready_w = -1
+    if not cfg.foreground:
+        read_fd, ready_w = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(ready_w)
+            return _wait_for_child(read_fd, pid)
+        os.close(read_fd)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1):
+            os.dup2(devnull, fd)
+    daemon = Daemon(cfg)
+
+    def report(message: str) -> None:
+        nonlocal ready_w
+        if ready_w >= 0:
+            os.write(ready_w, message.encode() + b"\n")
+            os.close(ready_w)
+            ready_w = -1
+
+    try:
+        setup_logging(cfg, daemon=not cfg.foreground)
+        daemon.prepare()
+        if ready_w >= 0:
+            os.dup2(os.open(os.devnull, os.O_RDWR), 2)
+        trio.run(daemon.serve, lambda: report("OK"))
+    except StartupError as e:
+        report(f"ERR {e}")
+        print(f"fbmount: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        daemon.close()
+    return 1 if daemon.failed_uploads else 0
+
+
+def _wait_for_child(read_fd: int, pid: int) -> int:
+    with os.fdopen(read_fd) as pipe:
+        line = pipe.readline().strip()
+    if line == "OK":
+        return 0
+    if line.startswith("ERR "):
+        print(f"fbmount: {line[4:]}", file=sys.stderr)
+    else:
+        _, status = os.waitpid(pid, 0)
+        print("fbmount: the mount process exited before the mount was ready "
+              f"(status {status}); run with -f --debug to see why", file=sys.stderr)
+    return 1
+
+
+def wait_unmounted(path: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not os.path.ismount(path):
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,959 @@
+"""pyfuse3 Operations: translate each kernel request into namespace, staging and S3 work.
+
+Data flow: reads of untouched objects go to reader.RemoteReader; anything written (or
+whose metadata changes) becomes a staging.Staged file on local disk that uploader.WriteBack
+sends to S3 once it has been left alone for `upload_delay` seconds (or at close/fsync in
+strict mode). Renames, chmod, chown and utimens of a staged file are applied locally, so
+rsync's temp-file + rename + chmod + utime costs one PUT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+import trio
+
+from fbmount import format as fmt
+from fbmount.config import Config
+from fbmount.errors import CopyNotSupported, FsError
+from fbmount.metaindex import MetaIndex
+from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node
+from fbmount.reader import CHUNK, RemoteReader
+from fbmount.staging import Staged, StagingArea
+from fbmount.store import S3Store
+from fbmount.uploader import WriteBack, stream_copy
+
+log = logging.getLogger("fbmount.fs")
+
+XATTR_PREFIX = "user.fbmount."
+HEAD_ON_LIST_LIMIT = 256  # readdir HEADs unknown entries only in directories this small
+
+
+@dataclass(eq=False)
+class FileHandle:
+    node: Node
+    writable: bool
+    append: bool
+    reader: RemoteReader | None = None
+
+
+def fuse_errors(fn: Any) -> Any:
+    """Turn FsError/OSError into FUSEError so that the kernel gets an errno, not EIO+trace."""
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as e:
+            log.warning("%s: %s", fn.__name__, e.message)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def decode_name(name: bytes) -> str:
+    """Kernel name → key segment; S3 keys are UTF-8, so undecodable names are refused."""
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FsError(errno.EINVAL, f"name is not valid UTF-8: {name!r}") from None
+
+
+class Filesystem(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, cfg: Config, store: S3Store, staging: StagingArea, index: MetaIndex):
+        super().__init__()
+        self.cfg, self.store, self.staging, self.index = cfg, store, staging, index
+        self.ns = Namespace(cfg.prefix, cfg.uid, cfg.gid, cfg.umask, cfg.attr_ttl, cfg.dir_ttl)
+        self.handles: dict[int, FileHandle] = {}
+        self.dir_handles: dict[int, list[tuple[str, int]]] = {}
+        self._next_fh = 1
+        self.get_limiter = trio.CapacityLimiter(max(4, cfg.parallel * 2))
+        self.nursery: trio.Nursery | None = None
+        self.uploader = WriteBack(self)
+
+    # ===== helpers ======================================================================
+    def _node(self, ino: int) -> Node:
+        node = self.ns.get(ino)
+        if node is None:
+            raise FsError(errno.ENOENT, f"inode {ino} is gone")
+        return node
+
+    def _writable(self) -> None:
+        if self.cfg.read_only:
+            raise FsError(errno.EROFS, "mounted read-only")
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = self.cfg.attr_ttl
+        a.attr_timeout = self.cfg.attr_ttl
+        a.st_mode = node.mode
+        a.st_nlink = 2 if node.kind is Kind.DIR else 1
+        a.st_uid, a.st_gid = node.uid, node.gid
+        a.st_rdev = 0
+        size = node.size
+        if node.staged is not None and node.staged.has_data:
+            size = node.size = node.staged.size()
+        a.st_size = size
+        a.st_blksize = 1 << 20
+        a.st_blocks = (size + 511) // 512
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
+        return a
+
+    def headers_for(self, node: Node) -> tuple[dict[str, str], str]:
+        """x-amz-meta-* and Content-Type that an upload of `node` must carry."""
+        meta = fmt.ObjectMeta(
+            mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns,
+            ctime_ns=node.ctime_ns, atime_ns=node.atime_ns, xattrs=dict(node.xattrs),
+            cid=node.cid,
+        )
+        headers = fmt.encode_meta(meta)
+        if node.kind is Kind.DIR:
+            return headers, fmt.DIR_CONTENT_TYPE
+        return headers, node.content_type or fmt.guess_content_type(node.name)
+
+    def journal(self, staged: Staged, durable: bool) -> None:
+        node = staged.node
+        headers, ctype = self.headers_for(node)
+        record = self.staging.journal_record(staged, headers, ctype)
+        self.staging.write_journal(staged, record, durable)
+
+    async def journal_durable(self, staged: Staged) -> None:
+        node = staged.node
+        headers, ctype = self.headers_for(node)
+        record = self.staging.journal_record(staged, headers, ctype)
+        await trio.to_thread.run_sync(self.staging.write_journal, staged, record, True)
+
+    # ===== resolving names ==============================================================
+    async def resolve(self, parent: Node, name: str) -> Node | None:
+        """The node for parent/name, asking S3 only when no fresh answer is cached."""
+        if parent.kind is not Kind.DIR:
+            raise FsError(errno.ENOTDIR)
+        node = self.ns.child(parent.ino, name)
+        now = time.monotonic()
+        if node is not None and (node.staged is not None or node.fresh_until > now
+                                 or not node.remote):
+            return node
+        listing = self.ns.listings.get(parent.ino)
+        if listing is not None:
+            entry = listing.get(name)
+            if entry is None:
+                return None
+            return await self._node_from_entry(parent, name, entry, head_unknown=True)
+        if (parent.ino, name) in self.ns.negative:
+            return None
+        if not fmt.valid_name(name):
+            return None
+        return await self._probe(parent, name)
+
+    async def _node_from_entry(self, parent: Node, name: str, entry: Entry,
+                               head_unknown: bool) -> Node:
+        existing = self.ns.child(parent.ino, name)
+        if existing is not None and existing.staged is not None:
+            return existing
+        node = self.ns.add(parent, name, entry.kind if entry.kind is Kind.DIR else (
+            existing.kind if existing is not None and existing.kind is not Kind.DIR
+            else Kind.FILE))
+        self.ns.apply_entry(node, entry)
+        if node.kind is not Kind.DIR and not node.meta_known:
+            key = self.ns.key(node)
+            headers = self.index.get(key, node.etag)
+            if headers is not None:
+                self._apply_headers(node, headers)
+            elif head_unknown:
+                await self._head_into(node)
+        return node
+
+    def _apply_headers(self, node: Node, headers: dict[str, str]) -> None:
+        kind = self.ns.kind_from_headers(headers)
+        if kind is not node.kind and node.kind is not Kind.DIR:
+            node.kind = kind
+            node.mode = self.ns.default_mode(kind)
+        self.ns.apply_meta(node, headers)
+
+    async def _head_into(self, node: Node) -> bool:
+        key = self.ns.key(node)
+        info = await self.store.head(key)
+        if info is None:
+            return False
+        node.size, node.etag = info.size, info.etag
+        node.content_type, node.storage_class = info.content_type, info.storage_class
+        node.mtime_ns = node.ctime_ns = node.atime_ns = info.mtime_ns
+        headers = info.metadata or {}
+        self._apply_headers(node, headers)
+        self.index.put(key, info.etag, headers)
+        node.remote = True
+        node.fresh_until = time.monotonic() + self.cfg.attr_ttl
+        return True
+
+    async def _probe(self, parent: Node, name: str) -> Node | None:
+        """No listing cached: HEAD the object and LIST the prefix at once."""
+        key = self.ns.key(parent) + name
+        results: dict[str, Any] = {}
+
+        async def head() -> None:
+            results["head"] = await self.store.head(key)
+
+        async def list_prefix() -> None:
+            results["list"] = await self.store.list_page(key + "/", "/", max_keys=1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(head)
+            nursery.start_soon(list_prefix)
+        page, info = results["list"], results["head"]
+        if page.objects or page.prefixes:
+            node = self.ns.add(parent, name, Kind.DIR)
+            node.remote = True
+            node.fresh_until = time.monotonic() + self.cfg.dir_ttl
+            return node
+        if info is None:
+            existing = self.ns.child(parent.ino, name)
+            if existing is not None and existing.staged is None:
+                self.ns.unlink(existing)
+            self.ns.negative[(parent.ino, name)] = True
+            return None
+        headers = info.metadata or {}
+        node = self.ns.add(parent, name, self.ns.kind_from_headers(headers))
+        node.size, node.etag = info.size, info.etag
+        node.content_type, node.storage_class = info.content_type, info.storage_class
+        node.mtime_ns = node.ctime_ns = node.atime_ns = info.mtime_ns
+        self.ns.apply_meta(node, headers)
+        self.index.put(key, info.etag, headers)
+        node.remote = True
+        node.fresh_until = time.monotonic() + self.cfg.attr_ttl
+        return node
+
+    async def _must_resolve(self, parent_ino: int, name: bytes) -> tuple[Node, Node, str]:
+        parent = self._node(parent_ino)
+        sname = decode_name(name)
+        node = await self.resolve(parent, sname)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        return parent, node, sname
+
+    async def list_dir(self, node: Node) -> dict[str, Entry]:
+        """The directory's entries: S3's listing (cached) merged with staged children."""
+        listing = self.ns.listings.get(node.ino)
+        if listing is not None:
+            return listing
+        prefix = self.ns.key(node)
+        page = await self.store.list_all(prefix)
+        listing = self.ns.listing_from_page(prefix, page)
+        for (parent_ino, name), ino in list(self.ns.children.items()):
+            if parent_ino != node.ino:
+                continue
+            child = self.ns.nodes[ino]
+            if name in listing:
+                continue
+            if child.staged is not None or not child.remote:
+                listing[name] = self.ns.entry_of(child)
+            elif child.kind is not Kind.DIR or child.fresh_until < time.monotonic():
+                self.ns.unlink(child)  # gone from the bucket
+        self.ns.listings[node.ino] = listing
+        return listing
+
+    # ===== attributes ===================================================================
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        parent = self._node(parent_inode)
+        sname = decode_name(name)
+        if sname == ".":
+            node = parent
+        elif sname == "..":
+            node = self._node(parent.parent)
+        else:
+            node = await self.resolve(parent, sname)
+        if node is None:
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = 0
+            a.entry_timeout = self.cfg.dir_ttl  # kernel-side negative cache
+            return a
+        node.lookups += 1
+        return self.attrs(node)
+
+    async def forget(self, inode_list: Any) -> None:
+        for ino, n in inode_list:
+            self.ns.forget(ino, n)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        node = self._node(inode)
+        if (node.kind is not Kind.DIR and node.staged is None and node.remote and node.linked
+                and node.fresh_until < time.monotonic() and not node.opens):
+            parent = self.ns.get(node.parent)
+            if parent is not None:
+                fresh = await self.resolve(parent, node.name)
+                if fresh is not None and fresh is not node:
+                    node = fresh
+        return self.attrs(node)
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        self._writable()
+        node = self._node(inode)
+        now = time.time_ns()
+        if fields.update_size:
+            if node.kind is not Kind.FILE:
+                raise FsError(errno.EISDIR if node.kind is Kind.DIR else errno.EINVAL)
+            staged = await self.ensure_data(node, keep=attr.st_size)
+            await trio.to_thread.run_sync(os.ftruncate, self.staging.open_fd(staged), attr.st_size)
+            node.size = attr.st_size
+            node.mtime_ns = node.ctime_ns = now
+            staged.touch()
+            self.journal(staged, durable=False)
+        meta_changed = False
+        if fields.update_mode:
+            node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+            meta_changed = True
+        if fields.update_uid:
+            node.uid = attr.st_uid
+            meta_changed = True
+        if fields.update_gid:
+            node.gid = attr.st_gid
+            meta_changed = True
+        if fields.update_mtime:
+            node.mtime_ns = attr.st_mtime_ns
+            meta_changed = True
+        if fields.update_atime:
+            node.atime_ns = attr.st_atime_ns
+            meta_changed = True
+        if meta_changed:
+            node.ctime_ns = now
+            node.meta_known = True
+            await self.metadata_changed(node)
+        return self.attrs(node)
+
+    async def metadata_changed(self, node: Node) -> None:
+        """Persist new metadata: a marker PUT for dirs, a staged change for files."""
+        if node.kind is Kind.DIR:
+            if node.ino == ROOT_INO and not self.cfg.prefix:
+                return  # the bucket root has no marker to carry metadata
+            headers, ctype = self.headers_for(node)
+            await self.store.put(self.ns.key(node), b"", headers, ctype)
+            return
+        staged = node.staged
+        if staged is None:
+            staged = self.staging.new(self.ns.key(node), with_data=False,
+                                      source_key=self.ns.key(node), source_etag=node.etag)
+            staged.node, node.staged = node, staged
+            staged.uploaded_generation = staged.generation
+        staged.touch()
+        await self.journal_durable(staged)
+        self.uploader.kick()
+
+    # ===== staging ======================================================================
+    async def ensure_data(self, node: Node, keep: int | None = None) -> Staged:
+        """A staged copy with local data: new, or downloaded (only the first `keep` bytes)."""
+        staged = node.staged
+        if staged is not None and staged.has_data:
+            return staged
+        key = self.ns.key(node)
+        if staged is None:
+            staged = self.staging.new(key)
+            staged.node, node.staged = node, staged
+            clean = True
+        else:
+            async with staged.lock:
+                self.staging.add_data(staged)
+            clean = False  # a metadata change is still pending
+        want = node.size if keep is None else min(keep, node.size)
+        if node.remote and want > 0:
+            try:
+                await self._download(key, node.etag, want, staged.fd)
+            except BaseException:
+                node.staged = None
+                self.staging.remove(staged)
+                raise
+        if clean:
+            staged.uploaded_generation = staged.generation
+        return staged
+
+    async def _download(self, key: str, etag: str, size: int, fd: int) -> None:
+        async def fetch(start: int) -> None:
+            async with self.get_limiter:
+                data = await self.store.get_range(key, start, min(start + CHUNK, size), etag)
+            await trio.to_thread.run_sync(os.pwrite, fd, data, start)
+
+        async with trio.open_nursery() as nursery:
+            for start in range(0, size, CHUNK):
+                nursery.start_soon(fetch, start)
+
+    def discard(self, node: Node) -> None:
+        """Drop a staged file that must never be uploaded (its name is gone)."""
+        staged = node.staged
+        if staged is None:
+            return
+        staged.discarded = True
+        if node.opens == 0:
+            self.staging.remove(staged)
+            node.staged = None
+
+    def finished_upload(self, staged: Staged) -> None:
+        """Called by the uploader when `staged` is clean in S3."""
+        node = staged.node
+        if node is not None and staged.handles == 0 and not staged.dirty:
+            node.staged = None
+            self.staging.remove(staged)
+            self.ns._maybe_drop(node)
+        elif not staged.dirty:
+            for suffix in (".json",):  # clean but open: nothing left to recover
+                (self.staging.root / f"{staged.id}{suffix}").unlink(missing_ok=True)
+
+    # ===== files ========================================================================
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        node = self._node(inode)
+        if node.kind is Kind.DIR:
+            raise FsError(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        if writable or flags & os.O_TRUNC:
+            self._writable()
+        if node.kind is Kind.LINK:
+            raise FsError(errno.ELOOP)
+        fi = pyfuse3.FileInfo()
+        handle = FileHandle(node, writable, bool(flags & os.O_APPEND))
+        if writable:
+            staged = await self.ensure_data(node, keep=0 if flags & os.O_TRUNC else None)
+            if flags & os.O_TRUNC and staged.size():
+                os.ftruncate(self.staging.open_fd(staged), 0)
+                node.size = 0
+                node.mtime_ns = node.ctime_ns = time.time_ns()
+                staged.touch()
+                self.journal(staged, durable=False)
+            staged.writers += 1
+        elif node.staged is None and node.remote:
+            if node.fresh_until < time.monotonic():
+                await self._head_into(node)  # close-to-open: see changes made elsewhere
+            fi.keep_cache = node.cached_etag == node.etag
+            node.cached_etag = node.etag
+        if node.staged is not None:
+            node.staged.handles += 1
+            self.staging.open_fd(node.staged) if node.staged.has_data else None
+        node.opens += 1
+        fi.fh = self._new_fh()
+        self.handles[fi.fh] = handle
+        return fi
+
+    @fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> Any:
+        self._writable()
+        parent = self._node(parent_inode)
+        sname = decode_name(name)
+        if not fmt.valid_name(sname):
+            raise FsError(errno.ENAMETOOLONG if len(name) > 255 else errno.EINVAL)
+        existing = await self.resolve(parent, sname)
+        if existing is not None:
+            if flags & os.O_EXCL:
+                raise FsError(errno.EEXIST)
+            fi = await self.open(existing.ino, flags | os.O_TRUNC, ctx)
+            existing.lookups += 1
+            return fi, self.attrs(existing)
+        node = self.ns.add(parent, sname, Kind.FILE)
+        node.remote = False
+        node.mode = stat.S_IFREG | (stat.S_IMODE(mode) & ~ctx.umask)
+        node.uid, node.gid = ctx.uid, ctx.gid
+        node.meta_known = True
+        staged = self.staging.new(self.ns.key(node))
+        staged.node, node.staged = node, staged
+        staged.touch()
+        self.journal(staged, durable=False)
+        listing = self.ns.listings.get(parent.ino)
+        if listing is not None:
+            listing[sname] = self.ns.entry_of(node)
+        staged.writers += 1
+        staged.handles += 1
+        node.opens += 1
+        node.lookups += 1
+        fi = pyfuse3.FileInfo(fh=self._new_fh())
+        self.handles[fi.fh] = FileHandle(node, True, bool(flags & os.O_APPEND))
+        return fi, self.attrs(node)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self.handles[fh]
+        node = handle.node
+        staged = node.staged
+        if staged is not None and staged.has_data:
+            return await trio.to_thread.run_sync(os.pread, self.staging.open_fd(staged), size, off)
+        if handle.reader is None or handle.reader.etag != node.etag:
+            if handle.reader is not None:
+                handle.reader.close()
+            assert self.nursery is not None
+            handle.reader = RemoteReader(
+                self.store, self.ns.key(node), node.size, node.etag or None, self.cfg.read_ahead,
+                self.nursery.start_soon, self.get_limiter,
+            )
+        try:
+            return await handle.reader.read(off, size)
+        except FsError as e:
+            if e.errno == errno.EIO and "changed on the server" in e.message:
+                node.fresh_until = 0  # next open sees the new version
+            raise
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles[fh]
+        node = handle.node
+        staged = node.staged
+        if staged is None or not staged.has_data:
+            staged = await self.ensure_data(node)
+        fd = self.staging.open_fd(staged)
+        if handle.append:
+            off = os.fstat(fd).st_size
+        written = os.pwrite(fd, buf, off)
+        end = off + written
+        if end > node.size:
+            node.size = end
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+        staged.touch()
+        return written
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        handle = self.handles[fh]
+        staged = handle.node.staged
+        if not handle.writable or staged is None or not staged.dirty:
+            return
+        await self.journal_durable(staged)  # close() returns only once it is on local disk
+        if self.cfg.upload_delay <= 0:
+            await self.uploader.upload(staged)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        staged = self.handles[fh].node.staged
+        if staged is not None and staged.dirty:
+            await self.journal_durable(staged)
+            await self.uploader.upload(staged)
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        node = handle.node
+        node.opens -= 1
+        if handle.reader is not None:
+            handle.reader.close()
+        staged = node.staged
+        if staged is not None:
+            staged.handles -= 1
+            if handle.writable:
+                staged.writers -= 1
+                staged.last_change = time.monotonic()
+            if staged.handles == 0:
+                self.staging.close_fd(staged)
+                if staged.discarded:
+                    self.staging.remove(staged)
+                    node.staged = None
+                elif not staged.dirty:
+                    self.finished_upload(staged)
+                else:
+                    self.uploader.kick()
+        self.ns._maybe_drop(node)
+
+    # ===== directories ==================================================================
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        node = self._node(inode)
+        if node.kind is not Kind.DIR:
+            raise FsError(errno.ENOTDIR)
+        listing = await self.list_dir(node)
+        names = sorted(listing)
+        unknown = []
+        snapshot = []
+        for name in names:
+            entry = listing.get(name)
+            if entry is None:
+                continue
+            child = await self._node_from_entry(node, name, entry, head_unknown=False)
+            snapshot.append((name, child.ino))
+            if child.kind is not Kind.DIR and not child.meta_known and child.staged is None:
+                unknown.append(child)
+        if 0 < len(unknown) <= HEAD_ON_LIST_LIMIT:
+            limiter = trio.CapacityLimiter(16)
+
+            async def head(child: Node) -> None:
+                async with limiter:
+                    await self._head_into(child)
+
+            async with trio.open_nursery() as nursery:
+                for child in unknown:
+                    nursery.start_soon(head, child)
+        fh = self._new_fh()
+        self.dir_handles[fh] = snapshot
+        return fh
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        snapshot = self.dir_handles[fh]
+        for i in range(start_id, len(snapshot)):
+            name, ino = snapshot[i]
+            node = self.ns.get(ino)
+            if node is None:
+                continue
+            if not pyfuse3.readdir_reply(token, name.encode("utf-8", "surrogateescape"),
+                                         self.attrs(node), i + 1):
+                return
+            node.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        self._writable()
+        parent = self._node(parent_inode)
+        sname = decode_name(name)
+        if not fmt.valid_name(sname):
+            raise FsError(errno.ENAMETOOLONG if len(name) > 255 else errno.EINVAL)
+        if await self.resolve(parent, sname) is not None:
+            raise FsError(errno.EEXIST)
+        node = self.ns.add(parent, sname, Kind.DIR)
+        node.mode = stat.S_IFDIR | (stat.S_IMODE(mode) & ~ctx.umask)
+        node.uid, node.gid = ctx.uid, ctx.gid
+        node.mtime_ns = node.ctime_ns = node.atime_ns = time.time_ns()
+        headers, ctype = self.headers_for(node)
+        try:
+            await self.store.put(self.ns.key(node), b"", headers, ctype)
+        except BaseException:
+            self.ns.unlink(node)
+            raise
+        node.remote = node.meta_known = True
+        node.fresh_until = float("inf")
+        self.ns.listings[node.ino] = {}  # known empty: creating files inside needs no LIST
+        listing = self.ns.listings.get(parent.ino)
+        if listing is not None:
+            listing[sname] = Entry(Kind.DIR)
+        node.lookups += 1
+        return self.attrs(node)
+
+    async def _dir_is_empty(self, node: Node) -> bool:
+        if any(c.staged is not None and not c.staged.discarded
+               for c in self.ns.descendants(node)):
+            return False
+        prefix = self.ns.key(node)
+        page = await self.store.list_page(prefix, "/", max_keys=2)
+        return not page.prefixes and all(o.key == prefix for o in page.objects)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._writable()
+        parent, node, sname = await self._must_resolve(parent_inode, name)
+        if node.kind is not Kind.DIR:
+            raise FsError(errno.ENOTDIR)
+        if not await self._dir_is_empty(node):
+            raise FsError(errno.ENOTEMPTY)
+        await self.store.delete(self.ns.key(node))
+        self.ns.listings.pop(node.ino, None)
+        self.ns.unlink(node)
+        self.ns.negative[(parent.ino, sname)] = True
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._writable()
+        parent, node, sname = await self._must_resolve(parent_inode, name)
+        if node.kind is Kind.DIR:
+            raise FsError(errno.EISDIR)
+        await self._remove_file(node)
+        self.ns.unlink(node)
+        self.ns.negative[(parent.ino, sname)] = True
+
+    async def _remove_file(self, node: Node) -> None:
+        key = self.ns.key(node)
+        if node.staged is None and node.opens and node.remote:
+            await self.ensure_data(node)  # open handles keep reading, as POSIX says
+        staged = node.staged
+        if staged is not None:
+            async with staged.lock:
+                if node.remote:
+                    await self.store.delete(key)
+                self.discard(node)
+        elif node.remote:
+            await self.store.delete(key)
+        node.remote = False
+        self.index.delete(key)
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        self._writable()
+        parent = self._node(parent_inode)
+        sname = decode_name(name)
+        if not fmt.valid_name(sname):
+            raise FsError(errno.ENAMETOOLONG if len(name) > 255 else errno.EINVAL)
+        if await self.resolve(parent, sname) is not None:
+            raise FsError(errno.EEXIST)
+        node = self.ns.add(parent, sname, Kind.LINK)
+        node.uid, node.gid = ctx.uid, ctx.gid
+        node.link_target = os.fsdecode(target)
+        body = target
+        node.size = len(body)
+        headers, _ = self.headers_for(node)
+        try:
+            node.etag = await self.store.put(self.ns.key(node), body, headers, fmt.LINK_CONTENT_TYPE)
+        except BaseException:
+            self.ns.unlink(node)
+            raise
+        self.index.put(self.ns.key(node), node.etag, headers)
+        node.remote = node.meta_known = True
+        node.fresh_until = time.monotonic() + self.cfg.attr_ttl
+        listing = self.ns.listings.get(parent.ino)
+        if listing is not None:
+            listing[sname] = self.ns.entry_of(node)
+        node.lookups += 1
+        return self.attrs(node)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        node = self._node(inode)
+        if node.kind is not Kind.LINK:
+            raise FsError(errno.EINVAL)
+        if node.link_target is None:
+            node.link_target = os.fsdecode(await self.store.get_object(self.ns.key(node)))
+        return os.fsencode(node.link_target)
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        raise FsError(errno.EPERM, "hard links cannot be stored in S3")
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        raise FsError(errno.EPERM, "device nodes, FIFOs and sockets cannot be stored in S3")
+
+    # ===== rename =======================================================================
+    @fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        self._writable()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        _, src, _ = await self._must_resolve(parent_inode_old, name_old)
+        new_parent = self._node(parent_inode_new)
+        new_name = decode_name(name_new)
+        if not fmt.valid_name(new_name):
+            raise FsError(errno.ENAMETOOLONG if len(name_new) > 255 else errno.EINVAL)
+        dst = await self.resolve(new_parent, new_name)
+        if dst is src:
+            return
+        if dst is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if src.kind is Kind.DIR and dst.kind is not Kind.DIR:
+                raise FsError(errno.ENOTDIR)
+            if src.kind is not Kind.DIR and dst.kind is Kind.DIR:
+                raise FsError(errno.EISDIR)
+            if dst.kind is Kind.DIR and not await self._dir_is_empty(dst):
+                raise FsError(errno.ENOTEMPTY)
+        if src.kind is Kind.DIR:
+            await self._rename_dir(src, new_parent, new_name, dst)
+        else:
+            await self._rename_file(src, new_parent, new_name, dst)
+
+    async def _rename_file(self, src: Node, new_parent: Node, new_name: str,
+                           dst: Node | None) -> None:
+        old_key = self.ns.key(src)
+        new_key = self.ns.child_key(new_parent, new_name, src.kind)
+        dst_remote = dst is not None and dst.remote
+        if dst is not None and dst.staged is not None:
+            async with dst.staged.lock:
+                self.discard(dst)
+        staged = src.staged
+        if staged is not None and staged.has_data:
+            async with staged.lock:  # waits for an upload in flight
+                if src.remote:
+                    await self.store.delete(old_key)
+                staged.key = new_key
+                src.remote = dst_remote
+                self.ns.move(src, new_parent, new_name)
+                staged.touch()
+                await self.journal_durable(staged)
+        else:
+            headers = None
+            if staged is not None:  # metadata-only change pending: carry it along
+                headers = self.headers_for(src)
+            await self.copy_object(old_key, new_key, src, headers)
+            await self.store.delete(old_key)
+            if staged is not None:
+                async with staged.lock:
+                    self.staging.remove(staged)
+                    src.staged = None
+            self.ns.move(src, new_parent, new_name)
+            src.remote = True
+        if dst is not None and dst.kind is Kind.DIR:
+            await self.store.delete(self.ns.key(dst))
+        self.index.rename_prefix(old_key, new_key)
+        for handle in self.handles.values():
+            if handle.node is src and handle.reader is not None:
+                handle.reader.key = new_key
+        self.uploader.kick()
+
+    async def copy_object(self, src_key: str, dst_key: str, node: Node,
+                          headers: tuple[dict[str, str], str] | None) -> str:
+        """Server-side copy when allowed, else stream GET → PUT (bounded memory)."""
+        if self.store.copy_supported is not False:
+            try:
+                if headers is None:
+                    return await self.store.copy(src_key, dst_key)
+                return await self.store.copy(src_key, dst_key, headers[0], headers[1])
+            except CopyNotSupported:
+                pass
+        if headers is None:
+            info = await self.store.head(src_key)
+            if info is None:
+                raise FsError(errno.ENOENT, f"{src_key} vanished during rename")
+            headers = (info.metadata or {}, info.content_type or "application/octet-stream")
+            size, etag = info.size, info.etag
+        else:
+            size, etag = node.size, node.etag
+        return await stream_copy(self.store, src_key, dst_key, size, etag, headers[0], headers[1],
+                                 self.cfg.part_size, self.cfg.parallel)
+
+    async def _rename_dir(self, src: Node, new_parent: Node, new_name: str,
+                          dst: Node | None) -> None:
+        old_prefix = self.ns.key(src)
+        new_prefix = self.ns.child_key(new_parent, new_name, Kind.DIR)
+        if new_prefix.startswith(old_prefix):
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        staged_nodes = [n for n in self.ns.descendants(src) if n.staged is not None]
+        async with contextlib.AsyncExitStack() as stack:
+            for n in staged_nodes:
+                await stack.enter_async_context(n.staged.lock)
+            local_only = {self.ns.key(n) for n in staged_nodes
+                          if n.staged.has_data and not n.staged.discarded}
+            page = await self.store.list_all(old_prefix, delimiter=None)
+            keys = [o.key for o in page.objects]
+            limiter = trio.CapacityLimiter(self.cfg.parallel)
+
+            async def move_one(obj: Any) -> None:
+                async with limiter:
+                    target = new_prefix + obj.key[len(old_prefix):]
+                    if obj.key.endswith("/"):
+                        marker = self.ns.get(src.ino) if obj.key == old_prefix else None
+                        hdr = self.headers_for(marker) if marker else ({}, fmt.DIR_CONTENT_TYPE)
+                        await self.store.put(target, b"", hdr[0], hdr[1])
+                    elif obj.key not in local_only:
+                        await self.copy_object(obj.key, target, src, None)
+
+            async with trio.open_nursery() as nursery:
+                for obj in page.objects:
+                    nursery.start_soon(move_one, obj)
+            if dst is not None:
+                keys.append(self.ns.key(dst))
+            if not any(o.key == old_prefix for o in page.objects):
+                headers, ctype = self.headers_for(src)
+                await self.store.put(new_prefix, b"", headers, ctype)  # keep empty dirs alive
+            await self.store.delete_many(keys)
+            self.ns.move(src, new_parent, new_name)
+            for n in staged_nodes:
+                n.staged.key = self.ns.key(n)
+                if not n.staged.has_data:  # metadata-only: its body was copied above
+                    n.staged.source_key, n.staged.source_etag = n.staged.key, None
+                if n.staged.has_data and not n.staged.discarded:
+                    n.remote = False
+                    n.staged.touch()
+                await self.journal_durable(n.staged)
+        for n in self.ns.descendants(src):
+            self.ns.listings.pop(n.ino, None)
+        self.index.rename_prefix(old_prefix, new_prefix)
+        self.uploader.kick()
+
+    # ===== misc =========================================================================
+    async def statfs(self, ctx: Any) -> Any:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 1 << 20
+        s.f_blocks = s.f_bfree = s.f_bavail = 1 << 30  # 1 PiB: S3 has no meaningful limit
+        s.f_files = s.f_ffree = s.f_favail = 1 << 30
+        s.f_namemax = 255
+        return s
+
+    # ----- extended attributes ----------------------------------------------------------
+    async def _meta_node(self, inode: int) -> Node:
+        node = self._node(inode)
+        if node.kind is not Kind.DIR and not node.meta_known and node.staged is None:
+            await self._head_into(node)
+        return node
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        node = await self._meta_node(inode)
+        sname = name.decode("utf-8", "surrogateescape")
+        if sname.startswith(XATTR_PREFIX):
+            value = self._fbmount_xattr(node, sname[len(XATTR_PREFIX):])
+            if value is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return value.encode()
+        if sname in node.xattrs:
+            return node.xattrs[sname]
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    def _fbmount_xattr(self, node: Node, name: str) -> str | None:
+        if node.kind is Kind.DIR:
+            return None
+        if name == "etag":
+            return node.etag or None if node.remote else None
+        if name == "cid":
+            return node.cid
+        if name == "content_type":
+            return node.content_type or fmt.guess_content_type(node.name)
+        if name == "storage_class":
+            return node.storage_class or ("STANDARD" if node.remote else None)
+        if name == "url":
+            if not node.remote:
+                return None
+            return self.store.presign_get(self.ns.key(node), int(self.cfg.url_expiry))
+        return None
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        node = await self._meta_node(inode)
+        names = [n.encode() for n in node.xattrs]
+        for name in ("etag", "cid", "content_type", "storage_class", "url"):
+            if self._fbmount_xattr(node, name) is not None if name != "url" else node.remote:
+                names.append((XATTR_PREFIX + name).encode())
+        return names
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self._writable()
+        sname = name.decode("utf-8", "surrogateescape")
+        if sname.startswith(XATTR_PREFIX):
+            raise FsError(errno.EPERM, f"{sname} is read-only")
+        if not sname.startswith("user."):
+            raise FsError(errno.ENOTSUP, "only user.* extended attributes can be stored")
+        node = await self._meta_node(inode)
+        node.xattrs[sname] = bytes(value)
+        node.ctime_ns = time.time_ns()
+        await self.metadata_changed(node)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self._writable()
+        sname = name.decode("utf-8", "surrogateescape")
+        node = await self._meta_node(inode)
+        if sname not in node.xattrs:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        del node.xattrs[sname]
+        node.ctime_ns = time.time_ns()
+        await self.metadata_changed(node)

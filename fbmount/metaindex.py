@@ -1,0 +1,53 @@
+"""Persistent metadata index: key + ETag → the object's x-amz-meta headers.
+
+LIST carries no user metadata, so without this every `stat` after a listing would need a
+HEAD to learn the s3fs mtime/mode. An entry is valid only while the ETag that LIST reports
+is the one recorded, so a change behind the mount's back is noticed for free.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+
+class MetaIndex:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, etag TEXT, headers TEXT)"
+        )
+
+    def get(self, key: str, etag: str) -> dict[str, str] | None:
+        row = self._db.execute("SELECT etag, headers FROM meta WHERE key=?", (key,)).fetchone()
+        if row is None or row[0] != etag:
+            return None
+        return json.loads(row[1])
+
+    def put(self, key: str, etag: str, headers: dict[str, str]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta (key, etag, headers) VALUES (?, ?, ?)",
+            (key, etag, json.dumps(headers, sort_keys=True)),
+        )
+
+    def delete(self, key: str) -> None:
+        self._db.execute("DELETE FROM meta WHERE key=?", (key,))
+
+    def rename_prefix(self, old: str, new: str) -> None:
+        """Entries follow a renamed file/dir (its copies keep the same ETag on most servers)."""
+        rows = self._db.execute(
+            "SELECT key, etag, headers FROM meta WHERE key = ? OR substr(key, 1, ?) = ?",
+            (old, len(old), old),
+        ).fetchall()
+        with self._db:
+            for key, etag, headers in rows:
+                self._db.execute("DELETE FROM meta WHERE key=?", (key,))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?, ?)", (new + key[len(old):], etag, headers)
+                )
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,282 @@
+"""The inode table: nodes, names, keys, lookup counts and the listing cache.
+
+Everything here is synchronous on purpose: trio only switches tasks at `await`, so each
+method runs atomically and the table's invariants (every (parent, name) pair maps to one
+live node; a node's key is derived from its parent chain) can never be seen half-updated.
+S3 is consulted by fs.py, which feeds the answers in through `apply_listing` and friends.
+
+Rules for keys (the README "Semantics" section repeats them):
+- directory D ↔ prefix "D/"; file F ↔ object "F"; the mount's PREFIX is prepended.
+- a key segment that cannot be a file name (empty, ".", "..", longer than 255 bytes,
+  or containing NUL) is skipped, never followed.
+- a key that is both an object and a prefix ("a" and "a/b") shows as the directory; the
+  object is hidden (it is still in the bucket, untouched).
+"""
+
+from __future__ import annotations
+
+import enum
+import stat
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import cachetools
+
+from fbmount import format as fmt
+from fbmount.staging import Staged
+from fbmount.store import ListPage
+
+ROOT_INO = 1
+
+
+class Kind(enum.Enum):
+    FILE = "file"
+    DIR = "dir"
+    LINK = "link"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One name in a cached directory listing."""
+
+    kind: Kind
+    size: int = 0
+    etag: str = ""
+    mtime_ns: int = 0
+    storage_class: str | None = None
+
+
+@dataclass(eq=False)
+class Node:
+    ino: int
+    parent: int
+    name: str
+    kind: Kind
+    mode: int
+    uid: int
+    gid: int
+    size: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    atime_ns: int = 0
+    etag: str = ""
+    remote: bool = True  # the key exists in S3 right now
+    meta_known: bool = False  # x-amz-meta-* is known (HEAD, index, or written by us)
+    fresh_until: float = 0.0
+    lookups: int = 0
+    opens: int = 0
+    linked: bool = True  # still has a name (False after unlink/replace)
+    staged: Staged | None = None
+    link_target: str | None = None
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    cid: str | None = None
+    content_type: str | None = None
+    storage_class: str | None = None
+    cached_etag: str | None = None  # ETag whose bytes the kernel page cache may hold
+
+
+class Namespace:
+    def __init__(self, prefix: str, uid: int, gid: int, umask: int, attr_ttl: float,
+                 dir_ttl: float, max_listings: int = 4096) -> None:
+        self.prefix = prefix
+        self.uid, self.gid, self.umask = uid, gid, umask
+        self.attr_ttl, self.dir_ttl = attr_ttl, dir_ttl
+        self.started_ns = time.time_ns()
+        self.nodes: dict[int, Node] = {}
+        self.children: dict[tuple[int, str], int] = {}
+        self.child_count: Counter[int] = Counter()
+        self.listings: cachetools.TTLCache[int, dict[str, Entry]] = cachetools.TTLCache(
+            max_listings, dir_ttl, timer=time.monotonic
+        )
+        self.negative: cachetools.TTLCache[tuple[int, str], bool] = cachetools.TTLCache(
+            65536, dir_ttl, timer=time.monotonic
+        )
+        self._next_ino = ROOT_INO + 1
+        root = Node(ROOT_INO, ROOT_INO, "", Kind.DIR, self.default_mode(Kind.DIR), uid, gid,
+                    mtime_ns=self.started_ns, ctime_ns=self.started_ns, atime_ns=self.started_ns)
+        root.lookups = 1
+        root.fresh_until = float("inf")
+        self.nodes[ROOT_INO] = root
+
+    # ----- keys -------------------------------------------------------------------------
+    def path(self, node: Node) -> str:
+        names = []
+        while node.ino != ROOT_INO:
+            names.append(node.name)
+            node = self.nodes[node.parent]
+        return "/".join(reversed(names))
+
+    def key(self, node: Node) -> str:
+        """Object key of a file/symlink, or the prefix (with '/') of a directory."""
+        p = self.path(node)
+        if node.kind is Kind.DIR:
+            return self.prefix + p + "/" if p else self.prefix
+        return self.prefix + p
+
+    def child_key(self, parent: Node, name: str, kind: Kind) -> str:
+        base = self.key(parent) + name
+        return base + "/" if kind is Kind.DIR else base
+
+    # ----- nodes ------------------------------------------------------------------------
+    def default_mode(self, kind: Kind) -> int:
+        if kind is Kind.DIR:
+            return stat.S_IFDIR | (0o777 & ~self.umask)
+        if kind is Kind.LINK:
+            return stat.S_IFLNK | 0o777
+        return stat.S_IFREG | (0o666 & ~self.umask)
+
+    def get(self, ino: int) -> Node | None:
+        return self.nodes.get(ino)
+
+    def child(self, parent: int, name: str) -> Node | None:
+        ino = self.children.get((parent, name))
+        return self.nodes[ino] if ino is not None else None
+
+    def add(self, parent: Node, name: str, kind: Kind) -> Node:
+        """The node for parent/name, created if new; a kind change makes a new node."""
+        node = self.child(parent.ino, name)
+        if node is not None and node.kind is kind:
+            return node
+        if node is not None:
+            self.unlink(node)
+        now = time.time_ns()
+        node = Node(self._next_ino, parent.ino, name, kind, self.default_mode(kind),
+                    self.uid, self.gid, mtime_ns=now, ctime_ns=now, atime_ns=now)
+        if kind is Kind.DIR:
+            node.mtime_ns = node.ctime_ns = node.atime_ns = self.started_ns
+        self._next_ino += 1
+        self.nodes[node.ino] = node
+        self._link(parent.ino, name, node.ino)
+        self.negative.pop((parent.ino, name), None)
+        return node
+
+    def unlink(self, node: Node) -> None:
+        """Remove node's name; the node lives on while the kernel or a handle holds it."""
+        self._unlink_name(node)
+        listing = self.listings.get(node.parent)
+        if listing is not None:
+            listing.pop(node.name, None)
+        node.linked = False
+        self._maybe_drop(node)
+
+    def move(self, node: Node, new_parent: Node, new_name: str) -> None:
+        old_listing = self.listings.get(node.parent)
+        entry = old_listing.pop(node.name, None) if old_listing is not None else None
+        self._unlink_name(node)
+        target = self.child(new_parent.ino, new_name)
+        if target is not None and target is not node:
+            self.unlink(target)
+        node.parent, node.name = new_parent.ino, new_name
+        self._link(new_parent.ino, new_name, node.ino)
+        self.negative.pop((new_parent.ino, new_name), None)
+        new_listing = self.listings.get(new_parent.ino)
+        if new_listing is not None:
+            new_listing[new_name] = entry or self.entry_of(node)
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self.nodes.get(ino)
+        if node is None or ino == ROOT_INO:
+            return
+        node.lookups = max(0, node.lookups - n)
+        self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        if node.lookups or node.opens or node.ino == ROOT_INO:
+            return
+        if node.linked and (node.staged is not None or self.has_children(node)):
+            return
+        if node.linked:
+            self._unlink_name(node)
+        self.nodes.pop(node.ino, None)
+
+    def _link(self, parent: int, name: str, ino: int) -> None:
+        self.children[(parent, name)] = ino
+        self.child_count[parent] += 1
+
+    def _unlink_name(self, node: Node) -> None:
+        if self.children.get((node.parent, node.name)) == node.ino:
+            del self.children[(node.parent, node.name)]
+            self.child_count[node.parent] -= 1
+            if self.child_count[node.parent] <= 0:
+                del self.child_count[node.parent]
+
+    def has_children(self, node: Node) -> bool:
+        return self.child_count.get(node.ino, 0) > 0
+
+    def descendants(self, node: Node) -> list[Node]:
+        """Known nodes below a directory (for renames of staged files)."""
+        out, stack = [], [node.ino]
+        by_parent: dict[int, list[int]] = {}
+        for (p, _), ino in self.children.items():
+            by_parent.setdefault(p, []).append(ino)
+        while stack:
+            for ino in by_parent.get(stack.pop(), []):
+                out.append(self.nodes[ino])
+                stack.append(ino)
+        return out
+
+    # ----- attributes from S3 -----------------------------------------------------------
+    def entry_of(self, node: Node) -> Entry:
+        return Entry(node.kind, node.size, node.etag, node.mtime_ns, node.storage_class)
+
+    def apply_meta(self, node: Node, headers: dict[str, str] | None) -> None:
+        """Fold x-amz-meta-* (s3fs/rclone format) into a node; None = unknown."""
+        if headers is None:
+            return
+        meta = fmt.decode_meta(headers)
+        if meta.mode is not None and stat.S_IFMT(meta.mode) in (0, stat.S_IFMT(node.mode)):
+            node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(meta.mode)
+        if meta.uid is not None:
+            node.uid = meta.uid
+        if meta.gid is not None:
+            node.gid = meta.gid
+        if meta.mtime_ns is not None:
+            node.mtime_ns = meta.mtime_ns
+        node.ctime_ns = meta.ctime_ns if meta.ctime_ns is not None else node.mtime_ns
+        node.atime_ns = meta.atime_ns if meta.atime_ns is not None else node.mtime_ns
+        node.xattrs = dict(meta.xattrs)
+        node.cid = meta.cid
+        node.meta_known = True
+
+    def kind_from_headers(self, headers: dict[str, str] | None) -> Kind:
+        if headers:
+            meta = fmt.decode_meta(headers)
+            if meta.mode is not None and stat.S_ISLNK(meta.mode):
+                return Kind.LINK
+        return Kind.FILE
+
+    def apply_entry(self, node: Node, entry: Entry) -> None:
+        """Attributes LIST gives (size, ETag, Last-Modified) for a node we do not stage."""
+        if node.staged is not None:
+            return
+        if node.kind is not Kind.DIR:
+            if entry.etag != node.etag:
+                node.meta_known = False
+            node.size, node.etag = entry.size, entry.etag
+            node.storage_class = entry.storage_class
+            if not node.meta_known:
+                node.mtime_ns = node.ctime_ns = node.atime_ns = entry.mtime_ns
+        node.remote = True
+        node.fresh_until = time.monotonic() + self.attr_ttl
+
+    def listing_from_page(self, dir_key: str, page: ListPage) -> dict[str, Entry]:
+        """Turn a delimiter listing of `dir_key` into name → Entry, by the key rules above."""
+        entries: dict[str, Entry] = {}
+        for p in page.prefixes:
+            name = p[len(dir_key):].rstrip("/")
+            if "/" not in name and fmt.valid_name(name):
+                entries[name] = Entry(Kind.DIR)
+        for o in page.objects:
+            name = o.key[len(dir_key):]
+            if not name or name.endswith("/"):
+                continue  # the directory's own marker ("dir/"), or a "a//" oddity
+            legacy = fmt.legacy_folder_name(name)
+            if legacy is not None:
+                if fmt.valid_name(legacy):
+                    entries.setdefault(legacy, Entry(Kind.DIR))
+                continue
+            if not fmt.valid_name(name) or name in entries:
+                continue  # a file hidden by a same-named prefix: the directory wins
+            entries[name] = Entry(Kind.FILE, o.size, o.etag, o.mtime_ns, o.storage_class)
+        return entries

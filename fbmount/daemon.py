@@ -20,7 +20,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from fbmount import credentials, notify
+from fbmount import control, credentials, notify
 from fbmount.config import Config
 from fbmount.errors import FsError, StartupError
 from fbmount.fs import Filesystem
@@ -121,12 +121,18 @@ class Daemon:
         self.fs: Filesystem | None = None
         self.store: S3Store | None = None
         self.failed_uploads = 0
+        self.started = time.monotonic()
+        self.throughput = control.Throughput()
+        self.local_server = None
 
     def prepare(self) -> None:
         """Everything that can fail before mounting, with a clear message."""
         cfg = self.cfg
         check_mountpoint(cfg.mountpoint)
-        creds = credentials.resolve(cfg.passwd_file, cfg.profile, cfg.bucket)
+        if cfg.local_dir is not None:
+            creds = self.start_local_server()
+        else:
+            creds = credentials.resolve(cfg.passwd_file, cfg.profile, cfg.bucket)
         if cfg.ca_bundle and not cfg.ca_bundle.is_file():
             raise StartupError(f"CA bundle {cfg.ca_bundle} does not exist")
         state_dir = cfg.state_dir()
@@ -142,8 +148,41 @@ class Daemon:
         index = MetaIndex(state_dir / "meta.sqlite")
         self.fs = Filesystem(cfg, self.store, staging, index)
 
+    def start_local_server(self) -> credentials.Credentials:
+        """--local: a private SeaweedFS on loopback with its own keys, data kept in local_dir."""
+        import secrets
+
+        from fbmount.localserver import LocalS3Server, LocalServerError
+
+        cfg = self.cfg
+        assert cfg.local_dir is not None
+        cfg.local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        keys_path = cfg.local_dir / "credentials"
+        if not keys_path.exists():
+            fd = os.open(keys_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, f"{secrets.token_hex(10)}:{secrets.token_hex(20)}\n".encode())
+            os.close(fd)
+        creds = credentials.read_passwd_file(keys_path, None)
+        server = LocalS3Server(cfg.local_dir / "seaweedfs",
+                               identities={creds.access_key: creds.secret_key},
+                               stop_timeout=5)
+        try:
+            server.start()
+        except (LocalServerError, OSError) as e:
+            raise StartupError(f"cannot start the local S3 server: {e}") from None
+        self.local_server = server
+        cfg.endpoint = server.endpoint
+        log.info("local S3 server %s (data in %s)", server.endpoint, cfg.local_dir)
+        return creds
+
     async def check(self) -> None:
         assert self.store is not None
+        if self.local_server is not None:
+            try:
+                await self.store.bucket_call("create_bucket", "create bucket", Bucket=self.cfg.bucket)
+            except FsError as e:
+                if e.errno != errno.EEXIST:
+                    raise StartupError(f"cannot create the local bucket: {e.message}") from None
         try:
             await self.store.check_bucket()
         except FsError as e:
@@ -181,6 +220,8 @@ class Daemon:
                 nursery.start_soon(fs.uploader.run)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._announce_ready, on_ready)
+                await nursery.start(control.serve, self)
+                nursery.start_soon(self._sample_throughput)
                 await pyfuse3.main(min_tasks=4, max_tasks=128)
                 nursery.cancel_scope.cancel()
         finally:
@@ -195,13 +236,19 @@ class Daemon:
             log.info("unmounted; uploading %d staged file(s) before exit", len(pending))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_systemd_waiting)
-            failed = await fs.uploader.drain()
+            failed = await fs.uploader.drain(cfg.flush_timeout)
             nursery.cancel_scope.cancel()
         self.failed_uploads = len(failed)
         if failed:
             log.error("%d file(s) could not be uploaded; they stay in %s and the next mount "
                       "of this bucket uploads them", len(failed), fs.staging.root)
         log.info("unmounted %s%s", cfg.mountpoint, "" if unmounted else " (unmount failed)")
+
+    async def _sample_throughput(self) -> None:
+        assert self.store is not None
+        while True:
+            self.throughput.sample(self.store.bytes_up, self.store.bytes_down)
+            await trio.sleep(1)
 
     async def _keep_systemd_waiting(self) -> None:
         """While the final flush runs, ask systemd for more stop time, 30 s at a time."""
@@ -231,6 +278,8 @@ class Daemon:
             self.fs.index.close()
         if self.store is not None:
             self.store.close()
+        if self.local_server is not None:
+            self.local_server.stop()
 
 
 def explain_startup_failure(cfg: Config, e: FsError) -> str:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -36,8 +37,9 @@ def part_size_for(size: int, configured: int) -> int:
 
 
 async def upload_file(store: S3Store, key: str, path: os.PathLike, headers: dict[str, str],
-                      content_type: str, part_size: int, parallel: int) -> tuple[str, int]:
-    """Upload a local file to `key`; returns (etag, size)."""
+                      content_type: str, part_size: int, parallel: int,
+                      progress: Callable[[int], None] = lambda n: None) -> tuple[str, int]:
+    """Upload a local file to `key`; returns (etag, size). `progress(n)` after each part."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -55,6 +57,7 @@ async def upload_file(store: S3Store, key: str, path: os.PathLike, headers: dict
                 async with limiter:
                     body = await trio.to_thread.run_sync(os.pread, fd, part, i * part)
                     etags[i] = await store.upload_part(key, upload_id, i + 1, body)
+                    progress(len(body))
 
             async with trio.open_nursery() as nursery:
                 for i in range(count):
@@ -111,7 +114,8 @@ class WriteBack:
         self._wake = trio.Event()
         self.limiter = trio.CapacityLimiter(max(4, fs.cfg.parallel * 2))
         self.uploads_done = 0
-        self.in_flight: dict[str, Staged] = {}
+        self.in_flight: dict[str, Staged] = {}  # uploads running now (for status)
+        self.queued: set[str] = set()  # ids handed to a background upload task
 
     def kick(self) -> None:
         self._wake.set()
@@ -132,8 +136,8 @@ class WriteBack:
                 self._wake = trio.Event()
                 now = time.monotonic()
                 for staged in list(self.fs.staging.entries.values()):
-                    if self.due(staged, now, force=False) and staged.id not in self.in_flight:
-                        self.in_flight[staged.id] = staged
+                    if self.due(staged, now, force=False) and staged.id not in self.queued:
+                        self.queued.add(staged.id)
                         nursery.start_soon(self._background, staged)
 
     async def _background(self, staged: Staged) -> None:
@@ -148,7 +152,7 @@ class WriteBack:
             log.error("upload of %s failed (%s); retrying in %.0fs, data kept in %s",
                       staged.key, e.message, delay, self.fs.staging.root)
         finally:
-            self.in_flight.pop(staged.id, None)
+            self.queued.discard(staged.id)
 
     async def upload(self, staged: Staged) -> None:
         """Upload `staged` now (waiting for an upload in flight); FsError on failure."""
@@ -163,10 +167,17 @@ class WriteBack:
             else:
                 headers, ctype = staged.record["headers"], staged.record["content_type"]
             cfg = self.fs.cfg
+            staged.in_flight_bytes = 0
+            self.in_flight[staged.id] = staged
+
+            def progress(n: int) -> None:
+                staged.in_flight_bytes += n
+
             try:
                 if staged.has_data:
                     etag, size = await upload_file(self.fs.store, key, staged.data_path,
-                                                   headers, ctype, cfg.part_size, cfg.parallel)
+                                                   headers, ctype, cfg.part_size, cfg.parallel,
+                                                   progress)
                 else:
                     source = staged.source_key or key
                     info_size = node.size if node is not None else None
@@ -183,6 +194,8 @@ class WriteBack:
             except FsError as e:
                 staged.last_error = e.message
                 raise
+            finally:
+                self.in_flight.pop(staged.id, None)
             staged.uploaded_generation = generation
             staged.failures, staged.last_error = 0, None
             self.uploads_done += 1
@@ -199,23 +212,26 @@ class WriteBack:
             else:
                 self.fs.finished_upload(staged)
 
-    async def drain(self, deadline: float | None = None) -> list[Staged]:
-        """Upload everything dirty now (unmount, SIGTERM, `fbmount sync`); returns failures."""
+    async def flush(self, targets: list[Staged]) -> list[Staged]:
+        """Upload `targets` now, whatever their settle window; returns those that failed."""
         failed: list[Staged] = []
-        with trio.move_on_after(deadline if deadline is not None else math.inf):
-            pending = [s for s in self.fs.staging.entries.values() if s.dirty]
 
-            async def one(staged: Staged) -> None:
-                try:
-                    async with self.limiter:
-                        await self.upload(staged)
-                except FsError as e:
-                    log.error("upload of %s failed: %s (kept in %s for the next mount)",
-                              staged.key, e.message, self.fs.staging.root)
-                    failed.append(staged)
+        async def one(staged: Staged) -> None:
+            try:
+                async with self.limiter:
+                    await self.upload(staged)
+            except FsError as e:
+                log.error("upload of %s failed: %s (kept in %s)", staged.key, e.message,
+                          self.fs.staging.root)
+                failed.append(staged)
 
-            async with trio.open_nursery() as nursery:
-                for staged in pending:
-                    nursery.start_soon(one, staged)
-        failed += [s for s in self.fs.staging.entries.values() if s.dirty and s not in failed]
+        async with trio.open_nursery() as nursery:
+            for staged in targets:
+                nursery.start_soon(one, staged)
         return failed
+
+    async def drain(self, deadline: float | None = None) -> list[Staged]:
+        """Upload everything dirty now (unmount, SIGTERM); returns what is still not in S3."""
+        with trio.move_on_after(deadline if deadline is not None else math.inf):
+            await self.flush([s for s in self.fs.staging.entries.values() if s.dirty])
+        return [s for s in self.fs.staging.entries.values() if s.dirty]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import trio
 
 T = TypeVar("T")
+CANCEL_GRACE = 5.0
 
 
 class AsyncioThread:
@@ -39,24 +41,46 @@ class AsyncioThread:
         return self.submit(fn()).result(timeout)
 
     async def run(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """From trio: run fn(*args) on the asyncio loop and await its result."""
+        """From trio: run fn(*args) as an asyncio task and await its result.
+
+        On cancellation the asyncio task is cancelled and awaited (shielded, at most
+        CANCEL_GRACE seconds) so that no request is still in flight when trio moves on; a
+        cancelled PUT must not land after the DELETE that follows it (bench/bridge_compare).
+        """
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
-        future = self.submit(fn(*args, **kwargs))
+        state: dict[str, Any] = {}
 
-        def wake(_: concurrent.futures.Future) -> None:
-            try:
+        def wake(_: object = None) -> None:  # any thread
+            with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass
 
-        future.add_done_callback(wake)
+        def start() -> None:  # asyncio thread
+            try:
+                task = self.loop.create_task(fn(*args, **kwargs))  # type: ignore[arg-type]
+            except BaseException as exc:  # noqa: BLE001 - handed to the trio side
+                state["error"] = exc
+                wake()
+                return
+            state["task"] = task
+            task.add_done_callback(wake)
+
+        def cancel() -> None:  # asyncio thread; call_soon_threadsafe is FIFO: after start()
+            task = state.get("task")
+            if task is not None:
+                task.cancel()
+
+        self.loop.call_soon_threadsafe(start)
         try:
             await done.wait()
         except BaseException:
-            future.cancel()  # cancels the asyncio task too
+            self.loop.call_soon_threadsafe(cancel)
+            with trio.CancelScope(deadline=trio.current_time() + CANCEL_GRACE, shield=True):
+                await done.wait()
             raise
-        return future.result()
+        if "error" in state:
+            raise state["error"]
+        return state["task"].result()
 
     def stop(self) -> None:
         if self.loop.is_closed():

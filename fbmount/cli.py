@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, help="parallel part uploads/GETs per file (default 8)")
     p.add_argument("--copy", choices=["auto", "yes", "no"],
                    help="use server-side CopyObject (default auto: probe, then remember)")
+    p.add_argument("--provider", choices=["filebase", "aws", "minio", "seaweedfs", "other"],
+                   help="S3 service quirks (default: detected from the endpoint)")
+    p.add_argument("--max-rps", type=float, metavar="N",
+                   help="client-side limit of S3 requests per second (filebase: 100; 0 = none)")
     p.add_argument("--flush-timeout", type=float, metavar="SECS",
                    help="how long unmount/SIGTERM waits for staged uploads (default 600)")
     p.add_argument("--url-expiry", type=float, metavar="SECS",
@@ -54,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str]) -> Config:
     args = build_parser().parse_args(argv)
     values: dict = {}
-    apply_o_options(values, args.options)
+    try:
+        apply_o_options(values, args.options)
+    except ValueError as e:  # e.g. -o uid=abc: one line, not a traceback
+        raise StartupError(f"bad -o value: {e}") from None
     for name in ("endpoint", "region", "profile", "passwd_file", "ca_bundle", "foreground",
                  "read_only", "debug", "cache_dir", "upload_delay", "attr_ttl", "dir_ttl",
-                 "parallel", "copy", "url_expiry", "flush_timeout"):
+                 "parallel", "copy", "url_expiry", "flush_timeout", "provider", "max_rps"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value

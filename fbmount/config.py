@@ -16,6 +16,38 @@ from fbmount.errors import StartupError
 MIB = 1024 * 1024
 DEFAULT_ENDPOINT = "https://s3.filebase.com"
 
+
+@dataclass(frozen=True)
+class Provider:
+    """What differs between S3 services; one place decides each quirk."""
+
+    name: str
+    endpoint: str | None
+    addressing_style: str  # "path" or "virtual"
+    max_rps: float  # client-side request-rate limit, 0 = none
+    flexible_checksums: bool  # knows botocore's CRC32/CRC64 checksum headers
+
+
+# Filebase documents 100 requests/s on older pages and 500 on newer ones: stay under the
+# lower figure unless told otherwise (--max-rps). CopyObject and DeleteObjects are probed on
+# first use for every provider (store.py), never assumed.
+PROVIDERS = {
+    "filebase": Provider("filebase", "https://s3.filebase.com", "path", 100.0, False),
+    "aws": Provider("aws", None, "virtual", 0.0, True),
+    "minio": Provider("minio", None, "path", 0.0, True),
+    "seaweedfs": Provider("seaweedfs", None, "path", 0.0, False),
+    "other": Provider("other", None, "path", 0.0, False),
+}
+
+
+def detect_provider(endpoint: str) -> str:
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()
+    if host.endswith(("filebase.com", "filebase.io")):
+        return "filebase"
+    if host.endswith("amazonaws.com"):
+        return "aws"
+    return "other"
+
 # Generic mount(8)/fstab options that mean nothing to fbmount: accepted, ignored.
 IGNORED_MOUNT_OPTIONS = {
     "_netdev", "nofail", "noauto", "auto", "user", "users", "nouser", "dev", "nodev",
@@ -34,6 +66,8 @@ class Config:
     profile: str | None = None
     passwd_file: Path | None = None
     ca_bundle: Path | None = None
+    provider: str = ""  # empty: detected from the endpoint
+    max_rps: float | None = None  # None: the provider's default
     foreground: bool = False
     read_only: bool = False
     debug: bool = False
@@ -66,6 +100,13 @@ class Config:
             raise StartupError(f"--copy must be auto, yes or no, not {self.copy!r}")
         if self.part_size < 5 * MIB:
             raise StartupError("--part-size must be at least 5 MiB (the S3 minimum part size)")
+        self.provider = self.provider or detect_provider(self.endpoint)
+        if self.provider not in PROVIDERS:
+            raise StartupError(
+                f"--provider must be one of {', '.join(PROVIDERS)}, not {self.provider!r}"
+            )
+        if self.max_rps is None:
+            self.max_rps = PROVIDERS[self.provider].max_rps
         if self.allow_other:
             # Other users must never bypass the modes fbmount shows.
             self.default_permissions = True
@@ -126,7 +167,7 @@ def apply_o_options(values: dict, opts: list[str]) -> None:
                 values["umask"] = int(value, 8)
             elif key in ("part_size", "read_ahead"):
                 values[key] = parse_size_mib(value)
-            elif key in ("upload_delay", "attr_ttl", "dir_ttl", "timeout", "url_expiry",
+            elif key in ("upload_delay", "attr_ttl", "dir_ttl", "timeout", "url_expiry", "max_rps",
                          "flush_timeout"):
                 values[key] = float(value)
             elif key in ("parallel", "retries"):

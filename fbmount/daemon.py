@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from fbmount import control, credentials, notify
-from fbmount.config import Config
+from fbmount.config import PROVIDERS, Config
 from fbmount.errors import FsError, StartupError
 from fbmount.fs import Filesystem
 from fbmount.metaindex import MetaIndex
@@ -142,6 +142,9 @@ class Daemon:
             str(cfg.ca_bundle) if cfg.ca_bundle else None,
             pool_size=max(32, cfg.parallel * 4), retries=cfg.retries, timeout=cfg.timeout,
             copy_mode=cfg.copy,
+            addressing_style=PROVIDERS[cfg.provider].addressing_style,
+            max_rps=cfg.max_rps or 0.0,
+            flexible_checksums=PROVIDERS[cfg.provider].flexible_checksums,
         )
         self.store.open()
         staging = StagingArea(state_dir / "staging")
@@ -323,8 +326,10 @@ def run(cfg: Config) -> int:
             os.dup2(os.open(os.devnull, os.O_RDWR), 2)
         trio.run(daemon.serve, lambda: report("OK"))
     except StartupError as e:
-        report(f"ERR {e}")
-        print(f"fbmount: {e}", file=sys.stderr)
+        if ready_w >= 0:
+            report(f"ERR {e}")  # the waiting parent prints it: one line, not two
+        else:
+            print(f"fbmount: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

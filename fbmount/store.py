@@ -118,6 +118,9 @@ class S3Store:
         retries: int = 5,
         timeout: float = 120.0,
         copy_mode: str = "auto",
+        addressing_style: str = "path",
+        max_rps: float = 0.0,
+        flexible_checksums: bool = False,
     ) -> None:
         self.bucket = bucket
         self.endpoint = endpoint
@@ -128,12 +131,14 @@ class S3Store:
         self.errors: Counter[str] = Counter()
         self.bytes_up = 0
         self.bytes_down = 0
+        self.rate = RateLimiter(max_rps)
         self._thread = AsyncioThread()
         self._client: Any = None
         self._client_cm: Any = None
         self._settings = dict(
             endpoint=endpoint, region=region, credentials=credentials, profile=profile,
             ca_bundle=ca_bundle, pool_size=pool_size, retries=retries,
+            addressing_style=addressing_style, flexible_checksums=flexible_checksums,
         )
 
     # ----- life cycle (blocking; called outside trio) -----------------------------------
@@ -154,9 +159,12 @@ class S3Store:
             connect_timeout=10,
             read_timeout=60,
             tcp_keepalive=True,
-            request_checksum_calculation="when_required",
+            # Servers that do not know botocore's flexible checksums reject or mangle them.
+            request_checksum_calculation=(
+                "when_supported" if s["flexible_checksums"] else "when_required"
+            ),
             response_checksum_validation="when_required",
-            s3={"addressing_style": "path"},
+            s3={"addressing_style": s["addressing_style"]},
         )
         kwargs: dict[str, Any] = {"endpoint_url": s["endpoint"], "config": config}
         if creds is not None:
@@ -194,6 +202,7 @@ class S3Store:
     # ----- plumbing ---------------------------------------------------------------------
     async def _call(self, op: str, what: str, coro_fn: Any, *args: Any) -> Any:
         self.requests[op] += 1
+        await self.rate.acquire()
         try:
             with trio.fail_after(self.timeout):
                 return await self._thread.run(coro_fn, *args)
@@ -483,6 +492,25 @@ class S3Store:
             return await getattr(self._client, method)(**params)
 
         return await self._call(method, what, go)
+
+
+class RateLimiter:
+    """Token bucket: at most `rate` requests a second on average, bursts of up to one second."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = 0.0
+
+    async def acquire(self) -> None:
+        if self.rate <= 0:
+            return
+        now = trio.current_time()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= 1
+        if self.tokens < 0:
+            await trio.sleep(-self.tokens / self.rate)
 
 
 def _range_total(r: dict) -> int | None:

@@ -173,19 +173,28 @@ class Filesystem(pyfuse3.Operations):
     async def _node_from_entry(self, parent: Node, name: str, entry: Entry,
                                head_unknown: bool) -> Node:
         existing = self.ns.child(parent.ino, name)
-        if existing is not None and existing.staged is not None:
-            return existing
+        if existing is not None:
+            if existing.staged is not None:
+                return existing
+            same_kind = (existing.kind is Kind.DIR) == (entry.kind is Kind.DIR)
+            if same_kind and (entry.kind is Kind.DIR or (existing.etag == entry.etag
+                                                         and existing.meta_known)):
+                existing.fresh_until = time.monotonic() + self.cfg.attr_ttl
+                return existing  # the hot path of a warm `ls -l`: nothing changed
         node = self.ns.add(parent, name, entry.kind if entry.kind is Kind.DIR else (
             existing.kind if existing is not None and existing.kind is not Kind.DIR
             else Kind.FILE))
         self.ns.apply_entry(node, entry)
-        if node.kind is not Kind.DIR and not node.meta_known:
+        if node.kind is not Kind.DIR and not node.meta_known and node.index_etag != node.etag:
+            node.index_etag = node.etag
             key = self.ns.key(node)
             headers = self.index.get(key, node.etag)
             if headers is not None:
                 self._apply_headers(node, headers)
             elif head_unknown:
                 await self._head_into(node)
+        elif node.kind is not Kind.DIR and not node.meta_known and head_unknown:
+            await self._head_into(node)
         return node
 
     def _apply_headers(self, node: Node, headers: dict[str, str]) -> None:
@@ -897,8 +906,15 @@ class Filesystem(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        node = await self._meta_node(inode)
         sname = name.decode("utf-8", "surrogateescape")
+        if not sname.startswith("user."):
+            # ls -l asks for system.posix_acl_* and security.* of every file: answer
+            # without a HEAD, or a listing would cost one request per file.
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if sname.startswith(XATTR_PREFIX) and sname != XATTR_PREFIX + "cid":
+            node = self._node(inode)
+        else:
+            node = await self._meta_node(inode)
         if sname.startswith(XATTR_PREFIX):
             value = self._fbmount_xattr(node, sname[len(XATTR_PREFIX):])
             if value is None:

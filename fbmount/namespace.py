@@ -74,6 +74,7 @@ class Node:
     content_type: str | None = None
     storage_class: str | None = None
     cached_etag: str | None = None  # ETag whose bytes the kernel page cache may hold
+    index_etag: str | None = None  # ETag for which the metadata index was last consulted
 
 
 class Namespace:

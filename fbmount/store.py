@@ -8,14 +8,21 @@ request, and each call also has an overall deadline so that no syscall hangs for
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
+import random
 import ssl
 import time
+import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+from urllib.parse import unquote_plus
 
+import aiohttp
 import trio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
@@ -135,6 +142,7 @@ class S3Store:
         self._thread = AsyncioThread()
         self._client: Any = None
         self._client_cm: Any = None
+        self._http: aiohttp.ClientSession | None = None
         self._settings = dict(
             endpoint=endpoint, region=region, credentials=credentials, profile=profile,
             ca_bundle=ca_bundle, pool_size=pool_size, retries=retries,
@@ -180,8 +188,19 @@ class S3Store:
         self._client_cm = session.create_client("s3", **kwargs)
         self._client = await self._client_cm.__aenter__()
         self._client.meta.events.register("before-send.s3", _drop_expect_header)
+        if creds is not None and creds.access_key:  # lean listing needs signed URLs
+            ctx = ssl.create_default_context(cafile=s["ca_bundle"] or None)
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=16, ssl=ctx),
+                timeout=aiohttp.ClientTimeout(total=60, sock_connect=10),
+                auto_decompress=True,
+            )
 
     def close(self) -> None:
+        if self._http is not None:
+            http, self._http = self._http, None
+            with contextlib.suppress(Exception):
+                self._thread.call_blocking(http.close, 10)
         if self._client_cm is not None:
             try:
                 self._thread.call_blocking(lambda: self._client_cm.__aexit__(None, None, None), 10)
@@ -435,6 +454,52 @@ class S3Store:
         self, prefix: str, delimiter: str | None = "/", token: str | None = None,
         max_keys: int = 1000, start_after: str | None = None,
     ) -> ListPage:
+        """One ListObjectsV2 page.
+
+        botocore's generic XML parser spends ~60 ms of CPU per 1,000 keys (dateutil per
+        timestamp); a pre-signed URL fetched with aiohttp and read with ElementTree costs a
+        tenth of that. Errors fall back to the botocore path, which explains them properly.
+        """
+        if self._http is not None:
+            try:
+                return await self._call("ListObjectsV2", f"LIST {prefix or '/'}",
+                                        self._lean_list, prefix, delimiter, token, max_keys,
+                                        start_after)
+            except _LeanListFailed:
+                pass
+        return await self._botocore_list_page(prefix, delimiter, token, max_keys, start_after)
+
+    async def _lean_list(self, prefix: str, delimiter: str | None, token: str | None,
+                         max_keys: int, start_after: str | None) -> ListPage:
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys,
+                                  "EncodingType": "url"}
+        if delimiter:
+            params["Delimiter"] = delimiter
+        if token:
+            params["ContinuationToken"] = token
+        if start_after:
+            params["StartAfter"] = start_after
+        for attempt in range(4):
+            url = await self._client.generate_presigned_url(
+                "list_objects_v2", Params=params, ExpiresIn=900
+            )
+            try:
+                async with self._http.get(url) as r:
+                    body = await r.read()
+                    status = r.status
+            except (TimeoutError, aiohttp.ClientError):
+                status, body = 599, b""
+            if status == 200:
+                return parse_list_xml(body)
+            if status < 500 or attempt == 3:
+                raise _LeanListFailed()
+            await asyncio.sleep(0.2 * 2**attempt * (0.5 + random.random()))
+        raise _LeanListFailed()
+
+    async def _botocore_list_page(
+        self, prefix: str, delimiter: str | None, token: str | None, max_keys: int,
+        start_after: str | None,
+    ) -> ListPage:
         async def go() -> ListPage:
             params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
             if delimiter:
@@ -492,6 +557,47 @@ class S3Store:
             return await getattr(self._client, method)(**params)
 
         return await self._call(method, what, go)
+
+
+class _LeanListFailed(Exception):
+    """The lean LIST got an answer it does not handle: retry through botocore."""
+
+
+_S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def _iso_ns(text: str | None) -> int:
+    if not text:
+        return time.time_ns()
+    try:
+        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9)
+    except ValueError:
+        return time.time_ns()
+
+
+def parse_list_xml(body: bytes) -> ListPage:
+    """ListObjectsV2 XML (EncodingType=url) → ListPage, without botocore's parser."""
+    root = ET.fromstring(body)
+    ns = _S3_NS if root.tag.startswith(_S3_NS) else ""
+    encoded = (root.findtext(f"{ns}EncodingType") or "").lower() == "url"
+
+    def key_of(text: str | None) -> str:
+        return unquote_plus(text or "") if encoded else (text or "")
+
+    page = ListPage()
+    for c in root.iterfind(f"{ns}Contents"):
+        page.objects.append(ObjectInfo(
+            key_of(c.findtext(f"{ns}Key")),
+            int(c.findtext(f"{ns}Size") or 0),
+            _etag(c.findtext(f"{ns}ETag")),
+            _iso_ns(c.findtext(f"{ns}LastModified")),
+            storage_class=c.findtext(f"{ns}StorageClass"),
+        ))
+    for p in root.iterfind(f"{ns}CommonPrefixes"):
+        page.prefixes.append(key_of(p.findtext(f"{ns}Prefix")))
+    if (root.findtext(f"{ns}IsTruncated") or "").lower() == "true":
+        page.next_token = root.findtext(f"{ns}NextContinuationToken")
+    return page
 
 
 class RateLimiter:

@@ -11,8 +11,14 @@ from fbmount.config import DEFAULT_ENDPOINT, Config, apply_o_options, parse_size
 from fbmount.errors import StartupError
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """One line and exit 1, like every other fbmount error."""
+        raise StartupError(f"{message} (see fbmount --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fbmount",
         description="Mount a Filebase (or any S3-compatible) bucket as a directory.",
         epilog="Every long option can also be given as -o name=value (fstab, systemd).",

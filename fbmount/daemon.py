@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyfuse3
 import trio
@@ -151,6 +152,20 @@ class Daemon:
         index = MetaIndex(state_dir / "meta.sqlite")
         self.fs = Filesystem(cfg, self.store, staging, index)
 
+    async def _reachable(self) -> None:
+        """Fail in a second, not after botocore's retries, when nothing listens there."""
+        url = urlsplit(self.cfg.endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            with trio.fail_after(10):
+                stream = await trio.open_tcp_stream(url.hostname or "", port)
+                await stream.aclose()
+        except (OSError, trio.TooSlowError) as e:
+            reason = "no answer within 10 s" if isinstance(e, trio.TooSlowError) else (
+                e.strerror or str(e))
+            raise StartupError(f"cannot reach the endpoint {self.cfg.endpoint}: {reason}"
+                               ) from None
+
     def start_local_server(self) -> credentials.Credentials:
         """--local: a private SeaweedFS on loopback with its own keys, data kept in local_dir."""
         import secrets
@@ -180,6 +195,7 @@ class Daemon:
 
     async def check(self) -> None:
         assert self.store is not None
+        await self._reachable()
         if self.local_server is not None:
             try:
                 await self.store.bucket_call("create_bucket", "create bucket", Bucket=self.cfg.bucket)

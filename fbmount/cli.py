@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir-ttl", type=float, metavar="SECS", help="listing cache (default 10)")
     p.add_argument("--part-size", metavar="MIB", help="multipart part size (default 8)")
     p.add_argument("--read-ahead", metavar="MIB", help="sequential read-ahead (default 64)")
+    p.add_argument("--memory-limit", metavar="MIB",
+                   help="read-ahead memory shared by all open files (default 256)")
     p.add_argument("--parallel", type=int, help="parallel part uploads/GETs per file (default 8)")
     p.add_argument("--copy", choices=["auto", "yes", "no"],
                    help="use server-side CopyObject (default auto: probe, then remember)")
@@ -74,7 +76,7 @@ def config_from_args(argv: list[str]) -> Config:
         value = getattr(args, name)
         if value is not None:
             values[name] = value
-    for name in ("part_size", "read_ahead"):
+    for name in ("part_size", "read_ahead", "memory_limit"):
         if getattr(args, name) is not None:
             values[name] = parse_size_mib(getattr(args, name))
     if args.local is not None:

@@ -77,6 +77,7 @@ class Config:
     dir_ttl: float = 10.0
     part_size: int = 8 * MIB
     read_ahead: int = 64 * MIB
+    memory_limit: int = 256 * MIB  # read-ahead budget shared by all open files
     copy: str = "auto"  # auto | yes | no
     flush_timeout: float = 600.0  # how long unmount/SIGTERM waits for staged uploads
     local_dir: Path | None = None  # --local: serve a private SeaweedFS from this directory
@@ -165,7 +166,7 @@ def apply_o_options(values: dict, opts: list[str]) -> None:
                 values[key] = int(value)
             elif key == "umask":
                 values["umask"] = int(value, 8)
-            elif key in ("part_size", "read_ahead"):
+            elif key in ("part_size", "read_ahead", "memory_limit"):
                 values[key] = parse_size_mib(value)
             elif key in ("upload_delay", "attr_ttl", "dir_ttl", "timeout", "url_expiry", "max_rps",
                          "flush_timeout"):

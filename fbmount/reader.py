@@ -20,13 +20,36 @@ from fbmount.store import S3Store
 CHUNK = 8 * 1024 * 1024
 
 
-class _Chunk:
-    __slots__ = ("data", "done", "error")
+class MemoryBudget:
+    """Read-ahead memory shared by every open file: prefetch only what the budget allows.
 
-    def __init__(self) -> None:
+    A chunk that a read is waiting for is always fetched (at most one per concurrent
+    read); chunks fetched ahead of the reader need a token, so N readers cannot hold more
+    than `limit` bytes of prefetched data between them.
+    """
+
+    def __init__(self, limit: int, chunk: int = CHUNK) -> None:
+        self.tokens = max(1, limit // chunk)
+        self.used = 0
+
+    def try_take(self) -> bool:
+        if self.used >= self.tokens:
+            return False
+        self.used += 1
+        return True
+
+    def give_back(self) -> None:
+        self.used = max(0, self.used - 1)
+
+
+class _Chunk:
+    __slots__ = ("data", "done", "error", "budgeted")
+
+    def __init__(self, budgeted: bool = False) -> None:
         self.data = b""
         self.done = trio.Event()
         self.error: BaseException | None = None
+        self.budgeted = budgeted
 
 
 class RemoteReader:
@@ -34,7 +57,8 @@ class RemoteReader:
 
     def __init__(
         self, store: S3Store, key: str, size: int, etag: str | None, read_ahead: int,
-        spawn: Callable, limiter: trio.CapacityLimiter, chunk: int = CHUNK,
+        spawn: Callable, limiter: trio.CapacityLimiter, budget: MemoryBudget,
+        chunk: int = CHUNK,
     ) -> None:
         self.store, self.key, self.size, self.etag = store, key, size, etag
         self.chunk = chunk
@@ -42,6 +66,7 @@ class RemoteReader:
         self.window = 1
         self.spawn = spawn  # nursery.start_soon of the daemon: prefetch outlives one read()
         self.limiter = limiter
+        self.budget = budget
         self.chunks: dict[int, _Chunk] = {}
         self.next_offset = 0
         self.streak = 0
@@ -61,26 +86,39 @@ class RemoteReader:
         first, last = off // self.chunk, (end - 1) // self.chunk
         if self.streak > 1 and self.window < self.max_window and off % self.chunk < size:
             self.window = min(self.max_window, self.window * 2)  # grow at chunk boundaries
-        self._prefetch(first, last + self.window)
+        self._prefetch(first, last, needed=True)
+        self._prefetch(last + 1, last + self.window, needed=False)
         for idx in [i for i in self.chunks if i < first]:
-            del self.chunks[idx]  # behind the reader: free the memory
+            self._drop(idx)  # behind the reader: free the memory
         parts = []
         for idx in range(first, last + 1):
             chunk = self.chunks[idx]
             await chunk.done.wait()
             if chunk.error is not None:
-                self.chunks.pop(idx, None)
+                self._drop(idx)
                 raise chunk.error
             base = idx * self.chunk
             parts.append(chunk.data[max(off, base) - base : min(end, base + self.chunk) - base])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _prefetch(self, first: int, last: int) -> None:
+    def _prefetch(self, first: int, last: int, needed: bool) -> None:
         last = min(last, (self.size - 1) // self.chunk)
         for idx in range(first, last + 1):
-            if idx not in self.chunks:
-                chunk = self.chunks[idx] = _Chunk()
-                self.spawn(self._fetch, idx, chunk)
+            if idx in self.chunks:
+                continue
+            budgeted = False
+            if not needed:
+                if not self.budget.try_take():
+                    return  # over the shared budget: read-ahead waits for memory
+                budgeted = True
+            chunk = self.chunks[idx] = _Chunk(budgeted)
+            self.spawn(self._fetch, idx, chunk)
+
+    def _drop(self, idx: int) -> None:
+        chunk = self.chunks.pop(idx, None)
+        if chunk is not None and chunk.budgeted:
+            chunk.budgeted = False
+            self.budget.give_back()
 
     async def _fetch(self, idx: int, chunk: _Chunk) -> None:
         try:
@@ -101,4 +139,5 @@ class RemoteReader:
 
     def close(self) -> None:
         self.closed = True
-        self.chunks.clear()
+        for idx in list(self.chunks):
+            self._drop(idx)

@@ -2,8 +2,8 @@
 
 One upload per file at a time (Staged.lock); a file changed during its upload stays dirty
 and goes up again. Small files are one PutObject, larger ones a multipart upload whose
-parts are read from the staged file and sent `parallel` at a time, so memory stays at
-parallel × part size whatever the file size. A failed multipart upload is aborted, never
+parts are read from the staged file; one limiter shared by all uploads bounds the bodies
+in memory (2 x --parallel x part size). A failed multipart upload is aborted, never
 left behind; the staged file stays on disk and is retried with backoff.
 """
 
@@ -37,21 +37,25 @@ def part_size_for(size: int, configured: int) -> int:
 
 
 async def upload_file(store: S3Store, key: str, path: os.PathLike, headers: dict[str, str],
-                      content_type: str, part_size: int, parallel: int,
+                      content_type: str, part_size: int, limiter: trio.CapacityLimiter,
                       progress: Callable[[int], None] = lambda n: None) -> tuple[str, int]:
-    """Upload a local file to `key`; returns (etag, size). `progress(n)` after each part."""
+    """Upload a local file to `key`; returns (etag, size). `progress(n)` after each part.
+
+    `limiter` is shared by every upload of the mount: each token is one body (a part or a
+    whole small file) in memory, so memory stays at tokens x part size under any load.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         if size <= part_size:
-            body = await trio.to_thread.run_sync(os.pread, fd, size, 0)
-            return await store.put(key, body, headers, content_type), size
+            async with limiter:
+                body = await trio.to_thread.run_sync(os.pread, fd, size, 0)
+                return await store.put(key, body, headers, content_type), size
         part = part_size_for(size, part_size)
         count = math.ceil(size / part)
         upload_id = await store.create_multipart(key, headers, content_type)
         etags: list[str] = [""] * count
         try:
-            limiter = trio.CapacityLimiter(parallel)
 
             async def send(i: int) -> None:
                 async with limiter:
@@ -112,7 +116,8 @@ class WriteBack:
     def __init__(self, fs: Filesystem) -> None:
         self.fs = fs
         self._wake = trio.Event()
-        self.limiter = trio.CapacityLimiter(max(4, fs.cfg.parallel * 2))
+        self.limiter = trio.CapacityLimiter(max(4, fs.cfg.parallel * 2))  # files at once
+        self.bodies = trio.CapacityLimiter(max(4, fs.cfg.parallel * 2))  # bodies in memory
         self.uploads_done = 0
         self.in_flight: dict[str, Staged] = {}  # uploads running now (for status)
         self.queued: set[str] = set()  # ids handed to a background upload task
@@ -176,7 +181,7 @@ class WriteBack:
             try:
                 if staged.has_data:
                     etag, size = await upload_file(self.fs.store, key, staged.data_path,
-                                                   headers, ctype, cfg.part_size, cfg.parallel,
+                                                   headers, ctype, cfg.part_size, self.bodies,
                                                    progress)
                 else:
                     source = staged.source_key or key

@@ -164,6 +164,7 @@ async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(progress)
+        await fs.uploader.flush_markers()
         failed = await fs.uploader.flush(targets)
         nursery.cancel_scope.cancel()
     failures = [{"key": s.key, "error": s.last_error} for s in failed]

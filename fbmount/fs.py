@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import cachetools
 import pyfuse3
 import trio
 
@@ -26,7 +27,7 @@ from fbmount.config import Config
 from fbmount.errors import CopyNotSupported, FsError
 from fbmount.metaindex import MetaIndex
 from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node
-from fbmount.reader import CHUNK, RemoteReader
+from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
 from fbmount.staging import Staged, StagingArea
 from fbmount.store import S3Store
 from fbmount.uploader import WriteBack, stream_copy
@@ -34,6 +35,12 @@ from fbmount.uploader import WriteBack, stream_copy
 log = logging.getLogger("fbmount.fs")
 
 XATTR_PREFIX = "user.fbmount."
+# Answers that are part of normal life (cp -a probing xattrs, mkdir -p, rm of a missing
+# file): logged only with --debug; anything else (EIO, timeouts) is a warning.
+EXPECTED_ERRNOS = {
+    errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTSUP, errno.EPERM, errno.EROFS,
+    errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP,
+}
 HEAD_ON_LIST_LIMIT = 256  # readdir HEADs unknown entries only in directories this small
 
 
@@ -54,7 +61,8 @@ def fuse_errors(fn: Any) -> Any:
         except pyfuse3.FUSEError:
             raise
         except FsError as e:
-            log.warning("%s: %s", fn.__name__, e.message)
+            level = logging.DEBUG if e.errno in EXPECTED_ERRNOS else logging.WARNING
+            log.log(level, "%s: %s", fn.__name__, e.message)
             raise pyfuse3.FUSEError(e.errno) from None
         except OSError as e:
             log.warning("%s: %s", fn.__name__, e)
@@ -86,8 +94,13 @@ class Filesystem(pyfuse3.Operations):
         self.dir_handles: dict[int, list[tuple[str, int]]] = {}
         self._next_fh = 1
         self.get_limiter = trio.CapacityLimiter(max(4, cfg.parallel * 2))
+        self.read_budget = MemoryBudget(cfg.memory_limit)
+        self.big_dirs: cachetools.TTLCache[int, bool] = cachetools.TTLCache(
+            4096, cfg.dir_ttl, timer=time.monotonic
+        )
         self.nursery: trio.Nursery | None = None
         self.uploader = WriteBack(self)
+        self.copy_probe = trio.Lock()  # --copy auto: one CopyObject probes, the rest wait
 
     # ===== helpers ======================================================================
     def _node(self, ino: int) -> Node:
@@ -168,6 +181,15 @@ class Filesystem(pyfuse3.Operations):
             return None
         if not fmt.valid_name(name):
             return None
+        if parent.ino not in self.big_dirs:
+            # One LIST page answers every later lookup in a directory of up to 1,000
+            # entries (rsync and tar stat each name), where probing costs HEAD + LIST each.
+            listing = await self.list_dir(parent, small_only=True)
+            if listing is not None:
+                entry = listing.get(name)
+                if entry is None:
+                    return None
+                return await self._node_from_entry(parent, name, entry, head_unknown=True)
         return await self._probe(parent, name)
 
     async def _node_from_entry(self, parent: Node, name: str, entry: Entry,
@@ -219,6 +241,13 @@ class Filesystem(pyfuse3.Operations):
         node.fresh_until = time.monotonic() + self.cfg.attr_ttl
         return True
 
+    async def _head_marker(self, node: Node) -> None:
+        """Directory mode/owner/times live on the `dir/` marker (when the server keeps them)."""
+        node.meta_known = True  # asked once per node, whatever the answer
+        info = await self.store.head(self.ns.key(node))
+        if info is not None and info.metadata:
+            self.ns.apply_meta(node, info.metadata)
+
     async def _probe(self, parent: Node, name: str) -> Node | None:
         """No listing cached: HEAD the object and LIST the prefix at once."""
         key = self.ns.key(parent) + name
@@ -264,13 +293,23 @@ class Filesystem(pyfuse3.Operations):
             raise FsError(errno.ENOENT)
         return parent, node, sname
 
-    async def list_dir(self, node: Node) -> dict[str, Entry]:
-        """The directory's entries: S3's listing (cached) merged with staged children."""
+    async def list_dir(self, node: Node, small_only: bool = False) -> dict[str, Entry] | None:
+        """The directory's entries: S3's listing (cached) merged with staged children.
+
+        small_only: list one page only; None (and the directory remembered as big) if the
+        directory has more entries than one page holds.
+        """
         listing = self.ns.listings.get(node.ino)
         if listing is not None:
             return listing
         prefix = self.ns.key(node)
-        page = await self.store.list_all(prefix)
+        if small_only:
+            page = await self.store.list_page(prefix, "/")
+            if page.next_token:
+                self.big_dirs[node.ino] = True
+                return None
+        else:
+            page = await self.store.list_all(prefix)
         listing = self.ns.listing_from_page(prefix, page)
         for (parent_ino, name), ino in list(self.ns.children.items()):
             if parent_ino != node.ino:
@@ -301,6 +340,8 @@ class Filesystem(pyfuse3.Operations):
             a.st_ino = 0
             a.entry_timeout = self.cfg.dir_ttl  # kernel-side negative cache
             return a
+        if node.kind is Kind.DIR and not node.meta_known and node.ino != ROOT_INO:
+            await self._head_marker(node)
         node.lookups += 1
         return self.attrs(node)
 
@@ -361,8 +402,17 @@ class Filesystem(pyfuse3.Operations):
         if node.kind is Kind.DIR:
             if node.ino == ROOT_INO and not self.cfg.prefix:
                 return  # the bucket root has no marker to carry metadata
-            headers, ctype = self.headers_for(node)
-            await self.store.put(self.ns.key(node), b"", headers, ctype)
+            self.uploader.marker_changed(node)  # coalesced: rsync's chmod + utime = one PUT
+            return
+        if node.kind is Kind.LINK:
+            # A symlink is tiny: rewrite it whole rather than copying it onto itself.
+            target = os.fsencode(node.link_target) if node.link_target is not None else (
+                await self.store.get_object(self.ns.key(node)))
+            node.link_target = os.fsdecode(target)
+            headers, _ = self.headers_for(node)
+            node.etag = await self.store.put(self.ns.key(node), target, headers,
+                                             fmt.LINK_CONTENT_TYPE)
+            self.index.put(self.ns.key(node), node.etag, headers)
             return
         staged = node.staged
         if staged is None:
@@ -447,7 +497,7 @@ class Filesystem(pyfuse3.Operations):
         handle = FileHandle(node, writable, bool(flags & os.O_APPEND))
         if writable:
             staged = await self.ensure_data(node, keep=0 if flags & os.O_TRUNC else None)
-            if flags & os.O_TRUNC and staged.size():
+            if flags & os.O_TRUNC and (staged.size() or node.size):  # keep=0: nothing local
                 os.ftruncate(self.staging.open_fd(staged), 0)
                 node.size = 0
                 node.mtime_ns = node.ctime_ns = time.time_ns()
@@ -515,7 +565,7 @@ class Filesystem(pyfuse3.Operations):
             assert self.nursery is not None
             handle.reader = RemoteReader(
                 self.store, self.ns.key(node), node.size, node.etag or None, self.cfg.read_ahead,
-                self.nursery.start_soon, self.get_limiter,
+                self.nursery.start_soon, self.get_limiter, self.read_budget,
             )
         try:
             return await handle.reader.read(off, size)
@@ -802,7 +852,8 @@ class Filesystem(pyfuse3.Operations):
             headers = None
             if staged is not None:  # metadata-only change pending: carry it along
                 headers = self.headers_for(src)
-            await self.copy_object(old_key, new_key, src, headers)
+            # A streamed copy has a new ETag (multipart); reads pin it with If-Match.
+            new_etag = await self.copy_object(old_key, new_key, src, headers)
             await self.store.delete(old_key)
             if staged is not None:
                 async with staged.lock:
@@ -810,6 +861,7 @@ class Filesystem(pyfuse3.Operations):
                     src.staged = None
             self.ns.move(src, new_parent, new_name)
             src.remote = True
+            src.etag = new_etag or src.etag
         if dst is not None and dst.kind is Kind.DIR:
             await self.store.delete(self.ns.key(dst))
         self.index.rename_prefix(old_key, new_key)
@@ -822,10 +874,13 @@ class Filesystem(pyfuse3.Operations):
                           headers: tuple[dict[str, str], str] | None) -> str:
         """Server-side copy when allowed, else stream GET → PUT (bounded memory)."""
         if self.store.copy_supported is not False:
+            probing = self.store.copy_supported is None
             try:
-                if headers is None:
-                    return await self.store.copy(src_key, dst_key)
-                return await self.store.copy(src_key, dst_key, headers[0], headers[1])
+                async with self.copy_probe if probing else contextlib.nullcontext():
+                    if self.store.copy_supported is not False:  # re-check after the wait
+                        if headers is None:
+                            return await self.store.copy(src_key, dst_key)
+                        return await self.store.copy(src_key, dst_key, headers[0], headers[1])
             except CopyNotSupported:
                 pass
         if headers is None:
@@ -853,6 +908,12 @@ class Filesystem(pyfuse3.Operations):
                           if n.staged.has_data and not n.staged.discarded}
             page = await self.store.list_all(old_prefix, delimiter=None)
             keys = [o.key for o in page.objects]
+            # Directory keys go last, deepest first: servers with real folders (SeaweedFS)
+            # otherwise keep the emptied old tree visible; on S3 these deletes are no-ops.
+            dirs = {old_prefix} | {k[: i + 1] for k in keys
+                                   for i in range(len(old_prefix), len(k)) if k[i] == "/"}
+            keys = [k for k in keys if k not in dirs] + sorted(dirs, key=lambda d: -d.count("/"))
+            new_etags: dict[str, str] = {}  # streamed copies get new ETags; reads pin them
             limiter = trio.CapacityLimiter(self.cfg.parallel)
 
             async def move_one(obj: Any) -> None:
@@ -863,13 +924,12 @@ class Filesystem(pyfuse3.Operations):
                         hdr = self.headers_for(marker) if marker else ({}, fmt.DIR_CONTENT_TYPE)
                         await self.store.put(target, b"", hdr[0], hdr[1])
                     elif obj.key not in local_only:
-                        await self.copy_object(obj.key, target, src, None)
+                        new_etags[target] = await self.copy_object(obj.key, target, src, None)
 
             async with trio.open_nursery() as nursery:
                 for obj in page.objects:
                     nursery.start_soon(move_one, obj)
-            if dst is not None:
-                keys.append(self.ns.key(dst))
+            # (dst's marker is the new prefix itself: it was just rewritten, never delete it)
             if not any(o.key == old_prefix for o in page.objects):
                 headers, ctype = self.headers_for(src)
                 await self.store.put(new_prefix, b"", headers, ctype)  # keep empty dirs alive
@@ -885,6 +945,8 @@ class Filesystem(pyfuse3.Operations):
                 await self.journal_durable(n.staged)
         for n in self.ns.descendants(src):
             self.ns.listings.pop(n.ino, None)
+            if n.staged is None and new_etags.get(self.ns.key(n)):
+                n.etag = new_etags[self.ns.key(n)]
         self.index.rename_prefix(old_prefix, new_prefix)
         self.uploader.kick()
 

@@ -435,7 +435,9 @@ class S3Store:
                 r = await self._client.copy_object(**params)
             except ClientError as e:
                 code = describe_client_error(e)[0]
-                if code in COPY_REFUSED_CODES and self.copy_supported is None:
+                # `is not True`: concurrent first copies all get the refusal, not only
+                # the one whose answer came first.
+                if code in COPY_REFUSED_CODES and self.copy_supported is not True:
                     raise CopyNotSupported(f"server refuses CopyObject ({code})") from None
                 raise
             return _etag(r.get("CopyObjectResult", {}).get("ETag"))

@@ -25,6 +25,7 @@ from fbmount.store import S3Store
 
 if TYPE_CHECKING:
     from fbmount.fs import Filesystem
+    from fbmount.namespace import Node
 
 log = logging.getLogger("fbmount.upload")
 MAX_PARTS = 10_000
@@ -121,9 +122,31 @@ class WriteBack:
         self.uploads_done = 0
         self.in_flight: dict[str, Staged] = {}  # uploads running now (for status)
         self.queued: set[str] = set()  # ids handed to a background upload task
+        self.dirty_markers: dict[int, float] = {}  # dir inode -> when its metadata changed
 
     def kick(self) -> None:
         self._wake.set()
+
+    def marker_changed(self, node: Node) -> None:
+        """A directory's metadata changed: PUT its marker once it has settled."""
+        self.dirty_markers[node.ino] = time.monotonic()
+        self.kick()
+
+    async def flush_markers(self) -> None:
+        markers, self.dirty_markers = list(self.dirty_markers), {}
+        for ino in markers:
+            await self._put_marker(ino)
+
+    async def _put_marker(self, ino: int) -> None:
+        node = self.fs.ns.get(ino)
+        if node is None or not node.linked:
+            return
+        headers, ctype = self.fs.headers_for(node)
+        try:
+            await self.fs.store.put(self.fs.ns.key(node), b"", headers, ctype)
+        except FsError as e:
+            log.error("directory metadata of %s not stored (%s); retrying", node.name, e.message)
+            self.dirty_markers.setdefault(ino, time.monotonic() + 5)
 
     def due(self, staged: Staged, now: float, force: bool) -> bool:
         if not staged.dirty or staged.writers or staged.lock.locked():
@@ -140,6 +163,10 @@ class WriteBack:
                     await self._wake.wait()
                 self._wake = trio.Event()
                 now = time.monotonic()
+                for ino, changed in list(self.dirty_markers.items()):
+                    if now - changed >= self.fs.cfg.upload_delay:
+                        del self.dirty_markers[ino]
+                        nursery.start_soon(self._put_marker, ino)
                 for staged in list(self.fs.staging.entries.values()):
                     if self.due(staged, now, force=False) and staged.id not in self.queued:
                         self.queued.add(staged.id)
@@ -238,5 +265,6 @@ class WriteBack:
     async def drain(self, deadline: float | None = None) -> list[Staged]:
         """Upload everything dirty now (unmount, SIGTERM); returns what is still not in S3."""
         with trio.move_on_after(deadline if deadline is not None else math.inf):
+            await self.flush_markers()
             await self.flush([s for s in self.fs.staging.entries.values() if s.dirty])
         return [s for s in self.fs.staging.entries.values() if s.dirty]

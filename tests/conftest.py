@@ -200,9 +200,9 @@ def _ismount_bounded(path: Path, timeout: float) -> bool:
     return bool(result and result[0])
 
 
-def _base_env(extra: Mapping[str, str | None] | None) -> dict[str, str]:
+def _base_env(extra: Mapping[str, str | None] | None, tmp: Path) -> dict[str, str]:
     """Environment for fbmount children: test credentials, isolated from the host's AWS
-    config; ``extra`` overrides, and a value of ``None`` removes the variable."""
+    config and cache dir; ``extra`` overrides, and a value of ``None`` removes the variable."""
     env = dict(os.environ)
     for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         env.pop(var, None)
@@ -212,6 +212,7 @@ def _base_env(extra: Mapping[str, str | None] | None) -> dict[str, str]:
         AWS_CONFIG_FILE="/nonexistent/fbmount-tests/aws-config",
         AWS_SHARED_CREDENTIALS_FILE="/nonexistent/fbmount-tests/aws-credentials",
         AWS_EC2_METADATA_DISABLED="true",
+        XDG_CACHE_HOME=str(tmp / "xdg-cache"),  # default --cache-dir lands in the test dir
         PYTHONUNBUFFERED="1",
     )
     pythonpath = env.get("PYTHONPATH")
@@ -317,11 +318,15 @@ MountFactory = Callable[..., Mount]
 def mount(
     s3_endpoint: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[MountFactory]:
-    """Factory: ``mount(bucket_spec, *extra_args, env=None, cache_dir=None, mountpoint=None)``.
+    """Factory: ``mount(bucket_spec, *extra_args, env=None, cache_dir=None, mountpoint=None,
+    endpoint=None, timeout=30)``.
 
-    Runs ``fbmount BUCKET_SPEC MNT -f --endpoint EP --cache-dir DIR *extra_args`` and waits
-    (30 s) until MNT is a mount point.  Fails the test with fbmount's log if it exits first.
-    Pass ``mountpoint``/``cache_dir`` of an earlier Mount to remount the same place.
+    Runs ``fbmount BUCKET_SPEC MNT -f --endpoint EP --cache-dir DIR *extra_args`` (EP is the
+    session server unless ``endpoint`` is given, e.g. a fault proxy or an https URL) and waits
+    until MNT is mounted and answers.  Fails the test with fbmount's log if it exits first.
+    ``env`` entries override the environment (``None`` removes a variable).  Pass an earlier
+    Mount's ``path``/``cache_dir`` as ``mountpoint``/``cache_dir`` to remount the same place.
+    Teardown always unmounts and stops every process this factory started.
     """
     mounts: list[Mount] = []
     counter = iter(range(1_000_000))
@@ -333,6 +338,7 @@ def mount(
         env: Mapping[str, str | None] | None = None,
         cache_dir: Path | str | None = None,
         mountpoint: Path | str | None = None,
+        endpoint: str | None = None,
         timeout: float = MOUNT_TIMEOUT,
     ) -> Mount:
         n = next(counter)
@@ -347,7 +353,7 @@ def mount(
             str(mnt),
             "-f",
             "--endpoint",
-            s3_endpoint,
+            endpoint or s3_endpoint,
             "--cache-dir",
             str(cache),
             *extra_args,
@@ -358,7 +364,7 @@ def mount(
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=_base_env(env),
+            env=_base_env(env, tmp_path),
             cwd=tmp_path,
             start_new_session=True,  # terminal ^C goes to pytest only; tests signal by PID
         )
@@ -425,7 +431,7 @@ def run_fbmount(tmp_path: Path) -> Iterator[Callable[..., subprocess.CompletedPr
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=_base_env(env),
+            env=_base_env(env, tmp_path),
             cwd=tmp_path,
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,

@@ -93,6 +93,8 @@ def status_of(daemon: Daemon) -> dict[str, Any]:
         "upload_rate_Bps": round(up),
         "download_rate_Bps": round(down),
         "copy_supported": store.copy_supported,
+        "provider": cfg.provider,
+        "max_rps": store.rate.rate,
     }
 
 

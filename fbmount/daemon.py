@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -159,7 +160,14 @@ class Daemon:
         try:
             with trio.fail_after(10):
                 stream = await trio.open_tcp_stream(url.hostname or "", port)
+                if url.scheme == "https":  # a bad certificate: say so now, not after retries
+                    stream = trio.SSLStream(
+                        stream, _tls_context(self.cfg.ca_bundle), server_hostname=url.hostname
+                    )
+                    await stream.do_handshake()
                 await stream.aclose()
+        except trio.BrokenResourceError as e:
+            raise StartupError(_tls_failure(self.cfg, e.__cause__)) from None
         except (OSError, trio.TooSlowError) as e:
             reason = "no answer within 10 s" if isinstance(e, trio.TooSlowError) else (
                 e.strerror or str(e))
@@ -301,8 +309,39 @@ class Daemon:
             self.local_server.stop()
 
 
+def _tls_context(ca_bundle: Path | None) -> ssl.SSLContext:
+    """The trust botocore will use: the --ca-bundle, else its default bundle (certifi)."""
+    from botocore.httpsession import get_cert_path
+
+    return ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else get_cert_path(True))
+
+
+def _tls_failure(cfg: Config, cause: BaseException | None) -> str:
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        fix = (
+            "renew the server's certificate"
+            if "expired" in str(cause.verify_message)
+            else "pass --ca-bundle CA.pem if the endpoint uses a private CA"
+        )
+        return (
+            f"the TLS certificate of {cfg.endpoint} does not verify "
+            f"({cause.verify_message}); {fix}"
+        )
+    reason = getattr(cause, "reason", None) or cause or "connection closed"
+    return (
+        f"TLS handshake with {cfg.endpoint} failed ({reason}); check that the port speaks "
+        "HTTPS (http:// vs https://)"
+    )
+
+
 def explain_startup_failure(cfg: Config, e: FsError) -> str:
     msg = e.message
+    if urlsplit(cfg.endpoint).scheme == "http" and msg.endswith(": 400: Bad Request"):
+        # An S3 server answers an S3 error code; a bare 400 is an HTTPS port's answer.
+        return (
+            f"the endpoint {cfg.endpoint} answered plain HTTP with 400 Bad Request; "
+            f"it probably speaks HTTPS: use --endpoint https://{urlsplit(cfg.endpoint).netloc}"
+        )
     if "InvalidAccessKeyId" in msg or "SignatureDoesNotMatch" in msg:
         return f"the endpoint {cfg.endpoint} refused the credentials ({msg.split(': ', 1)[-1]})"
     if "NoSuchBucket" in msg:

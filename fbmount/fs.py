@@ -1020,8 +1020,17 @@ class Filesystem(pyfuse3.Operations):
             raise FsError(errno.EPERM, f"{sname} is read-only")
         if not sname.startswith("user."):
             raise FsError(errno.ENOTSUP, "only user.* extended attributes can be stored")
+        if not fmt.valid_xattr_name(sname):
+            raise FsError(errno.ENOTSUP, f"{sname!r}: s3fs's xattr header cannot hold this name")
         node = await self._meta_node(inode)
+        old = node.xattrs.get(sname)
         node.xattrs[sname] = bytes(value)
+        if fmt.metadata_size(self.headers_for(node)[0]) > fmt.MAX_USER_METADATA_BYTES:
+            if old is None:  # refused: leave the node as it was
+                del node.xattrs[sname]
+            else:
+                node.xattrs[sname] = old
+            raise FsError(errno.E2BIG, f"{sname}: object metadata would exceed 2 KiB")
         node.ctime_ns = time.time_ns()
         await self.metadata_changed(node)
 

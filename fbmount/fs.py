@@ -113,6 +113,14 @@ class Filesystem(pyfuse3.Operations):
         if self.cfg.read_only:
             raise FsError(errno.EROFS, "mounted read-only")
 
+    def _new_name(self, parent_inode: int, name: bytes) -> tuple[Node, str]:
+        """Parent and decoded name for an entry about to be created (or renamed to)."""
+        parent = self._node(parent_inode)
+        sname = decode_name(name)
+        if not fmt.valid_name(sname):
+            raise FsError(errno.ENAMETOOLONG if len(name) > 255 else errno.EINVAL)
+        return parent, sname
+
     def _new_fh(self) -> int:
         fh = self._next_fh
         self._next_fh += 1
@@ -521,10 +529,7 @@ class Filesystem(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> Any:
         self._writable()
-        parent = self._node(parent_inode)
-        sname = decode_name(name)
-        if not fmt.valid_name(sname):
-            raise FsError(errno.ENAMETOOLONG if len(name) > 255 else errno.EINVAL)
+        parent, sname = self._new_name(parent_inode, name)
         existing = await self.resolve(parent, sname)
         if existing is not None:
             if flags & os.O_EXCL:
@@ -684,10 +689,7 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         self._writable()
-        parent = self._node(parent_inode)
-        sname = decode_name(name)
-        if not fmt.valid_name(sname):
-            raise FsError(errno.ENAMETOOLONG if len(name) > 255 else errno.EINVAL)
+        parent, sname = self._new_name(parent_inode, name)
         if await self.resolve(parent, sname) is not None:
             raise FsError(errno.EEXIST)
         node = self.ns.add(parent, sname, Kind.DIR)
@@ -758,10 +760,7 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
         self._writable()
-        parent = self._node(parent_inode)
-        sname = decode_name(name)
-        if not fmt.valid_name(sname):
-            raise FsError(errno.ENAMETOOLONG if len(name) > 255 else errno.EINVAL)
+        parent, sname = self._new_name(parent_inode, name)
         if await self.resolve(parent, sname) is not None:
             raise FsError(errno.EEXIST)
         node = self.ns.add(parent, sname, Kind.LINK)
@@ -809,10 +808,7 @@ class Filesystem(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         _, src, _ = await self._must_resolve(parent_inode_old, name_old)
-        new_parent = self._node(parent_inode_new)
-        new_name = decode_name(name_new)
-        if not fmt.valid_name(new_name):
-            raise FsError(errno.ENAMETOOLONG if len(name_new) > 255 else errno.EINVAL)
+        new_parent, new_name = self._new_name(parent_inode_new, name_new)
         dst = await self.resolve(new_parent, new_name)
         if dst is src:
             return

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -37,6 +37,40 @@ def part_size_for(size: int, configured: int) -> int:
     return max(configured, needed)
 
 
+async def multipart_upload(store: S3Store, key: str, size: int, part_size: int,
+                           headers: dict[str, str], content_type: str,
+                           read_part: Callable[[int, int], Awaitable[bytes]],
+                           limiter: trio.CapacityLimiter,
+                           progress: Callable[[int], None] = lambda n: None) -> str:
+    """Upload `size` bytes as parallel parts; `read_part(offset, length)` supplies each.
+
+    A failure (or cancellation) aborts the upload, so no multipart upload is left open.
+    """
+    part = part_size_for(size, part_size)
+    count = math.ceil(size / part)
+    upload_id = await store.create_multipart(key, headers, content_type)
+    etags: list[str] = [""] * count
+    try:
+
+        async def send(i: int) -> None:
+            async with limiter:
+                body = await read_part(i * part, min(part, size - i * part))
+                etags[i] = await store.upload_part(key, upload_id, i + 1, body)
+                progress(len(body))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(send, i)
+        return await store.complete_multipart(key, upload_id, etags)
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            try:
+                await store.abort_multipart(key, upload_id)
+            except FsError as e:
+                log.error("could not abort multipart upload of %s: %s", key, e.message)
+        raise
+
+
 async def upload_file(store: S3Store, key: str, path: os.PathLike, headers: dict[str, str],
                       content_type: str, part_size: int, limiter: trio.CapacityLimiter,
                       progress: Callable[[int], None] = lambda n: None) -> tuple[str, int]:
@@ -52,29 +86,13 @@ async def upload_file(store: S3Store, key: str, path: os.PathLike, headers: dict
             async with limiter:
                 body = await trio.to_thread.run_sync(os.pread, fd, size, 0)
                 return await store.put(key, body, headers, content_type), size
-        part = part_size_for(size, part_size)
-        count = math.ceil(size / part)
-        upload_id = await store.create_multipart(key, headers, content_type)
-        etags: list[str] = [""] * count
-        try:
 
-            async def send(i: int) -> None:
-                async with limiter:
-                    body = await trio.to_thread.run_sync(os.pread, fd, part, i * part)
-                    etags[i] = await store.upload_part(key, upload_id, i + 1, body)
-                    progress(len(body))
+        async def read_part(offset: int, length: int) -> bytes:
+            return await trio.to_thread.run_sync(os.pread, fd, length, offset)
 
-            async with trio.open_nursery() as nursery:
-                for i in range(count):
-                    nursery.start_soon(send, i)
-            return await store.complete_multipart(key, upload_id, etags), size
-        except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(30):
-                try:
-                    await store.abort_multipart(key, upload_id)
-                except FsError as e:
-                    log.error("could not abort multipart upload of %s: %s", key, e.message)
-            raise
+        etag = await multipart_upload(store, key, size, part_size, headers, content_type,
+                                      read_part, limiter, progress)
+        return etag, size
     finally:
         os.close(fd)
 
@@ -86,29 +104,12 @@ async def stream_copy(store: S3Store, src: str, dst: str, size: int, etag: str |
     if size <= part_size:
         body = await store.get_range(src, 0, size, etag) if size else b""
         return await store.put(dst, body, headers, content_type)
-    part = part_size_for(size, part_size)
-    count = math.ceil(size / part)
-    upload_id = await store.create_multipart(dst, headers, content_type)
-    etags: list[str] = [""] * count
-    try:
-        limiter = trio.CapacityLimiter(parallel)
 
-        async def send(i: int) -> None:
-            async with limiter:
-                body = await store.get_range(src, i * part, min(size, (i + 1) * part), etag)
-                etags[i] = await store.upload_part(dst, upload_id, i + 1, body)
+    async def read_part(offset: int, length: int) -> bytes:
+        return await store.get_range(src, offset, offset + length, etag)
 
-        async with trio.open_nursery() as nursery:
-            for i in range(count):
-                nursery.start_soon(send, i)
-        return await store.complete_multipart(dst, upload_id, etags)
-    except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(30):
-            try:
-                await store.abort_multipart(dst, upload_id)
-            except FsError as e:
-                log.error("could not abort multipart upload of %s: %s", dst, e.message)
-        raise
+    return await multipart_upload(store, dst, size, part_size, headers, content_type,
+                                  read_part, trio.CapacityLimiter(parallel))
 
 
 class WriteBack:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from fbmount.errors import FsError
+
 if TYPE_CHECKING:
     from fbmount.daemon import Daemon
 
@@ -83,6 +85,7 @@ def status_of(daemon: Daemon) -> dict[str, Any]:
             for s in pending if s.last_error
         ],
         "uploads_done": fs.uploader.uploads_done,
+        "pending_deletes": len(fs.uploader.pending_deletes) + len(fs.uploader.deleting),
         "cache_dir": str(fs.staging.root.parent),
         "cache_used_bytes": fs.staging.usage_bytes(),
         "cache_free_bytes": disk.f_bavail * disk.f_frsize,
@@ -167,9 +170,14 @@ async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(progress)
         await fs.uploader.flush_markers()
+        try:
+            await fs.uploader.flush_deletes()
+        except FsError as e:
+            failures.append({"key": f"{len(fs.uploader.pending_deletes)} deletion(s)",
+                             "error": e.message})
         failed = await fs.uploader.flush(targets)
         nursery.cancel_scope.cancel()
-    failures = [{"key": s.key, "error": s.last_error} for s in failed]
+    failures += [{"key": s.key, "error": s.last_error} for s in failed]
     await _send(stream, {"result": "ok" if not failures else "failed", "total": total,
                          "failed": failures})
 

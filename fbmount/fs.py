@@ -271,6 +271,8 @@ class Filesystem(pyfuse3.Operations):
             nursery.start_soon(head)
             nursery.start_soon(list_prefix)
         page, info = results["list"], results["head"]
+        if info is not None and self.uploader.is_deleted(key):
+            info = None
         if page.objects or page.prefixes:
             node = self.ns.add(parent, name, Kind.DIR)
             node.remote = True
@@ -319,6 +321,10 @@ class Filesystem(pyfuse3.Operations):
         else:
             page = await self.store.list_all(prefix)
         listing = self.ns.listing_from_page(prefix, page)
+        if self.uploader.pending_deletes or self.uploader.deleting:
+            for name in [n for n, e in listing.items()
+                         if e.kind is not Kind.DIR and self.uploader.is_deleted(prefix + n)]:
+                del listing[name]  # unlinked, its DeleteObjects not sent yet
         for (parent_ino, name), ino in list(self.ns.children.items()):
             if parent_ino != node.ino:
                 continue
@@ -545,6 +551,7 @@ class Filesystem(pyfuse3.Operations):
         staged = self.staging.new(self.ns.key(node))
         staged.node, node.staged = node, staged
         staged.touch()
+        self.uploader.cancel_delete(staged.key)
         self.journal(staged, durable=False)
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
@@ -725,6 +732,7 @@ class Filesystem(pyfuse3.Operations):
         parent, node, sname = await self._must_resolve(parent_inode, name)
         if node.kind is not Kind.DIR:
             raise FsError(errno.ENOTDIR)
+        await self.uploader.flush_deletes(self.ns.key(node))  # rm -rf: one batch per dir
         if not await self._dir_is_empty(node):
             raise FsError(errno.ENOTEMPTY)
         await self.store.delete(self.ns.key(node))
@@ -750,12 +758,19 @@ class Filesystem(pyfuse3.Operations):
         if staged is not None:
             async with staged.lock:
                 if node.remote:
-                    await self.store.delete(key)
+                    await self._delete_key(key)
                 self.discard(node)
         elif node.remote:
-            await self.store.delete(key)
+            await self._delete_key(key)
         node.remote = False
         self.index.delete(key)
+
+    async def _delete_key(self, key: str) -> None:
+        """Strict mode deletes before returning; write-back mode batches (rm -rf)."""
+        if self.cfg.upload_delay <= 0:
+            await self.store.delete(key)
+        else:
+            self.uploader.queue_delete(key)
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
@@ -770,7 +785,10 @@ class Filesystem(pyfuse3.Operations):
         node.size = len(body)
         headers, _ = self.headers_for(node)
         try:
-            node.etag = await self.store.put(self.ns.key(node), body, headers, fmt.LINK_CONTENT_TYPE)
+            key = self.ns.key(node)
+            self.uploader.cancel_delete(key)
+            await self.uploader.wait_not_deleting(key)
+            node.etag = await self.store.put(key, body, headers, fmt.LINK_CONTENT_TYPE)
         except BaseException:
             self.ns.unlink(node)
             raise
@@ -840,6 +858,7 @@ class Filesystem(pyfuse3.Operations):
                 if src.remote:
                     await self.store.delete(old_key)
                 staged.key = new_key
+                self.uploader.cancel_delete(new_key)
                 src.remote = dst_remote
                 self.ns.move(src, new_parent, new_name)
                 staged.touch()
@@ -869,6 +888,8 @@ class Filesystem(pyfuse3.Operations):
     async def copy_object(self, src_key: str, dst_key: str, node: Node,
                           headers: tuple[dict[str, str], str] | None) -> str:
         """Server-side copy when allowed, else stream GET → PUT (bounded memory)."""
+        self.uploader.cancel_delete(dst_key)
+        await self.uploader.wait_not_deleting(dst_key)
         if self.store.copy_supported is not False:
             probing = self.store.copy_supported is None
             try:
@@ -896,6 +917,7 @@ class Filesystem(pyfuse3.Operations):
         new_prefix = self.ns.child_key(new_parent, new_name, Kind.DIR)
         if new_prefix.startswith(old_prefix):
             raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        await self.uploader.flush_deletes(old_prefix)
         staged_nodes = [n for n in self.ns.descendants(src) if n.staged is not None]
         async with contextlib.AsyncExitStack() as stack:
             for n in staged_nodes:

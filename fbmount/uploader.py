@@ -124,9 +124,59 @@ class WriteBack:
         self.in_flight: dict[str, Staged] = {}  # uploads running now (for status)
         self.queued: set[str] = set()  # ids handed to a background upload task
         self.dirty_markers: dict[int, float] = {}  # dir inode -> when its metadata changed
+        self.pending_deletes: set[str] = set()  # unlinked keys, batched into DeleteObjects
+        self.deleting: set[str] = set()  # keys of the batch in flight
+        self._deleted = trio.Event()
+        self._delete_queued_at = 0.0
+        self._delete_lock = trio.Lock()
 
     def kick(self) -> None:
         self._wake.set()
+
+    # ----- deletes: rm -rf becomes DeleteObjects batches -------------------------------
+    def queue_delete(self, key: str) -> None:
+        """unlink returns at once; the key goes in the next batch (<= 0.3 s, or sync)."""
+        self.pending_deletes.add(key)
+        self._delete_queued_at = time.monotonic()
+        if len(self.pending_deletes) >= 1000:
+            self.kick()
+
+    def cancel_delete(self, key: str) -> None:
+        """The key is being created again: its queued delete must not land after the PUT."""
+        self.pending_deletes.discard(key)
+
+    def is_deleted(self, key: str) -> bool:
+        return key in self.pending_deletes or key in self.deleting
+
+    async def wait_not_deleting(self, key: str) -> None:
+        while key in self.deleting:
+            await self._deleted.wait()
+
+    async def flush_deletes(self, prefix: str | None = None) -> None:
+        """Send queued deletes (those under `prefix`, or all) now; FsError if refused."""
+        async with self._delete_lock:
+            keys = {k for k in self.pending_deletes if prefix is None or k.startswith(prefix)}
+            if not keys:
+                return
+            self.pending_deletes -= keys
+            self.deleting |= keys
+            try:
+                await self.fs.store.delete_many(sorted(keys))
+            except FsError:
+                self.pending_deletes |= keys  # retried by the next flush
+                raise
+            finally:
+                self.deleting -= keys
+                self._deleted.set()
+                self._deleted = trio.Event()
+
+    async def _background_deletes(self) -> None:
+        try:
+            await self.flush_deletes()
+        except FsError as e:
+            log.error("deleting %d key(s) failed (%s); retrying", len(self.pending_deletes),
+                      e.message)
+            self._delete_queued_at = time.monotonic() + 5
 
     def marker_changed(self, node: Node) -> None:
         """A directory's metadata changed: PUT its marker once it has settled."""
@@ -164,6 +214,9 @@ class WriteBack:
                     await self._wake.wait()
                 self._wake = trio.Event()
                 now = time.monotonic()
+                if self.pending_deletes and not self._delete_lock.locked() and (
+                        len(self.pending_deletes) >= 1000 or now - self._delete_queued_at >= 0.3):
+                    nursery.start_soon(self._background_deletes)
                 for ino, changed in list(self.dirty_markers.items()):
                     if now - changed >= self.fs.cfg.upload_delay:
                         del self.dirty_markers[ino]
@@ -200,6 +253,8 @@ class WriteBack:
             else:
                 headers, ctype = staged.record["headers"], staged.record["content_type"]
             cfg = self.fs.cfg
+            self.cancel_delete(key)
+            await self.wait_not_deleting(key)
             staged.in_flight_bytes = 0
             self.in_flight[staged.id] = staged
 
@@ -267,5 +322,9 @@ class WriteBack:
         """Upload everything dirty now (unmount, SIGTERM); returns what is still not in S3."""
         with trio.move_on_after(deadline if deadline is not None else math.inf):
             await self.flush_markers()
+            try:
+                await self.flush_deletes()
+            except FsError as e:
+                log.error("%d deletion(s) not sent: %s", len(self.pending_deletes), e.message)
             await self.flush([s for s in self.fs.staging.entries.values() if s.dirty])
         return [s for s in self.fs.staging.entries.values() if s.dirty]

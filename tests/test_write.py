@@ -751,11 +751,6 @@ def test_rm_rf_2000_files(s3: Any, bucket: str, mount: Callable, s3_endpoint: st
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known TODO: fs.unlink deletes each file with its own DeleteObject "
-    "(fs.Filesystem._remove_file → store.delete); rm -rf is not batched into DeleteObjects",
-)
 def test_rm_rf_batches_deletes(s3: Any, bucket: str, mount: Callable, s3_endpoint: str) -> None:
     """rm -rf of N files should cost far fewer than N delete requests (DeleteObjects)."""
     keys = [f"tree/f{i:04d}" for i in range(300)]

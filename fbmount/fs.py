@@ -552,7 +552,8 @@ class Filesystem(pyfuse3.Operations):
         staged.node, node.staged = node, staged
         staged.touch()
         self.uploader.cancel_delete(staged.key)
-        self.journal(staged, durable=False)
+        # No journal record yet: it is written (durably) at close; a crash before close
+        # drops the bytes, which nothing had acknowledged as stored.
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
             listing[sname] = self.ns.entry_of(node)

@@ -212,6 +212,9 @@ class WriteBack:
             while True:
                 with trio.move_on_after(0.25):
                     await self._wake.wait()
+                # Every release kicks; scanning thousands of staged files per kick would make
+                # rsync quadratic, so scan at most ten times a second.
+                await trio.sleep(0.1)
                 self._wake = trio.Event()
                 now = time.monotonic()
                 if self.pending_deletes and not self._delete_lock.locked() and (

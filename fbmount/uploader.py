@@ -296,6 +296,12 @@ class WriteBack:
                 if not staged.has_data:
                     node.size = size
                 node.cached_etag = None
+                node.index_etag = etag
+                listing = self.fs.ns.listings.get(node.parent)
+                if listing is not None and node.linked and node.name in listing:
+                    # The entry was made at create time (size 0, no ETag): a later re-list
+                    # must not take it for the truth about the uploaded object.
+                    listing[node.name] = self.fs.ns.entry_of(node)
             log.debug("uploaded %s (%d bytes)", key, size)
         if not staged.dirty:
             if node is None:

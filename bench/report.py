@@ -1,0 +1,166 @@
+"""Turn the results into the printed table, the JSON file and the PNG bar chart."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from bench.workloads import Metric
+
+PEERS = ("s3fs", "rclone")
+
+
+def fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    a = abs(value)
+    if a >= 100:
+        return f"{value:,.0f}"
+    if a >= 10:
+        return f"{value:.1f}"
+    if a >= 1 or a == 0:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def cell(res: dict | None) -> str:
+    if res is None:
+        return ""
+    status = res.get("status", "ok")
+    if status in ("timeout", "error", "skipped"):
+        return status
+    text = fmt(res.get("value"))
+    return text + " BAD" if status == "bad" else text
+
+
+def ratio(metric: Metric, row: dict[str, dict]) -> float | None:
+    """fbmount's value divided by the best peer's (best = highest or lowest by metric)."""
+    fb = row.get("fbmount")
+    if not fb or fb.get("status") != "ok" or fb.get("value") is None:
+        return None
+    peers = [
+        row[p]["value"]
+        for p in PEERS
+        if p in row and row[p].get("status") == "ok" and row[p].get("value") is not None
+    ]
+    if not peers:
+        return None
+    best = max(peers) if metric.higher_is_better else min(peers)
+    if best == 0:
+        return None
+    return fb["value"] / best
+
+
+def table(metrics: list[Metric], results: dict, stats: dict, tools: list[str]) -> str:
+    cols = [
+        "workload",
+        "unit",
+        *tools,
+        "fbmount / best peer",
+        "fbmount peak RSS MiB",
+        "fbmount CPU s",
+    ]
+    rows: list[list[str]] = []
+    seen_workloads: set[str] = set()
+    for m in metrics:
+        row = results.get(m.key)
+        if not row:
+            continue
+        r = ratio(m, row)
+        st = stats.get(m.workload, {}).get("fbmount") if m.workload not in seen_workloads else None
+        seen_workloads.add(m.workload)
+        rows.append(
+            [
+                m.label,
+                m.unit + (" ↑" if m.higher_is_better else " ↓"),
+                *(cell(row.get(t)) for t in tools),
+                "" if r is None else f"{r:.2f}",
+                fmt(st["hwm_mib"]) if st else "",
+                fmt(st["cpu_s"]) if st else "",
+            ]
+        )
+    widths = [
+        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)
+    ]
+    line = " | ".join(
+        c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(cols)
+    )
+    out = [line, "-+-".join("-" * w for w in widths)]
+    for r in rows:
+        out.append(
+            " | ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(r))
+        )
+    out.append(
+        "↑ higher is better, ↓ lower is better; ratio = fbmount value / best peer value "
+        "(so > 1 is better on ↑ rows, < 1 is better on ↓ rows). BAD = data check failed. "
+        "RSS/CPU: fbmount daemon, per workload (one fresh mount each)."
+    )
+    return "\n".join(out)
+
+
+def notes(metrics: list[Metric], results: dict) -> str:
+    lines = []
+    for m in metrics:
+        for tool, res in results.get(m.key, {}).items():
+            if res.get("note"):
+                lines.append(f"  {m.key} / {tool}: {res['note']}")
+    return "\n".join(lines)
+
+
+def save_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def save_png(
+    path: Path, metrics: list[Metric], results: dict, tools: list[str], title: str
+) -> str | None:
+    """One small bar chart per metric; returns an error string if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed (pip install matplotlib); no PNG written"
+    shown = [m for m in metrics if results.get(m.key)]
+    if not shown:
+        return None
+    ncols = 4
+    nrows = math.ceil(len(shown) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.9 * nrows), squeeze=False)
+    colors = {"fbmount": "#2b7bba", "s3fs": "#e08214", "rclone": "#5aae61", "native": "#888888"}
+    for ax, m in zip(axes.flat, shown, strict=False):
+        row = results[m.key]
+        names = [t for t in tools if t in row]
+        vals = []
+        labels = []
+        for t in names:
+            res = row[t]
+            ok = res.get("status") in ("ok", "bad") and res.get("value") is not None
+            v = res["value"] if ok and not math.isnan(res["value"]) else 0.0
+            vals.append(v)
+            labels.append(cell(res) if not ok or res.get("status") == "bad" else fmt(v))
+        bars = ax.bar(names, vals, color=[colors.get(t, "#999999") for t in names])
+        for bar, label in zip(bars, labels, strict=True):
+            ax.annotate(
+                label,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        ax.set_title(
+            f"{m.label.strip()}\n({m.unit}, {'higher' if m.higher_is_better else 'lower'}"
+            " is better)",
+            fontsize=8,
+        )
+        ax.tick_params(labelsize=8)
+        ax.margins(y=0.2)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,401 @@
+"""Benchmark driver: one private SeaweedFS, one bucket per tool, every workload on every tool.
+
+Workloads run workload-major (all tools do workload 1, then all do workload 2, ...) so that
+load from other users of the machine spreads over the tools instead of hitting one of them.
+Every workload gets a fresh mount (a fresh cache directory too), so "cold" means cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import report
+from bench import s3 as s3u
+from bench.common import MB, Budget, StepTimeout, run
+from bench.mounts import MOUNTS, TOOLS, Mount
+from bench.workloads import (
+    WORKLOAD_FUNCS,
+    WORKLOADS,
+    WRITE_WORKLOADS,
+    Ctx,
+    Metric,
+    Sizes,
+    describe_failure,
+    metrics_for,
+    prepare_rm,
+    seed_bucket,
+    w_randread,
+    w_raw,
+)
+from fbmount.localserver import LocalS3Server, find_weed
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Benchmark fbmount against s3fs and rclone mount on a private SeaweedFS.",
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes: whole run < 5 minutes")
+    p.add_argument("--only", default=",".join(TOOLS), help="comma list of tools (default all)")
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma list of workloads (default all): {','.join(WORKLOADS)}",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "bench" / "results",
+        help="directory for the JSON, PNG and text table",
+    )
+    p.add_argument(
+        "--timeout", type=float, help="seconds per workload and tool (default 600, --quick 90)"
+    )
+    p.add_argument(
+        "--count-gets",
+        default="fbmount",
+        help="tools whose random-read GETs are counted through a proxy in an extra, "
+        "untimed pass (comma list, 'none'; default fbmount)",
+    )
+    p.add_argument("--tmp-dir", type=Path, help="parent of the scratch directory (default $TMPDIR)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, data)")
+    args = p.parse_args(argv)
+    args.tools = [t for t in args.only.split(",") if t]
+    bad = [t for t in args.tools if t not in TOOLS]
+    if bad:
+        p.error(f"unknown tool(s) {bad}; choose from {list(TOOLS)}")
+    args.wl = [w for w in args.workloads.split(",") if w]
+    bad = [w for w in args.wl if w not in WORKLOADS]
+    if bad:
+        p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOADS)}")
+    args.wl = [w for w in WORKLOADS if w in args.wl]  # canonical order
+    args.count = [] if args.count_gets == "none" else args.count_gets.split(",")
+    return args
+
+
+def _version(argv: list[str]) -> str:
+    res = run(argv, 20)
+    return (res.stdout or res.stderr).strip().splitlines()[0] if res.rc == 0 else "?"
+
+
+def _say(t0: float, msg: str) -> None:
+    print(f"[{time.monotonic() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sizes = Sizes.quick() if args.quick else Sizes()
+        if args.timeout:
+            self.sizes = dataclasses.replace(self.sizes, timeout=args.timeout)
+        self.metrics: list[Metric] = metrics_for(self.sizes)
+        self.results: dict[str, dict[str, dict]] = {}
+        self.stats: dict[str, dict[str, dict]] = {}
+        self.load: dict[str, list[float]] = {}
+        self.live: list[Mount] = []
+        self.t0 = time.monotonic()
+        self.tmp = Path(tempfile.mkdtemp(prefix="fbmount-bench-", dir=args.tmp_dir))
+        self.server = LocalS3Server(self.tmp / "s3", stop_timeout=5.0)
+        self.proxy = None
+        self.ctx: Ctx | None = None
+
+    # ------------------------------------------------------------------ bookkeeping
+    def rec(
+        self, tool: str, metric: str, value: float | None, status: str = "ok", note: str = ""
+    ) -> None:
+        entry: dict = {"value": value, "status": status}
+        if note:
+            entry["note"] = note
+        self.results.setdefault(metric, {})[tool] = entry
+
+    def mark_rest(
+        self,
+        workload: str,
+        tool: str,
+        status: str,
+        note: str,
+        skip: tuple[str, ...] = ("randread_gets",),
+    ) -> None:
+        for m in self.metrics:
+            done = tool in self.results.get(m.key, {})
+            if m.workload == workload and m.key not in skip and not done:
+                self.rec(tool, m.key, None, status, note)
+
+    def new_mount(self, tool: str, workload: str, endpoint: str, tag: str = "") -> Mount:
+        assert self.ctx is not None
+        name = f"{tool}-{workload}{tag}"
+        mode = "write" if workload in WRITE_WORKLOADS else "read"
+        return MOUNTS[tool](
+            self.ctx.env,
+            endpoint,
+            self.ctx.buckets[tool],
+            self.tmp / "mnt" / name,
+            self.tmp / "work" / name,
+            mode,
+        )
+
+    def start(self, m: Mount) -> Mount:
+        self.live.append(m)
+        m.start()
+        return m
+
+    def stop(self, m: Mount, hung: bool = False) -> float:
+        try:
+            return m.stop(grace=5.0) if hung else m.stop()
+        finally:
+            if m in self.live:
+                self.live.remove(m)
+
+    # ------------------------------------------------------------------ phases
+    def setup(self) -> None:
+        self.server.start()
+        access, secret = self.server.access_key, self.server.secret_key
+        env = s3u.rclone_env(self.tmp, self.server.endpoint, access, secret)
+        env.update({"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret})
+        s3 = s3u.client(self.server.endpoint, access, secret)
+        self.ctx = Ctx(self.tmp, self.sizes, self.server.endpoint, access, secret, s3, env)
+        names = list(self.args.tools) + (["native"] if "raw" in self.args.wl else [])
+        wl = set(self.args.wl)
+        for name in names:
+            bucket = f"bench-{name}"
+            self.ctx.buckets[name] = bucket
+            s3u.create_bucket(s3, bucket)
+        for tool in self.args.tools:
+            t = time.monotonic()
+            seed_bucket(self.ctx, self.ctx.buckets[tool], wl, max(60.0, self.sizes.timeout))
+            _say(self.t0, f"seeded {self.ctx.buckets[tool]} in {time.monotonic() - t:.1f} s")
+        if {"rsync", "rm"} & wl:
+            _ = self.ctx.tree
+        if "randread" in wl and set(self.args.count) & set(self.args.tools):
+            sys.path.insert(0, str(REPO))
+            try:
+                from tests.faultproxy import FaultProxy
+
+                self.proxy = FaultProxy(self.server.endpoint).start()
+            except Exception as e:  # the count is a bonus; never fail the run for it
+                _say(self.t0, f"request-counting proxy unavailable ({e}); GETs not counted")
+
+    def run_workload(self, workload: str, tool: str) -> None:
+        assert self.ctx is not None
+        budget = Budget(self.sizes.timeout)
+        m = self.new_mount(tool, workload, self.ctx.endpoint)
+
+        def rec(metric: str, value: float | None, status: str = "ok", note: str = "") -> None:
+            self.rec(tool, metric, value, status, note)
+
+        hung = False
+        try:
+            self.start(m)
+            if workload == "rm" and "rsync" not in self.args.wl:
+                prepare_rm(self.ctx, m, budget)
+                self.stop(m)
+                m = self.new_mount(tool, workload, self.ctx.endpoint, "-2")
+                self.start(m)
+            WORKLOAD_FUNCS[workload](self.ctx, m, budget, rec)
+        except StepTimeout as e:
+            hung = True
+            self.mark_rest(workload, tool, "timeout", str(e))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            note = describe_failure(e)
+            tail = m.log_tail(3)
+            self.mark_rest(workload, tool, "error", note + (f" [log: {tail}]" if tail else ""))
+        finally:
+            st = m.stats() or {}
+            st["unmount_s"] = round(self.stop(m, hung), 2)
+            self.stats.setdefault(workload, {})[tool] = st
+
+    def count_gets(self, tool: str) -> None:
+        """Untimed pass: the random reads again on a fresh mount through the counting proxy."""
+        assert self.ctx is not None and self.proxy is not None
+        budget = Budget(self.sizes.timeout)
+        m = self.new_mount(tool, "randread", self.proxy.endpoint, "-count")
+        hung = False
+        try:
+            self.start(m)
+            self.proxy.reset()
+            out = w_randread(self.ctx, m, budget, lambda *a, **k: None, metric="")
+            self.proxy.wait_idle(timeout=5, settle=0.5)
+            note = (
+                f"{self.proxy.bytes_out / MB:.1f} MB downloaded, {self.proxy.total} "
+                f"requests in all (through the counting proxy)"
+            )
+            self.rec(tool, "randread_gets", self.proxy.counts["GetObject"], out["status"], note)
+        except StepTimeout as e:
+            hung = True
+            self.rec(tool, "randread_gets", None, "timeout", str(e))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            self.rec(tool, "randread_gets", None, "error", describe_failure(e))
+        finally:
+            self.stop(m, hung)
+
+    def run_raw(self) -> None:
+        assert self.ctx is not None
+        budget = Budget(self.sizes.timeout)
+
+        def rec(metric: str, value: float | None, status: str = "ok", note: str = "") -> None:
+            self.rec("native", metric, value, status, note)
+
+        try:
+            w_raw(self.ctx, self.ctx.buckets["native"], budget, rec)
+        except StepTimeout as e:
+            self.mark_rest("raw", "native", "timeout", str(e))
+        except Exception as e:
+            self.mark_rest("raw", "native", "error", describe_failure(e))
+
+    def progress(self, workload: str, tool: str) -> None:
+        parts = []
+        for m in self.metrics:
+            if m.workload == workload and tool in self.results.get(m.key, {}):
+                parts.append(f"{m.key}={report.cell(self.results[m.key][tool])}")
+        st = self.stats.get(workload, {}).get(tool)
+        if st and "cpu_s" in st:
+            parts.append(f"cpu={st['cpu_s']}s hwm={st['hwm_mib']:.0f}MiB")
+        _say(self.t0, f"{workload:<10} {tool:<8} " + " ".join(parts))
+
+    def run_all(self) -> None:
+        for workload in self.args.wl:
+            self.load[workload] = list(os.getloadavg())
+            if workload == "raw":
+                self.run_raw()
+                self.progress(workload, "native")
+                continue
+            for tool in self.args.tools:
+                self.run_workload(workload, tool)
+                self.progress(workload, tool)
+            if workload == "randread" and self.proxy is not None:
+                for tool in self.args.tools:
+                    if tool in self.args.count:
+                        self.count_gets(tool)
+                        self.progress(workload, tool)
+
+    def meta(self) -> dict:
+        return {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "mode": "quick" if self.args.quick else "full",
+            "host": {
+                "kernel": platform.release(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+            },
+            "versions": {
+                "fbmount": _version([sys.executable, "-m", "fbmount", "--version"]),
+                "s3fs": _version(["s3fs", "--version"]),
+                "rclone": _version(["rclone", "version"]),
+                "weed": _version([find_weed(), "version"]),
+            },
+            "sizes": dataclasses.asdict(self.sizes),
+            "loadavg_before_each_workload": self.load,
+            "elapsed_s": round(time.monotonic() - self.t0, 1),
+            "mount_commands": self.mount_commands(),
+        }
+
+    def mount_commands(self) -> dict[str, list[str]]:
+        out = {}
+        if self.ctx is None:
+            return out
+        for tool in self.args.tools:
+            for mode in ("read", "write"):
+                wl = "rsync" if mode == "write" else "seqread"
+                argv = self.new_mount(tool, wl, self.ctx.endpoint).argv()
+                out[f"{tool} ({mode})"] = argv
+        return out
+
+    def write_report(self) -> str:
+        tools = list(self.args.tools) + (["native"] if "raw" in self.args.wl else [])
+        text = report.table(self.metrics, self.results, self.stats, tools)
+        load = ", ".join(f"{w} {v[0]:.1f}" for w, v in self.load.items())
+        text += f"\n1-min load average when each workload started (2 cores): {load}"
+        extra = report.notes(self.metrics, self.results)
+        out: Path = self.args.out
+        out.mkdir(parents=True, exist_ok=True)
+        stem = "bench-quick" if self.args.quick else "bench-full"
+        meta = self.meta()
+        payload = {
+            "meta": meta,
+            "metrics": [dataclasses.asdict(m) for m in self.metrics],
+            "results": self.results,
+            "fs_daemon_stats": self.stats,
+            "table": text,
+        }
+        report.save_json(out / f"{stem}.json", payload)
+        (out / f"{stem}.txt").write_text(text + ("\n\nnotes:\n" + extra if extra else "") + "\n")
+        err = report.save_png(
+            out / f"{stem}.png",
+            self.metrics,
+            self.results,
+            tools,
+            f"fbmount benchmark ({meta['mode']}, {meta['date']}, SeaweedFS on loopback, 2 cores)",
+        )
+        if err:
+            _say(self.t0, err)
+        _say(self.t0, f"wrote {out / stem}.json/.txt/.png")
+        return text + ("\n\nnotes:\n" + extra if extra else "")
+
+    def cleanup(self) -> None:
+        for m in list(self.live):
+            with contextlib.suppress(Exception):
+                self.stop(m, hung=True)
+        if self.proxy is not None:
+            with contextlib.suppress(Exception):
+                self.proxy.close()
+        with contextlib.suppress(Exception):
+            self.server.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            _say(self.t0, f"kept {self.tmp}")
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    for binary in ("s3fs" if "s3fs" in args.tools else None, "rclone", "fusermount3", "rsync"):
+        if binary and shutil.which(binary) is None:
+            print(f"bench: {binary} not found on PATH", file=sys.stderr)
+            return 1
+    if os.geteuid() != 0:
+        print(
+            "bench: not root: cannot drop the page cache; 'cold' reads may be warm", file=sys.stderr
+        )
+    signal.signal(signal.SIGTERM, _sigterm)
+    runner = Runner(args)
+    _say(
+        runner.t0,
+        f"scratch {runner.tmp}; tools {args.tools}; workloads {args.wl}; "
+        f"timeout {runner.sizes.timeout:.0f} s per workload and tool",
+    )
+    try:
+        runner.setup()
+        _say(runner.t0, f"SeaweedFS at {runner.server.endpoint}")
+        runner.run_all()
+        text = runner.write_report()
+        print(text)
+        return 0
+    except KeyboardInterrupt:
+        _say(runner.t0, "interrupted; cleaning up")
+        return 130
+    finally:
+        runner.cleanup()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -81,7 +81,7 @@ class RemoteReader:
         if not sequential:
             self.streak = 0
             self.window = 1
-            return await self.store.get_range(self.key, off, end, self.etag)
+            return bytes(await self.store.get_range(self.key, off, end, self.etag))
         self.streak += 1
         first, last = off // self.chunk, (end - 1) // self.chunk
         if self.streak > 1 and self.window < self.max_window and off % self.chunk < size:
@@ -98,8 +98,9 @@ class RemoteReader:
                 self._drop(idx)
                 raise chunk.error
             base = idx * self.chunk
-            parts.append(chunk.data[max(off, base) - base : min(end, base + self.chunk) - base])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            view = memoryview(chunk.data)
+            parts.append(view[max(off, base) - base : min(end, base + self.chunk) - base])
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     def _prefetch(self, first: int, last: int, needed: bool) -> None:
         last = min(last, (self.size - 1) // self.chunk)

@@ -42,6 +42,7 @@ from botocore.exceptions import (
 from fbmount.bridge import AsyncioThread
 from fbmount.credentials import Credentials
 from fbmount.errors import S3_CODE_ERRNO, CopyNotSupported, FsError, PreconditionFailed
+from fbmount.rangeget import RangeGetter
 
 log = logging.getLogger("fbmount.s3")
 
@@ -143,6 +144,8 @@ class S3Store:
         self._client: Any = None
         self._client_cm: Any = None
         self._http: aiohttp.ClientSession | None = None
+        self._ranges: RangeGetter | None = None  # thread-side ranged GETs (rangeget.py)
+        self._range_threads = trio.CapacityLimiter(max(8, pool_size // 2))
         self._settings = dict(
             endpoint=endpoint, region=region, credentials=credentials, profile=profile,
             ca_bundle=ca_bundle, pool_size=pool_size, retries=retries,
@@ -188,7 +191,8 @@ class S3Store:
         self._client_cm = session.create_client("s3", **kwargs)
         self._client = await self._client_cm.__aenter__()
         self._client.meta.events.register("before-send.s3", _drop_expect_header)
-        if creds is not None and creds.access_key:  # lean listing needs signed URLs
+        if creds is not None and creds.access_key:  # pre-signed URLs need keys
+            self._ranges = RangeGetter(s["endpoint"], s["ca_bundle"] or None)
             ctx = ssl.create_default_context(cafile=s["ca_bundle"] or None)
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=16, ssl=ctx),
@@ -197,6 +201,8 @@ class S3Store:
             )
 
     def close(self) -> None:
+        if self._ranges is not None:
+            self._ranges.close()
         if self._http is not None:
             http, self._http = self._http, None
             with contextlib.suppress(Exception):
@@ -256,6 +262,37 @@ class S3Store:
 
     async def get_range(self, key: str, start: int, end: int, etag: str | None = None) -> bytes:
         """Bytes [start, end) of an object, verified for length; If-Match pins the version."""
+        if self._ranges is not None:
+            return await self._fast_get_range(key, start, end, etag)
+        return await self._botocore_get_range(key, start, end, etag)
+
+    async def _fast_get_range(self, key: str, start: int, end: int, etag: str | None) -> bytes:
+        """rangeget.py: the body is read in a worker thread with the GIL released."""
+        assert self._ranges is not None
+        self.requests["GetObject"] += 1
+        await self.rate.acquire()
+        try:
+            with trio.fail_after(self.timeout):
+                url = await self._thread.run(
+                    self._client.generate_presigned_url, "get_object",
+                    Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=900,
+                )
+                data = await trio.to_thread.run_sync(
+                    self._ranges.get, url, start, end, etag, key,
+                    cancellable=True, limiter=self._range_threads,
+                )
+        except trio.TooSlowError:
+            self.errors["GetObject"] += 1
+            raise FsError(errno.ETIMEDOUT, f"GET {key}: no answer within {self.timeout:g}s"
+                          ) from None
+        except FsError:
+            self.errors["GetObject"] += 1
+            raise
+        self.bytes_down += len(data)
+        return data  # a bytearray: callers slice it into bytes
+
+    async def _botocore_get_range(self, key: str, start: int, end: int,
+                                  etag: str | None) -> bytes:
 
         async def go() -> bytes:
             want = end - start
@@ -274,7 +311,10 @@ class S3Store:
                     if code in ("PreconditionFailed", "412"):
                         raise PreconditionFailed(key) from None
                     raise
-                except (IncompleteReadError, ResponseStreamingError, ConnectionClosedError) as e:
+                # aiohttp reports a body closed before its Content-Length as
+                # ClientPayloadError, which aiobotocore passes through unwrapped.
+                except (IncompleteReadError, ResponseStreamingError, ConnectionClosedError,
+                        aiohttp.ClientPayloadError) as e:
                     if attempt == BODY_RETRIES - 1:
                         raise FsError(errno.EIO, f"GET {key}: body cut short: {e}") from None
                     continue

@@ -102,11 +102,11 @@ async def stream_copy(store: S3Store, src: str, dst: str, size: int, etag: str |
                       parallel: int) -> str:
     """Copy an object without CopyObject: ranged GETs into PUT/UploadPart, bounded memory."""
     if size <= part_size:
-        body = await store.get_range(src, 0, size, etag) if size else b""
+        body = bytes(await store.get_range(src, 0, size, etag)) if size else b""
         return await store.put(dst, body, headers, content_type)
 
     async def read_part(offset: int, length: int) -> bytes:
-        return await store.get_range(src, offset, offset + length, etag)
+        return bytes(await store.get_range(src, offset, offset + length, etag))
 
     return await multipart_upload(store, dst, size, part_size, headers, content_type,
                                   read_part, trio.CapacityLimiter(parallel))

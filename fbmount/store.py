@@ -41,8 +41,8 @@ from botocore.exceptions import (
 
 from fbmount.bridge import AsyncioThread
 from fbmount.credentials import Credentials
+from fbmount.dataplane import DataPlane
 from fbmount.errors import S3_CODE_ERRNO, CopyNotSupported, FsError, PreconditionFailed
-from fbmount.rangeget import RangeGetter
 
 log = logging.getLogger("fbmount.s3")
 
@@ -144,7 +144,7 @@ class S3Store:
         self._client: Any = None
         self._client_cm: Any = None
         self._http: aiohttp.ClientSession | None = None
-        self._ranges: RangeGetter | None = None  # thread-side ranged GETs (rangeget.py)
+        self._ranges: DataPlane | None = None  # thread-side GETs and part PUTs
         self._range_threads = trio.CapacityLimiter(max(8, pool_size // 2))
         self._settings = dict(
             endpoint=endpoint, region=region, credentials=credentials, profile=profile,
@@ -192,7 +192,7 @@ class S3Store:
         self._client = await self._client_cm.__aenter__()
         self._client.meta.events.register("before-send.s3", _drop_expect_header)
         if creds is not None and creds.access_key:  # pre-signed URLs need keys
-            self._ranges = RangeGetter(s["endpoint"], s["ca_bundle"] or None)
+            self._ranges = DataPlane(s["endpoint"], s["ca_bundle"] or None)
             ctx = ssl.create_default_context(cafile=s["ca_bundle"] or None)
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=16, ssl=ctx),
@@ -267,7 +267,7 @@ class S3Store:
         return await self._botocore_get_range(key, start, end, etag)
 
     async def _fast_get_range(self, key: str, start: int, end: int, etag: str | None) -> bytes:
-        """rangeget.py: the body is read in a worker thread with the GIL released."""
+        """dataplane.py: the body is read in a worker thread with the GIL released."""
         assert self._ranges is not None
         self.requests["GetObject"] += 1
         await self.rate.acquire()
@@ -355,6 +355,35 @@ class S3Store:
 
         return await self._call("PutObject", f"PUT {key}", go)
 
+    async def _fast_upload_part(self, key: str, upload_id: str, number: int,
+                                body: bytes) -> str:
+        """dataplane.py: one buffer, MD5 and send in a worker thread with the GIL released."""
+        assert self._ranges is not None
+        what = f"part {number} of {key}"
+        self.requests["UploadPart"] += 1
+        await self.rate.acquire()
+        try:
+            with trio.fail_after(self.timeout):
+                url = await self._thread.run(
+                    self._client.generate_presigned_url, "upload_part",
+                    Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id,
+                            "PartNumber": number},
+                    ExpiresIn=900,
+                )
+                etag = await trio.to_thread.run_sync(
+                    self._ranges.put, url, body, what, cancellable=True,
+                    limiter=self._range_threads,
+                )
+        except trio.TooSlowError:
+            self.errors["UploadPart"] += 1
+            raise FsError(errno.ETIMEDOUT, f"{what}: no answer within {self.timeout:g}s"
+                          ) from None
+        except FsError:
+            self.errors["UploadPart"] += 1
+            raise
+        self.bytes_up += len(body)
+        return etag
+
     async def create_multipart(self, key: str, metadata: dict[str, str], content_type: str) -> str:
         async def go() -> str:
             r = await self._client.create_multipart_upload(
@@ -365,6 +394,9 @@ class S3Store:
         return await self._call("CreateMultipartUpload", f"multipart {key}", go)
 
     async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
+        if self._ranges is not None:
+            return await self._fast_upload_part(key, upload_id, number, body)
+
         async def go() -> str:
             r = await self._client.upload_part(
                 Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body,

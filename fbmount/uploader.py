@@ -3,7 +3,7 @@
 One upload per file at a time (Staged.lock); a file changed during its upload stays dirty
 and goes up again. Small files are one PutObject, larger ones a multipart upload whose
 parts are read from the staged file; one limiter shared by all uploads bounds the bodies
-in memory (2 x --parallel x part size). A failed multipart upload is aborted, never
+in memory ((--parallel + 2) x part size). A failed multipart upload is aborted, never
 left behind; the staged file stays on disk and is retried with backoff.
 """
 
@@ -119,7 +119,7 @@ class WriteBack:
         self.fs = fs
         self._wake = trio.Event()
         self.limiter = trio.CapacityLimiter(max(4, fs.cfg.parallel * 2))  # files at once
-        self.bodies = trio.CapacityLimiter(max(4, fs.cfg.parallel * 2))  # bodies in memory
+        self.bodies = trio.CapacityLimiter(fs.cfg.parallel + 2)  # part bodies in memory
         self.uploads_done = 0
         self.in_flight: dict[str, Staged] = {}  # uploads running now (for status)
         self.queued: set[str] = set()  # ids handed to a background upload task
@@ -141,9 +141,13 @@ class WriteBack:
         if len(self.pending_deletes) >= 1000:
             self.kick()
 
-    def cancel_delete(self, key: str) -> None:
-        """The key is being created again: its queued delete must not land after the PUT."""
+    def cancel_delete(self, key: str) -> bool:
+        """The key is being created again: its queued delete must not land after the PUT.
+
+        Returns True when a delete was pending: the old object is then still in S3."""
+        pending = key in self.pending_deletes
         self.pending_deletes.discard(key)
+        return pending
 
     def is_deleted(self, key: str) -> bool:
         return key in self.pending_deletes or key in self.deleting

@@ -41,7 +41,11 @@ def setup_logging(cfg: Config, daemon: bool) -> None:
         handler: logging.Handler = logging.handlers.SysLogHandler("/dev/log")
         handler.setFormatter(logging.Formatter("fbmount[%(process)d]: %(message)s"))
     elif daemon:
-        cfg.state_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        old_umask = os.umask(0o077)  # parents too (e.g. a --local DIR holding the data): 0700
+        try:
+            cfg.state_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        finally:
+            os.umask(old_umask)
         handler = logging.FileHandler(cfg.state_dir() / "fbmount.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     else:
@@ -80,6 +84,8 @@ def stat_is_dir(mode: int) -> bool:
 
 def lock_state_dir(state_dir: Path) -> int:
     """One mount per cache directory: staged files must have exactly one uploader."""
+    # A --cache-dir we create is private too (mkdir's mode only applies to the last part).
+    state_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state_dir, 0o700)
     fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -191,7 +197,7 @@ class Daemon:
         creds = credentials.read_passwd_file(keys_path, None)
         server = LocalS3Server(cfg.local_dir / "seaweedfs",
                                identities={creds.access_key: creds.secret_key},
-                               stop_timeout=5)
+                               stop_timeout=5, die_with_parent=True)  # kill -9: no orphan
         try:
             server.start()
         except (LocalServerError, OSError) as e:
@@ -218,6 +224,7 @@ class Daemon:
     async def recover(self) -> None:
         """Upload what a crashed earlier run left staged, before serving anything."""
         assert self.fs is not None
+        await self.fs.eager.abort_leftovers()
         found = self.fs.staging.recover()
         if not found:
             return
@@ -240,7 +247,17 @@ class Daemon:
             raise StartupError(f"cannot mount {cfg.mountpoint}: {e} (is /dev/fuse usable and "
                                "fusermount3 installed?)") from None
         log.info("mounted %s at %s (endpoint %s)", cfg.source, cfg.mountpoint, cfg.endpoint)
-        unmounted = False
+        closed = False
+
+        def close_fuse() -> None:
+            nonlocal closed
+            if not closed:
+                closed = True
+                try:
+                    pyfuse3.close(unmount=True)
+                except Exception as e:  # noqa: BLE001 - report and go on flushing
+                    log.error("unmount failed: %s", e)
+
         try:
             async with trio.open_nursery() as nursery:
                 fs.nursery = nursery
@@ -250,13 +267,18 @@ class Daemon:
                 await nursery.start(control.serve, self)
                 nursery.start_soon(self._sample_throughput)
                 await pyfuse3.main(min_tasks=4, max_tasks=128)
+                close_fuse()
+                # Background work (streamed parts, uploads in flight) keeps running while
+                # everything staged is flushed; only then is the nursery cancelled.
+                await self._final_flush()
                 nursery.cancel_scope.cancel()
         finally:
-            try:
-                pyfuse3.close(unmount=True)
-                unmounted = True
-            except Exception as e:  # noqa: BLE001
-                log.error("unmount failed: %s", e)
+            close_fuse()
+        log.info("unmounted %s", cfg.mountpoint)
+
+    async def _final_flush(self) -> None:
+        fs, cfg = self.fs, self.cfg
+        assert fs is not None
         notify.stopping("flushing staged uploads")
         pending = [s for s in fs.staging.entries.values() if s.dirty]
         if pending:
@@ -269,7 +291,8 @@ class Daemon:
         if failed:
             log.error("%d file(s) could not be uploaded; they stay in %s and the next mount "
                       "of this bucket uploads them", len(failed), fs.staging.root)
-        log.info("unmounted %s%s", cfg.mountpoint, "" if unmounted else " (unmount failed)")
+            for staged in failed:  # README: what is not uploaded is named in the log
+                log.error("not uploaded: %s", staged.key)
 
     async def _sample_throughput(self) -> None:
         assert self.store is not None

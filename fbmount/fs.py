@@ -24,6 +24,7 @@ import trio
 
 from fbmount import format as fmt
 from fbmount.config import Config
+from fbmount.eager import EagerUploads
 from fbmount.errors import CopyNotSupported, FsError
 from fbmount.metaindex import MetaIndex
 from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node
@@ -100,6 +101,7 @@ class Filesystem(pyfuse3.Operations):
         )
         self.nursery: trio.Nursery | None = None
         self.uploader = WriteBack(self)
+        self.eager = EagerUploads(self)
         self.copy_probe = trio.Lock()  # --copy auto: one CopyObject probes, the rest wait
 
     # ===== helpers ======================================================================
@@ -384,6 +386,7 @@ class Filesystem(pyfuse3.Operations):
             if node.kind is not Kind.FILE:
                 raise FsError(errno.EISDIR if node.kind is Kind.DIR else errno.EINVAL)
             staged = await self.ensure_data(node, keep=attr.st_size)
+            self.eager.abandon(staged, "truncated")
             await trio.to_thread.run_sync(os.ftruncate, self.staging.open_fd(staged), attr.st_size)
             node.size = attr.st_size
             node.mtime_ns = node.ctime_ns = now
@@ -402,6 +405,8 @@ class Filesystem(pyfuse3.Operations):
         if fields.update_mtime:
             node.mtime_ns = attr.st_mtime_ns
             meta_changed = True
+            if node.staged is not None:
+                node.staged.times_set = True
         if fields.update_atime:
             node.atime_ns = attr.st_atime_ns
             meta_changed = True
@@ -451,10 +456,13 @@ class Filesystem(pyfuse3.Operations):
             clean = True
         else:
             async with staged.lock:
+                if node.staged is not staged:  # its upload finished while we waited
+                    return await self.ensure_data(node, keep)
                 self.staging.add_data(staged)
             clean = False  # a metadata change is still pending
         want = node.size if keep is None else min(keep, node.size)
         if node.remote and want > 0:
+            staged.seq_end = -1  # existing bytes: not a fresh front-to-back write
             try:
                 await self._download(key, node.etag, want, staged.fd)
             except BaseException:
@@ -481,6 +489,7 @@ class Filesystem(pyfuse3.Operations):
         if staged is None:
             return
         staged.discarded = True
+        self.eager.abandon(staged, "unlinked")
         if node.opens == 0:
             self.staging.remove(staged)
             node.staged = None
@@ -551,7 +560,8 @@ class Filesystem(pyfuse3.Operations):
         staged = self.staging.new(self.ns.key(node))
         staged.node, node.staged = node, staged
         staged.touch()
-        self.uploader.cancel_delete(staged.key)
+        if self.uploader.cancel_delete(staged.key):
+            node.remote = True  # the old object stays until the upload replaces it
         # No journal record yet: it is written (durably) at close; a crash before close
         # drops the bytes, which nothing had acknowledged as stored.
         listing = self.ns.listings.get(parent.ino)
@@ -603,6 +613,7 @@ class Filesystem(pyfuse3.Operations):
             node.size = end
         node.mtime_ns = node.ctime_ns = time.time_ns()
         staged.touch()
+        self.eager.wrote(staged, node.name, off, end)
         return written
 
     @fuse_errors
@@ -852,15 +863,21 @@ class Filesystem(pyfuse3.Operations):
         dst_remote = dst is not None and dst.remote
         if dst is not None and dst.staged is not None:
             async with dst.staged.lock:
+                # Read it under the lock: an upload of dst in flight makes the key exist.
+                dst_remote = dst.remote
                 self.discard(dst)
         staged = src.staged
         if staged is not None and staged.has_data:
-            async with staged.lock:  # waits for an upload in flight
+            async with staged.lock:  # wait for an upload in flight: once it is done it may
+                pass  # have released the staged copy (then the object is in S3: copy it)
+            staged = src.staged  # (re-acquired below without a checkpoint in between)
+        if staged is not None and staged.has_data:
+            async with staged.lock:
                 if src.remote:
                     await self.store.delete(old_key)
                 staged.key = new_key
-                self.uploader.cancel_delete(new_key)
-                src.remote = dst_remote
+                # A cancelled delete leaves the old object there: unlink must remove it.
+                src.remote = self.uploader.cancel_delete(new_key) or dst_remote
                 self.ns.move(src, new_parent, new_name)
                 staged.touch()
                 await self.journal_durable(staged)
@@ -923,6 +940,8 @@ class Filesystem(pyfuse3.Operations):
         async with contextlib.AsyncExitStack() as stack:
             for n in staged_nodes:
                 await stack.enter_async_context(n.staged.lock)
+            # Uploads that finished while we waited released their staged copies.
+            staged_nodes = [n for n in staged_nodes if n.staged is not None]
             local_only = {self.ns.key(n) for n in staged_nodes
                           if n.staged.has_data and not n.staged.discarded}
             page = await self.store.list_all(old_prefix, delimiter=None)

@@ -48,6 +48,9 @@ class Staged:
     in_flight_bytes: int = 0
     node: Any = None  # the namespace Node this belongs to (None during recovery)
     record: dict = field(default_factory=dict)  # last journal record (key, headers, type)
+    eager: Any = None  # eager.Stream: parts already going up while the file is written
+    seq_end: int = 0  # written front to back up to here; -1 once not (or not new content)
+    times_set: bool = False  # utime/touch set times explicitly (a stream then needs a copy)
 
     @property
     def dirty(self) -> bool:

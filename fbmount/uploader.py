@@ -269,7 +269,12 @@ class WriteBack:
                 staged.in_flight_bytes += n
 
             try:
-                if staged.has_data:
+                streamed = None
+                if staged.has_data and staged.eager is not None:
+                    streamed = await self.fs.eager.finish(staged, key, headers, ctype)
+                if streamed is not None:
+                    etag, size, headers = streamed
+                elif staged.has_data:
                     etag, size = await upload_file(self.fs.store, key, staged.data_path,
                                                    headers, ctype, cfg.part_size, self.bodies,
                                                    progress)

@@ -1,0 +1,240 @@
+"""Streaming uploads: a large file written sequentially goes up while it is being written.
+
+Without this, `dd` or `cp` of a big file writes everything to the staging disk and only
+then uploads it, so the two phases add up. Here, once a new file has two full parts
+written front to back, a multipart upload starts and each further full part is sent in
+the background; close/fsync then only sends the tail and completes it.
+
+It is an optimisation that must never cost correctness:
+- a write below what was already sent, a truncate or an unlink abandons the stream (the
+  multipart upload is aborted) and the normal whole-file upload takes over;
+- if the file's key or metadata changed before the upload (rename, chmod, utime after
+  close), the finished object is copied server-side with the final key and metadata; so
+  streaming is used only while the server accepts CopyObject, and never for dot-files
+  (rsync's `.name.XXXXXX` temp files, always renamed at the end);
+- every stream is noted in `<id>.eager` in the staging directory, so a crash leaves no
+  multipart upload behind: the next mount aborts what the notes name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from fbmount.errors import CopyNotSupported, FsError
+from fbmount.staging import Staged
+
+if TYPE_CHECKING:
+    from fbmount.fs import Filesystem
+
+log = logging.getLogger("fbmount.eager")
+MAX_PARTS = 10_000
+
+
+@dataclass(eq=False)
+class Stream:
+    key: str
+    headers: dict[str, str]
+    content_type: str
+    part_size: int
+    upload_id: str | None = None
+    created: trio.Event = field(default_factory=trio.Event)
+    etags: dict[int, str] = field(default_factory=dict)
+    sent_end: int = 0  # bytes [0, sent_end) are handed to part uploads
+    running: int = 0
+    idle: trio.Event = field(default_factory=trio.Event)
+    failed: str | None = None
+
+
+TIME_KEYS = ("mtime", "ctime", "atime")
+
+
+def without_times(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k not in TIME_KEYS}
+
+
+class EagerUploads:
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+
+    # ----- called synchronously from fs.write / setattr / discard ---------------------
+    def wrote(self, staged: Staged, name: str, off: int, end: int) -> None:
+        stream: Stream | None = staged.eager
+        if stream is not None and off < stream.sent_end:
+            self.abandon(staged, "rewritten below what was already sent")
+            return
+        if staged.seq_end < 0:
+            return
+        if off != staged.seq_end:
+            staged.seq_end = -1  # not front to back: send no more parts, finish normally
+            return
+        staged.seq_end = end
+        part = self.fs.cfg.part_size
+        if stream is None:
+            if (end < 2 * part or name.startswith(".")
+                    or self.fs.store.copy_supported is False or self.fs.nursery is None):
+                return
+            headers, ctype = self.fs.headers_for(staged.node)
+            stream = staged.eager = Stream(staged.key, without_times(headers), ctype, part)
+            self.fs.nursery.start_soon(self._create, staged, stream)
+        while staged.seq_end - stream.sent_end >= part:
+            number = stream.sent_end // part + 1
+            if number >= MAX_PARTS:
+                self.abandon(staged, "too many parts for a stream")
+                return
+            stream.running += 1
+            self.fs.nursery.start_soon(self._send, staged, stream, number, stream.sent_end)
+            stream.sent_end += part
+
+    def abandon(self, staged: Staged, why: str) -> None:
+        stream = staged.eager
+        staged.eager = None
+        staged.seq_end = -1
+        if stream is not None and self.fs.nursery is not None:
+            stream.failed = why
+            log.debug("stream of %s abandoned: %s", staged.key, why)
+            self.fs.nursery.start_soon(self._abort, staged, stream)
+
+    # ----- background work ------------------------------------------------------------
+    async def _create(self, staged: Staged, stream: Stream) -> None:
+        try:
+            stream.upload_id = await self.fs.store.create_multipart(
+                stream.key, stream.headers, stream.content_type
+            )
+            self._note(staged, stream)
+        except FsError as e:
+            stream.failed = e.message
+        finally:
+            stream.created.set()
+
+    async def _send(self, staged: Staged, stream: Stream, number: int, offset: int) -> None:
+        sent = False
+        try:
+            await stream.created.wait()
+            if stream.failed or stream.upload_id is None:
+                return
+            async with self.fs.uploader.bodies:
+                fd = os.open(staged.data_path, os.O_RDONLY)
+                try:
+                    body = await trio.to_thread.run_sync(os.pread, fd, stream.part_size, offset)
+                finally:
+                    os.close(fd)
+                stream.etags[number] = await self.fs.store.upload_part(
+                    stream.key, stream.upload_id, number, body
+                )
+                staged.in_flight_bytes += len(body)
+                sent = True
+        except (FsError, OSError) as e:
+            stream.failed = getattr(e, "message", str(e))
+        finally:
+            if not sent and not stream.failed:
+                stream.failed = f"part {number} not sent"  # cancelled (unmount) or skipped
+            stream.running -= 1
+            if stream.running == 0:
+                stream.idle.set()
+                stream.idle = trio.Event()
+
+    async def _wait_idle(self, stream: Stream) -> None:
+        while stream.running:
+            await stream.idle.wait()
+
+    async def _abort(self, staged: Staged, stream: Stream) -> None:
+        await stream.created.wait()
+        await self._wait_idle(stream)
+        if stream.upload_id is not None:
+            try:
+                await self.fs.store.abort_multipart(stream.key, stream.upload_id)
+            except FsError as e:
+                log.error("could not abort the stream of %s: %s", stream.key, e.message)
+                return  # the note stays: the next mount aborts it
+        self._unnote(staged)
+
+    # ----- the upload ---------------------------------------------------------------------
+    async def finish(self, staged: Staged, key: str, headers: dict[str, str],
+                     content_type: str) -> tuple[str, int, dict[str, str]] | None:
+        """Complete the stream as the object `key`: (etag, size, headers stored).
+
+        None: upload the file normally. The stream's object carries no times: its
+        Last-Modified (the completion) stands for the mtime of a file written and closed,
+        unless times were set explicitly (utime), which takes a server-side copy.
+        """
+        stream = staged.eager
+        if stream is None:
+            return None
+        staged.eager = None
+        await stream.created.wait()
+        await self._wait_idle(stream)
+        size = os.stat(staged.data_path).st_size
+        complete = all(i in stream.etags for i in range(1, stream.sent_end // stream.part_size + 1))
+        if stream.failed or stream.upload_id is None or size < stream.sent_end or not complete:
+            await self._abort(staged, stream)
+            return None
+        store = self.fs.store
+        try:
+            number = len(stream.etags) + 1
+            offset = stream.sent_end
+            while offset < size:  # the tail, in part-size pieces (the last may be short)
+                fd = os.open(staged.data_path, os.O_RDONLY)
+                try:
+                    body = await trio.to_thread.run_sync(os.pread, fd, stream.part_size, offset)
+                finally:
+                    os.close(fd)
+                stream.etags[number] = await store.upload_part(stream.key, stream.upload_id,
+                                                               number, body)
+                number += 1
+                offset += len(body)
+            etags = [stream.etags[i] for i in range(1, number)]
+            etag = await store.complete_multipart(stream.key, stream.upload_id, etags)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._abort(staged, stream)
+            raise
+        self._unnote(staged)
+        if ((stream.key, stream.headers, stream.content_type)
+                == (key, without_times(headers), content_type) and not staged.times_set):
+            return etag, size, stream.headers
+        # Renamed or re-described after the stream began: one server-side copy fixes it.
+        try:
+            etag = await store.copy(stream.key, key, headers, content_type)
+        except CopyNotSupported:
+            if stream.key != key:
+                await self._drop_leftover(stream.key)
+            return None
+        if stream.key != key:
+            await self._drop_leftover(stream.key)
+        return etag, size, headers
+
+    async def _drop_leftover(self, key: str) -> None:
+        """Delete the object the stream finished under its old name, unless reused."""
+        if any(s.key == key for s in self.fs.staging.entries.values()):
+            return  # a new file of that name will overwrite it
+        try:
+            await self.fs.store.delete(key)
+        except FsError as e:
+            log.error("could not delete %s after its stream was renamed: %s", key, e.message)
+
+    # ----- crash notes --------------------------------------------------------------------
+    def _note(self, staged: Staged, stream: Stream) -> None:
+        path = self.fs.staging.root / f"{staged.id}.eager"
+        path.write_text(json.dumps({"key": stream.key, "upload_id": stream.upload_id}))
+        os.chmod(path, 0o600)
+
+    def _unnote(self, staged: Staged) -> None:
+        (self.fs.staging.root / f"{staged.id}.eager").unlink(missing_ok=True)
+
+    async def abort_leftovers(self) -> None:
+        """At mount: abort the multipart uploads that a crashed run left streaming."""
+        for path in self.fs.staging.root.glob("*.eager"):
+            try:
+                note = json.loads(path.read_text())
+                await self.fs.store.abort_multipart(note["key"], note["upload_id"])
+            except (ValueError, KeyError, OSError, FsError) as e:
+                log.error("could not abort a stream left by the last run (%s): %s", path.name,
+                          getattr(e, "message", e))
+                continue
+            path.unlink(missing_ok=True)

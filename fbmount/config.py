@@ -120,7 +120,9 @@ class Config:
     def state_dir(self) -> Path:
         """Per endpoint+bucket+prefix directory for staging and the metadata index."""
         base = self.cache_dir or default_cache_dir()
-        ident = f"{self.endpoint}|{self.bucket}|{self.prefix}"
+        # --local: the server's port may change between runs; its data dir does not.
+        where = f"local:{self.local_dir}" if self.local_dir is not None else self.endpoint
+        ident = f"{where}|{self.bucket}|{self.prefix}"
         digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
         safe_bucket = "".join(c for c in str(self.bucket) if c.isalnum() or c in "-_.")
         return base / f"{safe_bucket}-{digest}"

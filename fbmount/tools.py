@@ -68,15 +68,21 @@ def cmd_status(argv: list[str]) -> int:
         try:
             results.extend(control.request(path, "status"))
         except (ConnectionRefusedError, FileNotFoundError):
-            continue  # a mount that died: its socket is stale
+            path.unlink(missing_ok=True)  # a mount that died: its socket is stale
+            continue
         except OSError as e:
             print(f"fbmount: {path}: {e}", file=sys.stderr)
     if args.json:
         print(json.dumps(results if not args.mountpoint else (results or [{}])[0], indent=2))
         return 0 if results else 1
+    if not results and args.mountpoint:
+        print(f"fbmount: the mount at {args.mountpoint} is not running; if ls says "
+              f"'Transport endpoint is not connected', run: fusermount3 -uz {args.mountpoint}",
+              file=sys.stderr)
+        return 1
     if not results:
         print("no fbmount mounts running for this user")
-        return 1 if args.mountpoint else 0
+        return 0
     for st in results:
         print(format_status(st))
     return 0
@@ -213,7 +219,7 @@ def check_stale_mounts(rep: Report) -> None:
         if len(fields) > 2 and fields[2] == "fuse.fbmount":
             mnt = fields[1].replace("\\040", " ")
             try:
-                os.stat(mnt)
+                os.statvfs(mnt)  # stat() may answer from the kernel's attr cache
             except OSError as e:
                 if e.errno == errno.ENOTCONN:
                     stale.append(mnt)

@@ -24,41 +24,81 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every long option can also be given as -o name=value (fstab, systemd).",
     )
     p.add_argument("positional", nargs="+", metavar="BUCKET[:PREFIX] MOUNTPOINT")
-    p.add_argument("--local", type=Path, metavar="DIR",
-                   help="start a private S3 server (SeaweedFS) with its data in DIR and mount "
-                        "its bucket 'local' (needs the 'local' extra); stops with the mount")
+    p.add_argument(
+        "--local",
+        type=Path,
+        metavar="DIR",
+        help="start a private S3 server (SeaweedFS) with its data in DIR and mount "
+        "its bucket 'local' (needs the 'local' extra); stops with the mount",
+    )
     p.add_argument("--endpoint", help=f"S3 endpoint URL (default {DEFAULT_ENDPOINT})")
     p.add_argument("--region", help="SigV4 region (default us-east-1)")
     p.add_argument("--profile", help="AWS shared-credentials profile")
     p.add_argument("--passwd-file", type=Path, help="s3fs-style ACCESS:SECRET file (mode 0600)")
     p.add_argument("--ca-bundle", type=Path, help="PEM CA bundle to verify the endpoint with")
-    p.add_argument("-f", "--foreground", action="store_true", default=None,
-                   help="stay in the foreground (default: daemonize once mounted)")
+    p.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        default=None,
+        help="stay in the foreground (default: daemonize once mounted)",
+    )
     p.add_argument("--read-only", action="store_true", default=None)
     p.add_argument("--debug", action="store_true", default=None, help="log every request")
     p.add_argument("--cache-dir", type=Path, help="staging and metadata index directory")
-    p.add_argument("--upload-delay", type=float, metavar="SECS",
-                   help="upload a closed file after it has been left alone this long "
-                        "(default 2; 0 = upload at close)")
+    p.add_argument(
+        "--upload-delay",
+        type=float,
+        metavar="SECS",
+        help="upload a closed file after it has been left alone this long "
+        "(default 2; 0 = upload at close)",
+    )
     p.add_argument("--attr-ttl", type=float, metavar="SECS", help="attribute cache (default 10)")
     p.add_argument("--dir-ttl", type=float, metavar="SECS", help="listing cache (default 10)")
     p.add_argument("--part-size", metavar="MIB", help="multipart part size (default 8)")
     p.add_argument("--read-ahead", metavar="MIB", help="sequential read-ahead (default 64)")
-    p.add_argument("--memory-limit", metavar="MIB",
-                   help="read-ahead memory shared by all open files (default 256)")
+    p.add_argument(
+        "--memory-limit",
+        metavar="MIB",
+        help="read-ahead memory shared by all open files (default 256)",
+    )
     p.add_argument("--parallel", type=int, help="parallel part uploads/GETs per file (default 8)")
-    p.add_argument("--copy", choices=["auto", "yes", "no"],
-                   help="use server-side CopyObject (default auto: probe, then remember)")
-    p.add_argument("--provider", choices=["filebase", "aws", "minio", "seaweedfs", "other"],
-                   help="S3 service quirks (default: detected from the endpoint)")
-    p.add_argument("--max-rps", type=float, metavar="N",
-                   help="client-side limit of S3 requests per second (filebase: 100; 0 = none)")
-    p.add_argument("--flush-timeout", type=float, metavar="SECS",
-                   help="how long unmount/SIGTERM waits for staged uploads (default 600)")
-    p.add_argument("--url-expiry", type=float, metavar="SECS",
-                   help="lifetime of user.fbmount.url links (default 3600)")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
-                   help="mount options: allow_other, default_permissions, uid=, gid=, umask=, ro")
+    p.add_argument(
+        "--copy",
+        choices=["auto", "yes", "no"],
+        help="use server-side CopyObject (default auto: probe, then remember)",
+    )
+    p.add_argument(
+        "--provider",
+        choices=["filebase", "aws", "minio", "seaweedfs", "other"],
+        help="S3 service quirks (default: detected from the endpoint)",
+    )
+    p.add_argument(
+        "--max-rps",
+        type=float,
+        metavar="N",
+        help="client-side limit of S3 requests per second (filebase: 100; 0 = none)",
+    )
+    p.add_argument(
+        "--flush-timeout",
+        type=float,
+        metavar="SECS",
+        help="how long unmount/SIGTERM waits for staged uploads (default 600)",
+    )
+    p.add_argument(
+        "--url-expiry",
+        type=float,
+        metavar="SECS",
+        help="lifetime of user.fbmount.url links (default 3600)",
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTS",
+        help="mount options: allow_other, default_permissions, uid=, gid=, umask=, ro",
+    )
     p.add_argument("--version", action="version", version=f"fbmount {__version__}")
     return p
 
@@ -70,9 +110,26 @@ def config_from_args(argv: list[str]) -> Config:
         apply_o_options(values, args.options)
     except ValueError as e:  # e.g. -o uid=abc: one line, not a traceback
         raise StartupError(f"bad -o value: {e}") from None
-    for name in ("endpoint", "region", "profile", "passwd_file", "ca_bundle", "foreground",
-                 "read_only", "debug", "cache_dir", "upload_delay", "attr_ttl", "dir_ttl",
-                 "parallel", "copy", "url_expiry", "flush_timeout", "provider", "max_rps"):
+    for name in (
+        "endpoint",
+        "region",
+        "profile",
+        "passwd_file",
+        "ca_bundle",
+        "foreground",
+        "read_only",
+        "debug",
+        "cache_dir",
+        "upload_delay",
+        "attr_ttl",
+        "dir_ttl",
+        "parallel",
+        "copy",
+        "url_expiry",
+        "flush_timeout",
+        "provider",
+        "max_rps",
+    ):
         value = getattr(args, name)
         if value is not None:
             values[name] = value

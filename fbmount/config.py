@@ -48,11 +48,32 @@ def detect_provider(endpoint: str) -> str:
         return "aws"
     return "other"
 
+
 # Generic mount(8)/fstab options that mean nothing to fbmount: accepted, ignored.
 IGNORED_MOUNT_OPTIONS = {
-    "_netdev", "nofail", "noauto", "auto", "user", "users", "nouser", "dev", "nodev",
-    "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "norelatime",
-    "strictatime", "async", "sync", "defaults", "rw", "delay_connect",
+    "_netdev",
+    "nofail",
+    "noauto",
+    "auto",
+    "user",
+    "users",
+    "nouser",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "async",
+    "sync",
+    "defaults",
+    "rw",
+    "delay_connect",
 }
 
 
@@ -156,7 +177,11 @@ def apply_o_options(values: dict, opts: list[str]) -> None:
         for item in filter(None, (s.strip() for s in raw.split(","))):
             key, has_value, value = item.partition("=")
             key = key.replace("-", "_")
-            if item in IGNORED_MOUNT_OPTIONS or key.lower().startswith(("x-", "x_")) or key == "user":
+            if (
+                item in IGNORED_MOUNT_OPTIONS
+                or key.lower().startswith(("x-", "x_"))
+                or key == "user"
+            ):
                 continue
             if key == "comment":
                 continue
@@ -170,8 +195,15 @@ def apply_o_options(values: dict, opts: list[str]) -> None:
                 values["umask"] = int(value, 8)
             elif key in ("part_size", "read_ahead", "memory_limit"):
                 values[key] = parse_size_mib(value)
-            elif key in ("upload_delay", "attr_ttl", "dir_ttl", "timeout", "url_expiry", "max_rps",
-                         "flush_timeout"):
+            elif key in (
+                "upload_delay",
+                "attr_ttl",
+                "dir_ttl",
+                "timeout",
+                "url_expiry",
+                "max_rps",
+                "flush_timeout",
+            ):
                 values[key] = float(value)
             elif key in ("parallel", "retries"):
                 values[key] = int(value)

@@ -80,9 +80,14 @@ def status_of(daemon: Daemon) -> dict[str, Any]:
             for s in uploading.values()
         ],
         "failed": [
-            {"key": s.key, "error": s.last_error, "failures": s.failures,
-             "retry_in_s": round(max(0.0, s.retry_at - now), 1)}
-            for s in pending if s.last_error
+            {
+                "key": s.key,
+                "error": s.last_error,
+                "failures": s.failures,
+                "retry_in_s": round(max(0.0, s.retry_at - now), 1),
+            }
+            for s in pending
+            if s.last_error
         ],
         "uploads_done": fs.uploader.uploads_done,
         "pending_deletes": len(fs.uploader.pending_deletes) + len(fs.uploader.deleting),
@@ -144,8 +149,7 @@ async def _handle(daemon: Daemon, stream: trio.SocketStream) -> None:
                 await _sync(daemon, stream)
             else:
                 await _send(stream, {"error": f"unknown command {request.get('cmd')!r}"})
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                ValueError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError):
             pass
 
 
@@ -173,13 +177,15 @@ async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
         try:
             await fs.uploader.flush_deletes()
         except FsError as e:
-            failures.append({"key": f"{len(fs.uploader.pending_deletes)} deletion(s)",
-                             "error": e.message})
+            failures.append(
+                {"key": f"{len(fs.uploader.pending_deletes)} deletion(s)", "error": e.message}
+            )
         failed = await fs.uploader.flush(targets)
         nursery.cancel_scope.cancel()
     failures += [{"key": s.key, "error": s.last_error} for s in failed]
-    await _send(stream, {"result": "ok" if not failures else "failed", "total": total,
-                         "failed": failures})
+    await _send(
+        stream, {"result": "ok" if not failures else "failed", "total": total, "failed": failures}
+    )
 
 
 # ----- client side (plain blocking sockets: the CLI has no event loop) --------------------

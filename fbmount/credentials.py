@@ -49,7 +49,9 @@ def read_passwd_file(path: Path, bucket: str | None) -> Credentials:
     raise StartupError(f"password file {path} has no ACCESS:SECRET line")
 
 
-def resolve(passwd_file: Path | None, profile: str | None, bucket: str | None) -> Credentials | None:
+def resolve(
+    passwd_file: Path | None, profile: str | None, bucket: str | None
+) -> Credentials | None:
     """Explicit file first, then env, then s3fs's default files; None = botocore's own chain."""
     if passwd_file:
         return read_passwd_file(passwd_file, bucket)

@@ -146,9 +146,15 @@ class Daemon:
         state_dir = cfg.state_dir()
         self.lock_fd = lock_state_dir(state_dir)
         self.store = S3Store(
-            cfg.bucket, cfg.endpoint, cfg.region, creds, cfg.profile,
+            cfg.bucket,
+            cfg.endpoint,
+            cfg.region,
+            creds,
+            cfg.profile,
             str(cfg.ca_bundle) if cfg.ca_bundle else None,
-            pool_size=max(32, cfg.parallel * 4), retries=cfg.retries, timeout=cfg.timeout,
+            pool_size=max(32, cfg.parallel * 4),
+            retries=cfg.retries,
+            timeout=cfg.timeout,
             copy_mode=cfg.copy,
             addressing_style=PROVIDERS[cfg.provider].addressing_style,
             max_rps=cfg.max_rps or 0.0,
@@ -175,10 +181,12 @@ class Daemon:
         except trio.BrokenResourceError as e:
             raise StartupError(_tls_failure(self.cfg, e.__cause__)) from None
         except (OSError, trio.TooSlowError) as e:
-            reason = "no answer within 10 s" if isinstance(e, trio.TooSlowError) else (
-                e.strerror or str(e))
-            raise StartupError(f"cannot reach the endpoint {self.cfg.endpoint}: {reason}"
-                               ) from None
+            reason = (
+                "no answer within 10 s"
+                if isinstance(e, trio.TooSlowError)
+                else (e.strerror or str(e))
+            )
+            raise StartupError(f"cannot reach the endpoint {self.cfg.endpoint}: {reason}") from None
 
     def start_local_server(self) -> credentials.Credentials:
         """--local: a private SeaweedFS on loopback with its own keys, data kept in local_dir."""
@@ -195,9 +203,12 @@ class Daemon:
             os.write(fd, f"{secrets.token_hex(10)}:{secrets.token_hex(20)}\n".encode())
             os.close(fd)
         creds = credentials.read_passwd_file(keys_path, None)
-        server = LocalS3Server(cfg.local_dir / "seaweedfs",
-                               identities={creds.access_key: creds.secret_key},
-                               stop_timeout=5, die_with_parent=True)  # kill -9: no orphan
+        server = LocalS3Server(
+            cfg.local_dir / "seaweedfs",
+            identities={creds.access_key: creds.secret_key},
+            stop_timeout=5,
+            die_with_parent=True,
+        )  # kill -9: no orphan
         try:
             server.start()
         except (LocalServerError, OSError) as e:
@@ -212,7 +223,9 @@ class Daemon:
         await self._reachable()
         if self.local_server is not None:
             try:
-                await self.store.bucket_call("create_bucket", "create bucket", Bucket=self.cfg.bucket)
+                await self.store.bucket_call(
+                    "create_bucket", "create bucket", Bucket=self.cfg.bucket
+                )
             except FsError as e:
                 if e.errno != errno.EEXIST:
                     raise StartupError(f"cannot create the local bucket: {e.message}") from None
@@ -231,8 +244,11 @@ class Daemon:
         log.info("recovering %d staged file(s) from an earlier run", len(found))
         failed = await self.fs.uploader.drain()
         if failed:
-            log.error("%d recovered file(s) could not be uploaded yet; kept in %s",
-                      len(failed), self.fs.staging.root)
+            log.error(
+                "%d recovered file(s) could not be uploaded yet; kept in %s",
+                len(failed),
+                self.fs.staging.root,
+            )
             for staged in failed:  # not part of this mount's view; next mount retries
                 self.fs.staging.entries.pop(staged.id, None)
 
@@ -244,8 +260,10 @@ class Daemon:
         try:
             pyfuse3.init(fs, str(cfg.mountpoint), fuse_options(cfg))
         except RuntimeError as e:
-            raise StartupError(f"cannot mount {cfg.mountpoint}: {e} (is /dev/fuse usable and "
-                               "fusermount3 installed?)") from None
+            raise StartupError(
+                f"cannot mount {cfg.mountpoint}: {e} (is /dev/fuse usable and "
+                "fusermount3 installed?)"
+            ) from None
         log.info("mounted %s at %s (endpoint %s)", cfg.source, cfg.mountpoint, cfg.endpoint)
         closed = False
 
@@ -289,8 +307,12 @@ class Daemon:
             nursery.cancel_scope.cancel()
         self.failed_uploads = len(failed)
         if failed:
-            log.error("%d file(s) could not be uploaded; they stay in %s and the next mount "
-                      "of this bucket uploads them", len(failed), fs.staging.root)
+            log.error(
+                "%d file(s) could not be uploaded; they stay in %s and the next mount "
+                "of this bucket uploads them",
+                len(failed),
+                fs.staging.root,
+            )
             for staged in failed:  # README: what is not uploaded is named in the log
                 log.error("not uploaded: %s", staged.key)
 
@@ -347,8 +369,7 @@ def _tls_failure(cfg: Config, cause: BaseException | None) -> str:
             else "pass --ca-bundle CA.pem if the endpoint uses a private CA"
         )
         return (
-            f"the TLS certificate of {cfg.endpoint} does not verify "
-            f"({cause.verify_message}); {fix}"
+            f"the TLS certificate of {cfg.endpoint} does not verify ({cause.verify_message}); {fix}"
         )
     reason = getattr(cause, "reason", None) or cause or "connection closed"
     return (
@@ -425,8 +446,11 @@ def _wait_for_child(read_fd: int, pid: int) -> int:
         print(f"fbmount: {line[4:]}", file=sys.stderr)
     else:
         _, status = os.waitpid(pid, 0)
-        print("fbmount: the mount process exited before the mount was ready "
-              f"(status {status}); run with -f --debug to see why", file=sys.stderr)
+        print(
+            "fbmount: the mount process exited before the mount was ready "
+            f"(status {status}); run with -f --debug to see why",
+            file=sys.stderr,
+        )
     return 1
 
 

@@ -48,8 +48,9 @@ class DataPlane:
             if self._idle:
                 return self._idle.pop()
         if self.https:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                               context=self.ssl_context)
+            return http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.timeout, context=self.ssl_context
+            )
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
     def _give_back(self, conn: http.client.HTTPConnection) -> None:
@@ -146,8 +147,10 @@ class DataPlane:
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 if isinstance(e, ssl.SSLCertVerificationError):
-                    raise FsError(errno.EIO, f"GET {key}: TLS certificate does not verify"
-                                  ) from None
-                last_error = f"{type(e).__name__}: {e}" if not isinstance(
-                    e, socket.timeout) else "timed out"
+                    raise FsError(
+                        errno.EIO, f"GET {key}: TLS certificate does not verify"
+                    ) from None
+                last_error = (
+                    f"{type(e).__name__}: {e}" if not isinstance(e, socket.timeout) else "timed out"
+                )
         raise FsError(errno.EIO, f"GET {key}: {last_error} (after {RETRIES} attempts)")

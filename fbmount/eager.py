@@ -76,8 +76,12 @@ class EagerUploads:
         staged.seq_end = end
         part = self.fs.cfg.part_size
         if stream is None:
-            if (end < 2 * part or name.startswith(".")
-                    or self.fs.store.copy_supported is False or self.fs.nursery is None):
+            if (
+                end < 2 * part
+                or name.startswith(".")
+                or self.fs.store.copy_supported is False
+                or self.fs.nursery is None
+            ):
                 return
             headers, ctype = self.fs.headers_for(staged.node)
             stream = staged.eager = Stream(staged.key, without_times(headers), ctype, part)
@@ -155,8 +159,9 @@ class EagerUploads:
         self._unnote(staged)
 
     # ----- the upload ---------------------------------------------------------------------
-    async def finish(self, staged: Staged, key: str, headers: dict[str, str],
-                     content_type: str) -> tuple[str, int, dict[str, str]] | None:
+    async def finish(
+        self, staged: Staged, key: str, headers: dict[str, str], content_type: str
+    ) -> tuple[str, int, dict[str, str]] | None:
         """Complete the stream as the object `key`: (etag, size, headers stored).
 
         None: upload the file normally. The stream's object carries no times: its
@@ -184,8 +189,9 @@ class EagerUploads:
                     body = await trio.to_thread.run_sync(os.pread, fd, stream.part_size, offset)
                 finally:
                     os.close(fd)
-                stream.etags[number] = await store.upload_part(stream.key, stream.upload_id,
-                                                               number, body)
+                stream.etags[number] = await store.upload_part(
+                    stream.key, stream.upload_id, number, body
+                )
                 number += 1
                 offset += len(body)
             etags = [stream.etags[i] for i in range(1, number)]
@@ -195,8 +201,11 @@ class EagerUploads:
                 await self._abort(staged, stream)
             raise
         self._unnote(staged)
-        if ((stream.key, stream.headers, stream.content_type)
-                == (key, without_times(headers), content_type) and not staged.times_set):
+        if (stream.key, stream.headers, stream.content_type) == (
+            key,
+            without_times(headers),
+            content_type,
+        ) and not staged.times_set:
             return etag, size, stream.headers
         # Renamed or re-described after the stream began: one server-side copy fixes it.
         try:
@@ -234,7 +243,10 @@ class EagerUploads:
                 note = json.loads(path.read_text())
                 await self.fs.store.abort_multipart(note["key"], note["upload_id"])
             except (ValueError, KeyError, OSError, FsError) as e:
-                log.error("could not abort a stream left by the last run (%s): %s", path.name,
-                          getattr(e, "message", e))
+                log.error(
+                    "could not abort a stream left by the last run (%s): %s",
+                    path.name,
+                    getattr(e, "message", e),
+                )
                 continue
             path.unlink(missing_ok=True)

@@ -39,8 +39,17 @@ XATTR_PREFIX = "user.fbmount."
 # Answers that are part of normal life (cp -a probing xattrs, mkdir -p, rm of a missing
 # file): logged only with --debug; anything else (EIO, timeouts) is a warning.
 EXPECTED_ERRNOS = {
-    errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTSUP, errno.EPERM, errno.EROFS,
-    errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP,
+    errno.ENOENT,
+    errno.EEXIST,
+    errno.ENOTEMPTY,
+    errno.ENOTSUP,
+    errno.EPERM,
+    errno.EROFS,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EINVAL,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
 }
 HEAD_ON_LIST_LIMIT = 256  # readdir HEADs unknown entries only in directories this small
 
@@ -150,8 +159,13 @@ class Filesystem(pyfuse3.Operations):
     def headers_for(self, node: Node) -> tuple[dict[str, str], str]:
         """x-amz-meta-* and Content-Type that an upload of `node` must carry."""
         meta = fmt.ObjectMeta(
-            mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns,
-            ctime_ns=node.ctime_ns, atime_ns=node.atime_ns, xattrs=dict(node.xattrs),
+            mode=node.mode,
+            uid=node.uid,
+            gid=node.gid,
+            mtime_ns=node.mtime_ns,
+            ctime_ns=node.ctime_ns,
+            atime_ns=node.atime_ns,
+            xattrs=dict(node.xattrs),
             cid=node.cid,
         )
         headers = fmt.encode_meta(meta)
@@ -178,8 +192,9 @@ class Filesystem(pyfuse3.Operations):
             raise FsError(errno.ENOTDIR)
         node = self.ns.child(parent.ino, name)
         now = time.monotonic()
-        if node is not None and (node.staged is not None or node.fresh_until > now
-                                 or not node.remote):
+        if node is not None and (
+            node.staged is not None or node.fresh_until > now or not node.remote
+        ):
             return node
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
@@ -202,20 +217,30 @@ class Filesystem(pyfuse3.Operations):
                 return await self._node_from_entry(parent, name, entry, head_unknown=True)
         return await self._probe(parent, name)
 
-    async def _node_from_entry(self, parent: Node, name: str, entry: Entry,
-                               head_unknown: bool) -> Node:
+    async def _node_from_entry(
+        self, parent: Node, name: str, entry: Entry, head_unknown: bool
+    ) -> Node:
         existing = self.ns.child(parent.ino, name)
         if existing is not None:
             if existing.staged is not None:
                 return existing
             same_kind = (existing.kind is Kind.DIR) == (entry.kind is Kind.DIR)
-            if same_kind and (entry.kind is Kind.DIR or (existing.etag == entry.etag
-                                                         and existing.meta_known)):
+            if same_kind and (
+                entry.kind is Kind.DIR or (existing.etag == entry.etag and existing.meta_known)
+            ):
                 existing.fresh_until = time.monotonic() + self.cfg.attr_ttl
                 return existing  # the hot path of a warm `ls -l`: nothing changed
-        node = self.ns.add(parent, name, entry.kind if entry.kind is Kind.DIR else (
-            existing.kind if existing is not None and existing.kind is not Kind.DIR
-            else Kind.FILE))
+        node = self.ns.add(
+            parent,
+            name,
+            entry.kind
+            if entry.kind is Kind.DIR
+            else (
+                existing.kind
+                if existing is not None and existing.kind is not Kind.DIR
+                else Kind.FILE
+            ),
+        )
         self.ns.apply_entry(node, entry)
         if node.kind is not Kind.DIR and not node.meta_known and node.index_etag != node.etag:
             node.index_etag = node.etag
@@ -324,8 +349,11 @@ class Filesystem(pyfuse3.Operations):
             page = await self.store.list_all(prefix)
         listing = self.ns.listing_from_page(prefix, page)
         if self.uploader.pending_deletes or self.uploader.deleting:
-            for name in [n for n, e in listing.items()
-                         if e.kind is not Kind.DIR and self.uploader.is_deleted(prefix + n)]:
+            for name in [
+                n
+                for n, e in listing.items()
+                if e.kind is not Kind.DIR and self.uploader.is_deleted(prefix + n)
+            ]:
                 del listing[name]  # unlinked, its DeleteObjects not sent yet
         for (parent_ino, name), ino in list(self.ns.children.items()):
             if parent_ino != node.ino:
@@ -368,8 +396,14 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         node = self._node(inode)
-        if (node.kind is not Kind.DIR and node.staged is None and node.remote and node.linked
-                and node.fresh_until < time.monotonic() and not node.opens):
+        if (
+            node.kind is not Kind.DIR
+            and node.staged is None
+            and node.remote
+            and node.linked
+            and node.fresh_until < time.monotonic()
+            and not node.opens
+        ):
             parent = self.ns.get(node.parent)
             if parent is not None:
                 fresh = await self.resolve(parent, node.name)
@@ -425,18 +459,26 @@ class Filesystem(pyfuse3.Operations):
             return
         if node.kind is Kind.LINK:
             # A symlink is tiny: rewrite it whole rather than copying it onto itself.
-            target = os.fsencode(node.link_target) if node.link_target is not None else (
-                await self.store.get_object(self.ns.key(node)))
+            target = (
+                os.fsencode(node.link_target)
+                if node.link_target is not None
+                else (await self.store.get_object(self.ns.key(node)))
+            )
             node.link_target = os.fsdecode(target)
             headers, _ = self.headers_for(node)
-            node.etag = await self.store.put(self.ns.key(node), target, headers,
-                                             fmt.LINK_CONTENT_TYPE)
+            node.etag = await self.store.put(
+                self.ns.key(node), target, headers, fmt.LINK_CONTENT_TYPE
+            )
             self.index.put(self.ns.key(node), node.etag, headers)
             return
         staged = node.staged
         if staged is None:
-            staged = self.staging.new(self.ns.key(node), with_data=False,
-                                      source_key=self.ns.key(node), source_etag=node.etag)
+            staged = self.staging.new(
+                self.ns.key(node),
+                with_data=False,
+                source_key=self.ns.key(node),
+                source_etag=node.etag,
+            )
             staged.node, node.staged = node, staged
             staged.uploaded_generation = staged.generation
         staged.touch()
@@ -541,8 +583,7 @@ class Filesystem(pyfuse3.Operations):
         return fi
 
     @fuse_errors
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: Any) -> Any:
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         self._writable()
         parent, sname = self._new_name(parent_inode, name)
         existing = await self.resolve(parent, sname)
@@ -587,8 +628,14 @@ class Filesystem(pyfuse3.Operations):
                 handle.reader.close()
             assert self.nursery is not None
             handle.reader = RemoteReader(
-                self.store, self.ns.key(node), node.size, node.etag or None, self.cfg.read_ahead,
-                self.nursery.start_soon, self.get_limiter, self.read_budget,
+                self.store,
+                self.ns.key(node),
+                node.size,
+                node.etag or None,
+                self.cfg.read_ahead,
+                self.nursery.start_soon,
+                self.get_limiter,
+                self.read_budget,
             )
         try:
             return await handle.reader.read(off, size)
@@ -697,8 +744,9 @@ class Filesystem(pyfuse3.Operations):
             node = self.ns.get(ino)
             if node is None:
                 continue
-            if not pyfuse3.readdir_reply(token, name.encode("utf-8", "surrogateescape"),
-                                         self.attrs(node), i + 1):
+            if not pyfuse3.readdir_reply(
+                token, name.encode("utf-8", "surrogateescape"), self.attrs(node), i + 1
+            ):
                 return
             node.lookups += 1
 
@@ -731,8 +779,7 @@ class Filesystem(pyfuse3.Operations):
         return self.attrs(node)
 
     async def _dir_is_empty(self, node: Node) -> bool:
-        if any(c.staged is not None and not c.staged.discarded
-               for c in self.ns.descendants(node)):
+        if any(c.staged is not None and not c.staged.discarded for c in self.ns.descendants(node)):
             return False
         prefix = self.ns.key(node)
         page = await self.store.list_page(prefix, "/", max_keys=2)
@@ -832,8 +879,15 @@ class Filesystem(pyfuse3.Operations):
 
     # ===== rename =======================================================================
     @fuse_errors
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: Any) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
         self._writable()
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
@@ -856,8 +910,9 @@ class Filesystem(pyfuse3.Operations):
         else:
             await self._rename_file(src, new_parent, new_name, dst)
 
-    async def _rename_file(self, src: Node, new_parent: Node, new_name: str,
-                           dst: Node | None) -> None:
+    async def _rename_file(
+        self, src: Node, new_parent: Node, new_name: str, dst: Node | None
+    ) -> None:
         old_key = self.ns.key(src)
         new_key = self.ns.child_key(new_parent, new_name, src.kind)
         dst_remote = dst is not None and dst.remote
@@ -903,8 +958,9 @@ class Filesystem(pyfuse3.Operations):
                 handle.reader.key = new_key
         self.uploader.kick()
 
-    async def copy_object(self, src_key: str, dst_key: str, node: Node,
-                          headers: tuple[dict[str, str], str] | None) -> str:
+    async def copy_object(
+        self, src_key: str, dst_key: str, node: Node, headers: tuple[dict[str, str], str] | None
+    ) -> str:
         """Server-side copy when allowed, else stream GET → PUT (bounded memory)."""
         self.uploader.cancel_delete(dst_key)
         await self.uploader.wait_not_deleting(dst_key)
@@ -926,11 +982,21 @@ class Filesystem(pyfuse3.Operations):
             size, etag = info.size, info.etag
         else:
             size, etag = node.size, node.etag
-        return await stream_copy(self.store, src_key, dst_key, size, etag, headers[0], headers[1],
-                                 self.cfg.part_size, self.cfg.parallel)
+        return await stream_copy(
+            self.store,
+            src_key,
+            dst_key,
+            size,
+            etag,
+            headers[0],
+            headers[1],
+            self.cfg.part_size,
+            self.cfg.parallel,
+        )
 
-    async def _rename_dir(self, src: Node, new_parent: Node, new_name: str,
-                          dst: Node | None) -> None:
+    async def _rename_dir(
+        self, src: Node, new_parent: Node, new_name: str, dst: Node | None
+    ) -> None:
         old_prefix = self.ns.key(src)
         new_prefix = self.ns.child_key(new_parent, new_name, Kind.DIR)
         if new_prefix.startswith(old_prefix):
@@ -942,21 +1008,23 @@ class Filesystem(pyfuse3.Operations):
                 await stack.enter_async_context(n.staged.lock)
             # Uploads that finished while we waited released their staged copies.
             staged_nodes = [n for n in staged_nodes if n.staged is not None]
-            local_only = {self.ns.key(n) for n in staged_nodes
-                          if n.staged.has_data and not n.staged.discarded}
+            local_only = {
+                self.ns.key(n) for n in staged_nodes if n.staged.has_data and not n.staged.discarded
+            }
             page = await self.store.list_all(old_prefix, delimiter=None)
             keys = [o.key for o in page.objects]
             # Directory keys go last, deepest first: servers with real folders (SeaweedFS)
             # otherwise keep the emptied old tree visible; on S3 these deletes are no-ops.
-            dirs = {old_prefix} | {k[: i + 1] for k in keys
-                                   for i in range(len(old_prefix), len(k)) if k[i] == "/"}
+            dirs = {old_prefix} | {
+                k[: i + 1] for k in keys for i in range(len(old_prefix), len(k)) if k[i] == "/"
+            }
             keys = [k for k in keys if k not in dirs] + sorted(dirs, key=lambda d: -d.count("/"))
             new_etags: dict[str, str] = {}  # streamed copies get new ETags; reads pin them
             limiter = trio.CapacityLimiter(self.cfg.parallel)
 
             async def move_one(obj: Any) -> None:
                 async with limiter:
-                    target = new_prefix + obj.key[len(old_prefix):]
+                    target = new_prefix + obj.key[len(old_prefix) :]
                     if obj.key.endswith("/"):
                         marker = self.ns.get(src.ino) if obj.key == old_prefix else None
                         hdr = self.headers_for(marker) if marker else ({}, fmt.DIR_CONTENT_TYPE)
@@ -1016,7 +1084,7 @@ class Filesystem(pyfuse3.Operations):
         else:
             node = await self._meta_node(inode)
         if sname.startswith(XATTR_PREFIX):
-            value = self._fbmount_xattr(node, sname[len(XATTR_PREFIX):])
+            value = self._fbmount_xattr(node, sname[len(XATTR_PREFIX) :])
             if value is None:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             return value.encode()

@@ -78,8 +78,16 @@ class Node:
 
 
 class Namespace:
-    def __init__(self, prefix: str, uid: int, gid: int, umask: int, attr_ttl: float,
-                 dir_ttl: float, max_listings: int = 4096) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        uid: int,
+        gid: int,
+        umask: int,
+        attr_ttl: float,
+        dir_ttl: float,
+        max_listings: int = 4096,
+    ) -> None:
         self.prefix = prefix
         self.uid, self.gid, self.umask = uid, gid, umask
         self.attr_ttl, self.dir_ttl = attr_ttl, dir_ttl
@@ -94,8 +102,18 @@ class Namespace:
             65536, dir_ttl, timer=time.monotonic
         )
         self._next_ino = ROOT_INO + 1
-        root = Node(ROOT_INO, ROOT_INO, "", Kind.DIR, self.default_mode(Kind.DIR), uid, gid,
-                    mtime_ns=self.started_ns, ctime_ns=self.started_ns, atime_ns=self.started_ns)
+        root = Node(
+            ROOT_INO,
+            ROOT_INO,
+            "",
+            Kind.DIR,
+            self.default_mode(Kind.DIR),
+            uid,
+            gid,
+            mtime_ns=self.started_ns,
+            ctime_ns=self.started_ns,
+            atime_ns=self.started_ns,
+        )
         root.lookups = 1
         root.fresh_until = float("inf")
         self.nodes[ROOT_INO] = root
@@ -142,8 +160,18 @@ class Namespace:
         if node is not None:
             self.unlink(node)
         now = time.time_ns()
-        node = Node(self._next_ino, parent.ino, name, kind, self.default_mode(kind),
-                    self.uid, self.gid, mtime_ns=now, ctime_ns=now, atime_ns=now)
+        node = Node(
+            self._next_ino,
+            parent.ino,
+            name,
+            kind,
+            self.default_mode(kind),
+            self.uid,
+            self.gid,
+            mtime_ns=now,
+            ctime_ns=now,
+            atime_ns=now,
+        )
         if kind is Kind.DIR:
             node.mtime_ns = node.ctime_ns = node.atime_ns = self.started_ns
         self._next_ino += 1
@@ -265,11 +293,11 @@ class Namespace:
         """Turn a delimiter listing of `dir_key` into name → Entry, by the key rules above."""
         entries: dict[str, Entry] = {}
         for p in page.prefixes:
-            name = p[len(dir_key):].rstrip("/")
+            name = p[len(dir_key) :].rstrip("/")
             if "/" not in name and fmt.valid_name(name):
                 entries[name] = Entry(Kind.DIR)
         for o in page.objects:
-            name = o.key[len(dir_key):]
+            name = o.key[len(dir_key) :]
             if not name or name.endswith("/"):
                 continue  # the directory's own marker ("dir/"), or a "a//" oddity
             legacy = fmt.legacy_folder_name(name)

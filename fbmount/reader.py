@@ -56,8 +56,15 @@ class RemoteReader:
     """Per-open-file reader of one object version."""
 
     def __init__(
-        self, store: S3Store, key: str, size: int, etag: str | None, read_ahead: int,
-        spawn: Callable, limiter: trio.CapacityLimiter, budget: MemoryBudget,
+        self,
+        store: S3Store,
+        key: str,
+        size: int,
+        etag: str | None,
+        read_ahead: int,
+        spawn: Callable,
+        limiter: trio.CapacityLimiter,
+        budget: MemoryBudget,
         chunk: int = CHUNK,
     ) -> None:
         self.store, self.key, self.size, self.etag = store, key, size, etag

@@ -80,8 +80,13 @@ class StagingArea:
         self.entries: dict[str, Staged] = {}
 
     # ----- creation ---------------------------------------------------------------------
-    def new(self, key: str, with_data: bool = True, source_key: str | None = None,
-            source_etag: str | None = None) -> Staged:
+    def new(
+        self,
+        key: str,
+        with_data: bool = True,
+        source_key: str | None = None,
+        source_etag: str | None = None,
+    ) -> Staged:
         sid = secrets.token_hex(8)
         data_path = self.root / f"{sid}.data" if with_data else None
         staged = Staged(sid, key, data_path, source_key=source_key, source_etag=source_etag)
@@ -163,9 +168,14 @@ class StagingArea:
                     log.error("staged %s has lost its data file; skipping", record.get("key"))
                     continue
                 staged = Staged(
-                    sid, record["key"], data_path if record.get("has_data") else None,
-                    source_key=record.get("source_key"), source_etag=record.get("source_etag"),
-                    generation=1, uploaded_generation=0, record=record,
+                    sid,
+                    record["key"],
+                    data_path if record.get("has_data") else None,
+                    source_key=record.get("source_key"),
+                    source_etag=record.get("source_etag"),
+                    generation=1,
+                    uploaded_generation=0,
+                    record=record,
                 )
             except (OSError, ValueError, KeyError) as e:
                 log.error("unreadable journal record %s: %s", path.name, e)

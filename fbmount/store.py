@@ -147,9 +147,15 @@ class S3Store:
         self._ranges: DataPlane | None = None  # thread-side GETs and part PUTs
         self._range_threads = trio.CapacityLimiter(max(8, pool_size // 2))
         self._settings = dict(
-            endpoint=endpoint, region=region, credentials=credentials, profile=profile,
-            ca_bundle=ca_bundle, pool_size=pool_size, retries=retries,
-            addressing_style=addressing_style, flexible_checksums=flexible_checksums,
+            endpoint=endpoint,
+            region=region,
+            credentials=credentials,
+            profile=profile,
+            ca_bundle=ca_bundle,
+            pool_size=pool_size,
+            retries=retries,
+            addressing_style=addressing_style,
+            flexible_checksums=flexible_checksums,
         )
 
     # ----- life cycle (blocking; called outside trio) -----------------------------------
@@ -253,9 +259,13 @@ class S3Store:
                     return None
                 raise
             return ObjectInfo(
-                key, r.get("ContentLength", 0), _etag(r.get("ETag")), _ns(r.get("LastModified")),
+                key,
+                r.get("ContentLength", 0),
+                _etag(r.get("ETag")),
+                _ns(r.get("LastModified")),
                 {k.lower(): v for k, v in r.get("Metadata", {}).items()},
-                r.get("ContentType"), r.get("StorageClass"),
+                r.get("ContentType"),
+                r.get("StorageClass"),
             )
 
         return await self._call("HeadObject", f"HEAD {key}", go)
@@ -274,31 +284,41 @@ class S3Store:
         try:
             with trio.fail_after(self.timeout):
                 url = await self._thread.run(
-                    self._client.generate_presigned_url, "get_object",
-                    Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=900,
+                    self._client.generate_presigned_url,
+                    "get_object",
+                    Params={"Bucket": self.bucket, "Key": key},
+                    ExpiresIn=900,
                 )
                 data = await trio.to_thread.run_sync(
-                    self._ranges.get, url, start, end, etag, key,
-                    cancellable=True, limiter=self._range_threads,
+                    self._ranges.get,
+                    url,
+                    start,
+                    end,
+                    etag,
+                    key,
+                    cancellable=True,
+                    limiter=self._range_threads,
                 )
         except trio.TooSlowError:
             self.errors["GetObject"] += 1
-            raise FsError(errno.ETIMEDOUT, f"GET {key}: no answer within {self.timeout:g}s"
-                          ) from None
+            raise FsError(
+                errno.ETIMEDOUT, f"GET {key}: no answer within {self.timeout:g}s"
+            ) from None
         except FsError:
             self.errors["GetObject"] += 1
             raise
         self.bytes_down += len(data)
         return data  # a bytearray: callers slice it into bytes
 
-    async def _botocore_get_range(self, key: str, start: int, end: int,
-                                  etag: str | None) -> bytes:
+    async def _botocore_get_range(self, key: str, start: int, end: int, etag: str | None) -> bytes:
 
         async def go() -> bytes:
             want = end - start
             for attempt in range(BODY_RETRIES):
                 params: dict[str, Any] = {
-                    "Bucket": self.bucket, "Key": key, "Range": f"bytes={start}-{end - 1}",
+                    "Bucket": self.bucket,
+                    "Key": key,
+                    "Range": f"bytes={start}-{end - 1}",
                 }
                 if etag:
                     params["IfMatch"] = f'"{etag}"'
@@ -313,13 +333,20 @@ class S3Store:
                     raise
                 # aiohttp reports a body closed before its Content-Length as
                 # ClientPayloadError, which aiobotocore passes through unwrapped.
-                except (IncompleteReadError, ResponseStreamingError, ConnectionClosedError,
-                        aiohttp.ClientPayloadError) as e:
+                except (
+                    IncompleteReadError,
+                    ResponseStreamingError,
+                    ConnectionClosedError,
+                    aiohttp.ClientPayloadError,
+                ) as e:
                     if attempt == BODY_RETRIES - 1:
                         raise FsError(errno.EIO, f"GET {key}: body cut short: {e}") from None
                     continue
-                if len(data) == want or (len(data) < want and r.get("ContentLength") == len(data)
-                                         and _range_total(r) == start + len(data)):
+                if len(data) == want or (
+                    len(data) < want
+                    and r.get("ContentLength") == len(data)
+                    and _range_total(r) == start + len(data)
+                ):
                     self.bytes_down += len(data)
                     return data
                 if attempt == BODY_RETRIES - 1:
@@ -342,21 +369,22 @@ class S3Store:
 
         return await self._call("GetObject", f"GET {key}", go)
 
-    async def put(
-        self, key: str, body: bytes, metadata: dict[str, str], content_type: str
-    ) -> str:
+    async def put(self, key: str, body: bytes, metadata: dict[str, str], content_type: str) -> str:
         async def go() -> str:
             r = await self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=body, Metadata=metadata,
-                ContentType=content_type, ContentMD5=_md5_b64(body),
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                Metadata=metadata,
+                ContentType=content_type,
+                ContentMD5=_md5_b64(body),
             )
             self.bytes_up += len(body)
             return _etag(r.get("ETag"))
 
         return await self._call("PutObject", f"PUT {key}", go)
 
-    async def _fast_upload_part(self, key: str, upload_id: str, number: int,
-                                body: bytes) -> str:
+    async def _fast_upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
         """dataplane.py: one buffer, MD5 and send in a worker thread with the GIL released."""
         assert self._ranges is not None
         what = f"part {number} of {key}"
@@ -365,19 +393,27 @@ class S3Store:
         try:
             with trio.fail_after(self.timeout):
                 url = await self._thread.run(
-                    self._client.generate_presigned_url, "upload_part",
-                    Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id,
-                            "PartNumber": number},
+                    self._client.generate_presigned_url,
+                    "upload_part",
+                    Params={
+                        "Bucket": self.bucket,
+                        "Key": key,
+                        "UploadId": upload_id,
+                        "PartNumber": number,
+                    },
                     ExpiresIn=900,
                 )
                 etag = await trio.to_thread.run_sync(
-                    self._ranges.put, url, body, what, cancellable=True,
+                    self._ranges.put,
+                    url,
+                    body,
+                    what,
+                    cancellable=True,
                     limiter=self._range_threads,
                 )
         except trio.TooSlowError:
             self.errors["UploadPart"] += 1
-            raise FsError(errno.ETIMEDOUT, f"{what}: no answer within {self.timeout:g}s"
-                          ) from None
+            raise FsError(errno.ETIMEDOUT, f"{what}: no answer within {self.timeout:g}s") from None
         except FsError:
             self.errors["UploadPart"] += 1
             raise
@@ -399,7 +435,11 @@ class S3Store:
 
         async def go() -> str:
             r = await self._client.upload_part(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
                 ContentMD5=_md5_b64(body),
             )
             self.bytes_up += len(body)
@@ -413,7 +453,9 @@ class S3Store:
         async def go() -> str:
             try:
                 r = await self._client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id,
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
                     MultipartUpload={"Parts": parts},
                 )
             except ClientError as e:
@@ -489,7 +531,10 @@ class S3Store:
         await self._call("DeleteObjects", f"DeleteObjects ({len(keys)} keys)", go)
 
     async def copy(
-        self, src: str, dst: str, metadata: dict[str, str] | None = None,
+        self,
+        src: str,
+        dst: str,
+        metadata: dict[str, str] | None = None,
         content_type: str | None = None,
     ) -> str:
         """Server-side copy; metadata given → REPLACE. Raises CopyNotSupported when refused."""
@@ -498,11 +543,16 @@ class S3Store:
 
         async def go() -> str:
             params: dict[str, Any] = {
-                "Bucket": self.bucket, "Key": dst, "CopySource": {"Bucket": self.bucket, "Key": src},
+                "Bucket": self.bucket,
+                "Key": dst,
+                "CopySource": {"Bucket": self.bucket, "Key": src},
             }
             if metadata is not None:
-                params.update(MetadataDirective="REPLACE", Metadata=metadata,
-                              ContentType=content_type or "application/octet-stream")
+                params.update(
+                    MetadataDirective="REPLACE",
+                    Metadata=metadata,
+                    ContentType=content_type or "application/octet-stream",
+                )
             try:
                 r = await self._client.copy_object(**params)
             except ClientError as e:
@@ -525,8 +575,12 @@ class S3Store:
 
     # ----- listing ----------------------------------------------------------------------
     async def list_page(
-        self, prefix: str, delimiter: str | None = "/", token: str | None = None,
-        max_keys: int = 1000, start_after: str | None = None,
+        self,
+        prefix: str,
+        delimiter: str | None = "/",
+        token: str | None = None,
+        max_keys: int = 1000,
+        start_after: str | None = None,
     ) -> ListPage:
         """One ListObjectsV2 page.
 
@@ -536,17 +590,34 @@ class S3Store:
         """
         if self._http is not None:
             try:
-                return await self._call("ListObjectsV2", f"LIST {prefix or '/'}",
-                                        self._lean_list, prefix, delimiter, token, max_keys,
-                                        start_after)
+                return await self._call(
+                    "ListObjectsV2",
+                    f"LIST {prefix or '/'}",
+                    self._lean_list,
+                    prefix,
+                    delimiter,
+                    token,
+                    max_keys,
+                    start_after,
+                )
             except _LeanListFailed:
                 pass
         return await self._botocore_list_page(prefix, delimiter, token, max_keys, start_after)
 
-    async def _lean_list(self, prefix: str, delimiter: str | None, token: str | None,
-                         max_keys: int, start_after: str | None) -> ListPage:
-        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys,
-                                  "EncodingType": "url"}
+    async def _lean_list(
+        self,
+        prefix: str,
+        delimiter: str | None,
+        token: str | None,
+        max_keys: int,
+        start_after: str | None,
+    ) -> ListPage:
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": prefix,
+            "MaxKeys": max_keys,
+            "EncodingType": "url",
+        }
         if delimiter:
             params["Delimiter"] = delimiter
         if token:
@@ -571,7 +642,11 @@ class S3Store:
         raise _LeanListFailed()
 
     async def _botocore_list_page(
-        self, prefix: str, delimiter: str | None, token: str | None, max_keys: int,
+        self,
+        prefix: str,
+        delimiter: str | None,
+        token: str | None,
+        max_keys: int,
         start_after: str | None,
     ) -> ListPage:
         async def go() -> ListPage:
@@ -585,8 +660,13 @@ class S3Store:
             r = await self._client.list_objects_v2(**params)
             page = ListPage(
                 [
-                    ObjectInfo(o["Key"], o.get("Size", 0), _etag(o.get("ETag")),
-                               _ns(o.get("LastModified")), storage_class=o.get("StorageClass"))
+                    ObjectInfo(
+                        o["Key"],
+                        o.get("Size", 0),
+                        _etag(o.get("ETag")),
+                        _ns(o.get("LastModified")),
+                        storage_class=o.get("StorageClass"),
+                    )
                     for o in r.get("Contents", [])
                 ],
                 [p["Prefix"] for p in r.get("CommonPrefixes", [])],
@@ -660,13 +740,15 @@ def parse_list_xml(body: bytes) -> ListPage:
 
     page = ListPage()
     for c in root.iterfind(f"{ns}Contents"):
-        page.objects.append(ObjectInfo(
-            key_of(c.findtext(f"{ns}Key")),
-            int(c.findtext(f"{ns}Size") or 0),
-            _etag(c.findtext(f"{ns}ETag")),
-            _iso_ns(c.findtext(f"{ns}LastModified")),
-            storage_class=c.findtext(f"{ns}StorageClass"),
-        ))
+        page.objects.append(
+            ObjectInfo(
+                key_of(c.findtext(f"{ns}Key")),
+                int(c.findtext(f"{ns}Size") or 0),
+                _etag(c.findtext(f"{ns}ETag")),
+                _iso_ns(c.findtext(f"{ns}LastModified")),
+                storage_class=c.findtext(f"{ns}StorageClass"),
+            )
+        )
     for p in root.iterfind(f"{ns}CommonPrefixes"):
         page.prefixes.append(key_of(p.findtext(f"{ns}Prefix")))
     if (root.findtext(f"{ns}IsTruncated") or "").lower() == "true":

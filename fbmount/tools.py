@@ -51,8 +51,9 @@ def human(n: float) -> str:
 def _socket_for(mountpoint: str) -> Path:
     path = control.socket_path(Path(mountpoint).absolute())
     if not path.exists():
-        raise StartupError(f"{mountpoint} is not an fbmount mount of this user (no control "
-                           f"socket {path})")
+        raise StartupError(
+            f"{mountpoint} is not an fbmount mount of this user (no control socket {path})"
+        )
     return path
 
 
@@ -76,9 +77,11 @@ def cmd_status(argv: list[str]) -> int:
         print(json.dumps(results if not args.mountpoint else (results or [{}])[0], indent=2))
         return 0 if results else 1
     if not results and args.mountpoint:
-        print(f"fbmount: the mount at {args.mountpoint} is not running; if ls says "
-              f"'Transport endpoint is not connected', run: fusermount3 -uz {args.mountpoint}",
-              file=sys.stderr)
+        print(
+            f"fbmount: the mount at {args.mountpoint} is not running; if ls says "
+            f"'Transport endpoint is not connected', run: fusermount3 -uz {args.mountpoint}",
+            file=sys.stderr,
+        )
         return 1
     if not results:
         print("no fbmount mounts running for this user")
@@ -97,20 +100,26 @@ def format_status(st: dict) -> str:
     ]
     for up in st["uploading"]:
         pct = 100 * up["sent"] / up["bytes"] if up["bytes"] else 0
-        lines.append(f"  uploading {up['key']}: {human(up['sent'])} of {human(up['bytes'])}"
-                     f" ({pct:.0f}%)")
+        lines.append(
+            f"  uploading {up['key']}: {human(up['sent'])} of {human(up['bytes'])} ({pct:.0f}%)"
+        )
     for f in st["failed"]:
-        lines.append(f"  FAILED {f['key']} ({f['failures']}x, retry in {f['retry_in_s']:.0f}s):"
-                     f" {f['error']}")
+        lines.append(
+            f"  FAILED {f['key']} ({f['failures']}x, retry in {f['retry_in_s']:.0f}s): {f['error']}"
+        )
     lines.append(f"  uploaded since mount: {st['uploads_done']} file(s)")
-    lines.append(f"  cache: {human(st['cache_used_bytes'])} staged in {st['cache_dir']}, "
-                 f"{human(st['cache_free_bytes'])} free on its disk")
+    lines.append(
+        f"  cache: {human(st['cache_used_bytes'])} staged in {st['cache_dir']}, "
+        f"{human(st['cache_free_bytes'])} free on its disk"
+    )
     reqs = ", ".join(f"{k} {v}" for k, v in sorted(st["requests"].items()))
     errs = ", ".join(f"{k} {v}" for k, v in sorted(st["errors"].items())) or "none"
     lines.append(f"  requests: {reqs or 'none'}")
     lines.append(f"  errors: {errs}")
-    lines.append(f"  last minute: up {human(st['upload_rate_Bps'])}/s, "
-                 f"down {human(st['download_rate_Bps'])}/s")
+    lines.append(
+        f"  last minute: up {human(st['upload_rate_Bps'])}/s, "
+        f"down {human(st['download_rate_Bps'])}/s"
+    )
     return "\n".join(lines)
 
 
@@ -132,8 +141,12 @@ def cmd_sync(argv: list[str], unmount: bool) -> int:
                 done, total = msg["progress"]["done"], msg["progress"]["total"]
                 width = 30
                 filled = width * done // total if total else width
-                print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} uploaded",
-                      end="", file=sys.stderr, flush=True)
+                print(
+                    f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} uploaded",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
             elif "result" in msg:
                 result = msg
     except OSError as e:
@@ -143,13 +156,15 @@ def cmd_sync(argv: list[str], unmount: bool) -> int:
     if result.get("result") != "ok":
         for f in result.get("failed", []):
             print(f"fbmount: not uploaded: {f['key']}: {f['error']}", file=sys.stderr)
-        print(f"fbmount: {len(result.get('failed', []))} file(s) not in S3 yet; they stay "
-              "staged and are retried", file=sys.stderr)
+        print(
+            f"fbmount: {len(result.get('failed', []))} file(s) not in S3 yet; they stay "
+            "staged and are retried",
+            file=sys.stderr,
+        )
         return 1
     print(f"{result.get('total', 0)} file(s) uploaded; everything written is in S3")
     if unmount:
-        r = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True,
-                           text=True)
+        r = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True, text=True)
         if r.returncode:
             print(f"fbmount: {r.stderr.strip()}", file=sys.stderr)
             return 1
@@ -196,8 +211,11 @@ def check_fuse(rep: Report, allow_other: bool) -> None:
     if os.path.exists("/dev/fuse") and os.access("/dev/fuse", os.R_OK | os.W_OK):
         rep.ok("/dev/fuse")
     else:
-        rep.fail("/dev/fuse", "missing or not accessible",
-                 "modprobe fuse; in a container add --device /dev/fuse")
+        rep.fail(
+            "/dev/fuse",
+            "missing or not accessible",
+            "modprobe fuse; in a container add --device /dev/fuse",
+        )
     if shutil.which("fusermount3"):
         rep.ok("fusermount3", shutil.which("fusermount3") or "")
     else:
@@ -208,8 +226,11 @@ def check_fuse(rep: Report, allow_other: bool) -> None:
         if any(line.strip() == "user_allow_other" for line in text.splitlines()):
             rep.ok("user_allow_other in /etc/fuse.conf")
         else:
-            rep.fail("allow_other", "/etc/fuse.conf lacks user_allow_other",
-                     "echo user_allow_other | sudo tee -a /etc/fuse.conf")
+            rep.fail(
+                "allow_other",
+                "/etc/fuse.conf lacks user_allow_other",
+                "echo user_allow_other | sudo tee -a /etc/fuse.conf",
+            )
 
 
 def check_stale_mounts(rep: Report) -> None:
@@ -224,8 +245,9 @@ def check_stale_mounts(rep: Report) -> None:
                 if e.errno == errno.ENOTCONN:
                     stale.append(mnt)
     for mnt in stale:
-        rep.fail("stale mount", f"{mnt}: Transport endpoint is not connected",
-                 f"fusermount3 -uz {mnt}")
+        rep.fail(
+            "stale mount", f"{mnt}: Transport endpoint is not connected", f"fusermount3 -uz {mnt}"
+        )
     if not stale:
         rep.ok("no stale fbmount mounts")
 
@@ -237,8 +259,11 @@ def check_credentials(rep: Report, args: argparse.Namespace) -> credentials.Cred
         rep.fail("credentials", str(e), "fix the password file as the message says")
         return None
     if creds is None:
-        rep.warn("credentials", "none in env or password files; botocore's chain "
-                                "(profile, ~/.aws/credentials) will be tried")
+        rep.warn(
+            "credentials",
+            "none in env or password files; botocore's chain "
+            "(profile, ~/.aws/credentials) will be tried",
+        )
     else:
         rep.ok("credentials", f"access key {creds.access_key[:4]}…")
     return creds
@@ -251,8 +276,11 @@ def check_endpoint(rep: Report, args: argparse.Namespace) -> bool:
     try:
         raw = socket.create_connection((host, port), timeout=10)
     except OSError as e:
-        rep.fail("endpoint", f"{host}:{port} unreachable: {e}",
-                 "check the --endpoint URL, DNS and firewall")
+        rep.fail(
+            "endpoint",
+            f"{host}:{port} unreachable: {e}",
+            "check the --endpoint URL, DNS and firewall",
+        )
         return False
     date_header = None
     try:
@@ -262,17 +290,22 @@ def check_endpoint(rep: Report, args: argparse.Namespace) -> bool:
             try:
                 sock = ctx.wrap_socket(raw, server_hostname=host)
             except ssl.SSLCertVerificationError as e:
-                rep.fail("TLS", f"certificate of {host} does not verify: {e.verify_message}",
-                         "use the right endpoint, or --ca-bundle CA.pem for a private CA")
+                rep.fail(
+                    "TLS",
+                    f"certificate of {host} does not verify: {e.verify_message}",
+                    "use the right endpoint, or --ca-bundle CA.pem for a private CA",
+                )
                 return False
             except ssl.SSLError as e:
-                rep.fail("TLS", f"handshake with {host}:{port} failed: {e.reason}",
-                         "the port may not speak TLS: check http:// vs https://")
+                rep.fail(
+                    "TLS",
+                    f"handshake with {host}:{port} failed: {e.reason}",
+                    "the port may not speak TLS: check http:// vs https://",
+                )
                 return False
             rep.ok("TLS", f"certificate of {host} verifies")
         sock.settimeout(10)
-        sock.sendall(f"HEAD / HTTP/1.1\r\nHost: {url.netloc}\r\nConnection: close\r\n\r\n"
-                     .encode())
+        sock.sendall(f"HEAD / HTTP/1.1\r\nHost: {url.netloc}\r\nConnection: close\r\n\r\n".encode())
         head = sock.recv(65536).decode("latin-1")
         for line in head.split("\r\n"):
             if line.lower().startswith("date:"):
@@ -289,9 +322,12 @@ def check_endpoint(rep: Report, args: argparse.Namespace) -> bool:
         except (TypeError, ValueError):
             skew = 0.0
         if abs(skew) > 15 * 60:
-            rep.fail("clock", f"this machine's clock is {skew:+.0f}s off the server's; SigV4 "
-                              "refuses requests past 15 minutes",
-                     "enable time sync: timedatectl set-ntp true")
+            rep.fail(
+                "clock",
+                f"this machine's clock is {skew:+.0f}s off the server's; SigV4 "
+                "refuses requests past 15 minutes",
+                "enable time sync: timedatectl set-ntp true",
+            )
         elif abs(skew) > 60:
             rep.warn("clock", f"{skew:+.0f}s off the server's clock")
         else:
@@ -299,14 +335,23 @@ def check_endpoint(rep: Report, args: argparse.Namespace) -> bool:
     return True
 
 
-def check_bucket(rep: Report, args: argparse.Namespace,
-                 creds: credentials.Credentials | None) -> None:
+def check_bucket(
+    rep: Report, args: argparse.Namespace, creds: credentials.Credentials | None
+) -> None:
     import trio
 
     from fbmount.store import S3Store
 
-    store = S3Store(args.bucket, args.endpoint, args.region, creds, args.profile,
-                    str(args.ca_bundle) if args.ca_bundle else None, retries=2, timeout=30)
+    store = S3Store(
+        args.bucket,
+        args.endpoint,
+        args.region,
+        creds,
+        args.profile,
+        str(args.ca_bundle) if args.ca_bundle else None,
+        retries=2,
+        timeout=30,
+    )
     store.open()
     probe = f".fbmount-doctor-{secrets.token_hex(4)}"
 
@@ -314,9 +359,13 @@ def check_bucket(rep: Report, args: argparse.Namespace,
         try:
             await store.check_bucket()
         except FsError as e:
-            fix = ("check the access key and secret" if e.errno == errno.EACCES
-                   else "create the bucket or fix its name" if e.errno == errno.ENOENT
-                   else "see the message")
+            fix = (
+                "check the access key and secret"
+                if e.errno == errno.EACCES
+                else "create the bucket or fix its name"
+                if e.errno == errno.ENOENT
+                else "see the message"
+            )
             rep.fail("bucket", e.message, fix)
             return
         rep.ok("bucket", f"{args.bucket} is listable")
@@ -325,8 +374,11 @@ def check_bucket(rep: Report, args: argparse.Namespace,
             await store.abort_multipart(probe, upload_id)
             rep.ok("multipart uploads", "supported")
         except FsError as e:
-            rep.fail("multipart uploads", e.message, "large files need multipart; check the "
-                     "key's permissions")
+            rep.fail(
+                "multipart uploads",
+                e.message,
+                "large files need multipart; check the key's permissions",
+            )
         try:
             await store.put(probe, b"fbmount doctor", {}, "text/plain")
             try:
@@ -334,8 +386,11 @@ def check_bucket(rep: Report, args: argparse.Namespace,
                 rep.ok("CopyObject", "supported: renames are server-side copies")
                 await store.delete(probe + "-copy")
             except FsError as e:
-                rep.warn("CopyObject", f"refused ({e.message}); renames and metadata changes "
-                                       "will stream objects through this machine")
+                rep.warn(
+                    "CopyObject",
+                    f"refused ({e.message}); renames and metadata changes "
+                    "will stream objects through this machine",
+                )
             await store.delete(probe)
         except FsError as e:
             rep.fail("write", e.message, "the key needs write access to the bucket")

@@ -37,11 +37,17 @@ def part_size_for(size: int, configured: int) -> int:
     return max(configured, needed)
 
 
-async def multipart_upload(store: S3Store, key: str, size: int, part_size: int,
-                           headers: dict[str, str], content_type: str,
-                           read_part: Callable[[int, int], Awaitable[bytes]],
-                           limiter: trio.CapacityLimiter,
-                           progress: Callable[[int], None] = lambda n: None) -> str:
+async def multipart_upload(
+    store: S3Store,
+    key: str,
+    size: int,
+    part_size: int,
+    headers: dict[str, str],
+    content_type: str,
+    read_part: Callable[[int, int], Awaitable[bytes]],
+    limiter: trio.CapacityLimiter,
+    progress: Callable[[int], None] = lambda n: None,
+) -> str:
     """Upload `size` bytes as parallel parts; `read_part(offset, length)` supplies each.
 
     A failure (or cancellation) aborts the upload, so no multipart upload is left open.
@@ -71,9 +77,16 @@ async def multipart_upload(store: S3Store, key: str, size: int, part_size: int,
         raise
 
 
-async def upload_file(store: S3Store, key: str, path: os.PathLike, headers: dict[str, str],
-                      content_type: str, part_size: int, limiter: trio.CapacityLimiter,
-                      progress: Callable[[int], None] = lambda n: None) -> tuple[str, int]:
+async def upload_file(
+    store: S3Store,
+    key: str,
+    path: os.PathLike,
+    headers: dict[str, str],
+    content_type: str,
+    part_size: int,
+    limiter: trio.CapacityLimiter,
+    progress: Callable[[int], None] = lambda n: None,
+) -> tuple[str, int]:
     """Upload a local file to `key`; returns (etag, size). `progress(n)` after each part.
 
     `limiter` is shared by every upload of the mount: each token is one body (a part or a
@@ -90,16 +103,25 @@ async def upload_file(store: S3Store, key: str, path: os.PathLike, headers: dict
         async def read_part(offset: int, length: int) -> bytes:
             return await trio.to_thread.run_sync(os.pread, fd, length, offset)
 
-        etag = await multipart_upload(store, key, size, part_size, headers, content_type,
-                                      read_part, limiter, progress)
+        etag = await multipart_upload(
+            store, key, size, part_size, headers, content_type, read_part, limiter, progress
+        )
         return etag, size
     finally:
         os.close(fd)
 
 
-async def stream_copy(store: S3Store, src: str, dst: str, size: int, etag: str | None,
-                      headers: dict[str, str], content_type: str, part_size: int,
-                      parallel: int) -> str:
+async def stream_copy(
+    store: S3Store,
+    src: str,
+    dst: str,
+    size: int,
+    etag: str | None,
+    headers: dict[str, str],
+    content_type: str,
+    part_size: int,
+    parallel: int,
+) -> str:
     """Copy an object without CopyObject: ranged GETs into PUT/UploadPart, bounded memory."""
     if size <= part_size:
         body = bytes(await store.get_range(src, 0, size, etag)) if size else b""
@@ -108,8 +130,16 @@ async def stream_copy(store: S3Store, src: str, dst: str, size: int, etag: str |
     async def read_part(offset: int, length: int) -> bytes:
         return bytes(await store.get_range(src, offset, offset + length, etag))
 
-    return await multipart_upload(store, dst, size, part_size, headers, content_type,
-                                  read_part, trio.CapacityLimiter(parallel))
+    return await multipart_upload(
+        store,
+        dst,
+        size,
+        part_size,
+        headers,
+        content_type,
+        read_part,
+        trio.CapacityLimiter(parallel),
+    )
 
 
 class WriteBack:
@@ -178,8 +208,9 @@ class WriteBack:
         try:
             await self.flush_deletes()
         except FsError as e:
-            log.error("deleting %d key(s) failed (%s); retrying", len(self.pending_deletes),
-                      e.message)
+            log.error(
+                "deleting %d key(s) failed (%s); retrying", len(self.pending_deletes), e.message
+            )
             self._delete_queued_at = time.monotonic() + 5
 
     def marker_changed(self, node: Node) -> None:
@@ -221,8 +252,11 @@ class WriteBack:
                 await trio.sleep(0.1)
                 self._wake = trio.Event()
                 now = time.monotonic()
-                if self.pending_deletes and not self._delete_lock.locked() and (
-                        len(self.pending_deletes) >= 1000 or now - self._delete_queued_at >= 0.3):
+                if (
+                    self.pending_deletes
+                    and not self._delete_lock.locked()
+                    and (len(self.pending_deletes) >= 1000 or now - self._delete_queued_at >= 0.3)
+                ):
                     nursery.start_soon(self._background_deletes)
                 for ino, changed in list(self.dirty_markers.items()):
                     if now - changed >= self.fs.cfg.upload_delay:
@@ -240,10 +274,15 @@ class WriteBack:
         except FsError as e:
             staged.failures += 1
             staged.last_error = e.message
-            delay = min(60.0, 2.0 ** staged.failures)
+            delay = min(60.0, 2.0**staged.failures)
             staged.retry_at = time.monotonic() + delay
-            log.error("upload of %s failed (%s); retrying in %.0fs, data kept in %s",
-                      staged.key, e.message, delay, self.fs.staging.root)
+            log.error(
+                "upload of %s failed (%s); retrying in %.0fs, data kept in %s",
+                staged.key,
+                e.message,
+                delay,
+                self.fs.staging.root,
+            )
         finally:
             self.queued.discard(staged.id)
 
@@ -275,9 +314,16 @@ class WriteBack:
                 if streamed is not None:
                     etag, size, headers = streamed
                 elif staged.has_data:
-                    etag, size = await upload_file(self.fs.store, key, staged.data_path,
-                                                   headers, ctype, cfg.part_size, self.bodies,
-                                                   progress)
+                    etag, size = await upload_file(
+                        self.fs.store,
+                        key,
+                        staged.data_path,
+                        headers,
+                        ctype,
+                        cfg.part_size,
+                        self.bodies,
+                        progress,
+                    )
                 else:
                     source = staged.source_key or key
                     info_size = node.size if node is not None else None
@@ -286,10 +332,21 @@ class WriteBack:
                         if info is None:
                             raise FsError(2, f"{source} vanished before its metadata update")
                         info_size = info.size
-                    etag = await self.fs.copy_object(source, key, node, (headers, ctype)) \
-                        if node is not None else await stream_copy(
-                            self.fs.store, source, key, info_size, staged.source_etag,
-                            headers, ctype, cfg.part_size, cfg.parallel)
+                    etag = (
+                        await self.fs.copy_object(source, key, node, (headers, ctype))
+                        if node is not None
+                        else await stream_copy(
+                            self.fs.store,
+                            source,
+                            key,
+                            info_size,
+                            staged.source_etag,
+                            headers,
+                            ctype,
+                            cfg.part_size,
+                            cfg.parallel,
+                        )
+                    )
                     size = info_size
             except FsError as e:
                 staged.last_error = e.message
@@ -327,8 +384,12 @@ class WriteBack:
                 async with self.limiter:
                     await self.upload(staged)
             except FsError as e:
-                log.error("upload of %s failed: %s (kept in %s)", staged.key, e.message,
-                          self.fs.staging.root)
+                log.error(
+                    "upload of %s failed: %s (kept in %s)",
+                    staged.key,
+                    e.message,
+                    self.fs.staging.root,
+                )
                 failed.append(staged)
 
         async with trio.open_nursery() as nursery:

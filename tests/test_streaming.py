@@ -79,8 +79,7 @@ def test_rewrite_below_sent_parts_abandons_the_stream(s3: Any, bucket: str, moun
     assert open_uploads(s3, bucket) == []
 
 
-def test_rename_and_chmod_while_streaming(s3: Any, bucket: str, mount: Callable,
-                                          s3_endpoint: str):
+def test_rename_and_chmod_while_streaming(s3: Any, bucket: str, mount: Callable, s3_endpoint: str):
     data = data_of(16 * MiB, 3)
     with FaultProxy(s3_endpoint) as proxy:
         m = mount(bucket, *PART, "--endpoint", proxy.endpoint)
@@ -94,14 +93,16 @@ def test_rename_and_chmod_while_streaming(s3: Any, bucket: str, mount: Callable,
     assert body(s3, bucket, "final.bin") == data
     meta = s3.head_object(Bucket=bucket, Key="final.bin")["Metadata"]
     assert meta["mode"] == str(0o100600) and meta["mtime"] == "1600000000"
-    assert "draft.bin" not in [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get(
-        "Contents", [])]
+    assert "draft.bin" not in [
+        o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+    ]
     assert copies <= 1  # at most one server-side copy fixes key and metadata
     assert open_uploads(s3, bucket) == []
 
 
-def test_copy_refused_falls_back_to_a_normal_upload(s3: Any, bucket: str, mount: Callable,
-                                                    s3_endpoint: str):
+def test_copy_refused_falls_back_to_a_normal_upload(
+    s3: Any, bucket: str, mount: Callable, s3_endpoint: str
+):
     data = data_of(16 * MiB, 4)
     with FaultProxy(s3_endpoint) as proxy:
         proxy.refuse_copy()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -107,6 +108,7 @@ class EagerUploads:
     # ----- background work ------------------------------------------------------------
     async def _create(self, staged: Staged, stream: Stream) -> None:
         try:
+            self._note(staged, stream)  # before the upload exists: a crash can't hide it
             stream.upload_id = await self.fs.store.create_multipart(
                 stream.key, stream.headers, stream.content_type
             )
@@ -230,8 +232,12 @@ class EagerUploads:
     # ----- crash notes --------------------------------------------------------------------
     def _note(self, staged: Staged, stream: Stream) -> None:
         path = self.fs.staging.root / f"{staged.id}.eager"
-        path.write_text(json.dumps({"key": stream.key, "upload_id": stream.upload_id}))
-        os.chmod(path, 0o600)
+        note = {"key": stream.key, "upload_id": stream.upload_id, "since": time.time() - 300}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(note).encode())
+        finally:
+            os.close(fd)
 
     def _unnote(self, staged: Staged) -> None:
         (self.fs.staging.root / f"{staged.id}.eager").unlink(missing_ok=True)
@@ -241,7 +247,16 @@ class EagerUploads:
         for path in self.fs.staging.root.glob("*.eager"):
             try:
                 note = json.loads(path.read_text())
-                await self.fs.store.abort_multipart(note["key"], note["upload_id"])
+                ids = [note["upload_id"]] if note.get("upload_id") else [
+                    u["UploadId"] for u in (await self.fs.store.bucket_call(
+                        "list_multipart_uploads", "ListMultipartUploads",
+                        Bucket=self.fs.store.bucket, Prefix=note["key"],
+                    )).get("Uploads", [])
+                    if u.get("Key") == note["key"]
+                    and u["Initiated"].timestamp() >= note.get("since", 0)
+                ]  # crashed between creating the upload and noting its id
+                for upload_id in ids:
+                    await self.fs.store.abort_multipart(note["key"], upload_id)
             except (ValueError, KeyError, OSError, FsError) as e:
                 log.error(
                     "could not abort a stream left by the last run (%s): %s",

@@ -61,7 +61,9 @@ S3_CODE_ERRNO: dict[str, int] = {
     "412": errno.EIO,
     "InvalidRange": errno.EINVAL,
     "QuotaExceeded": errno.EDQUOT,
-    "SlowDown": errno.EAGAIN,
-    "ServiceUnavailable": errno.EAGAIN,
+    # Throttling that outlasted the retries: EIO, not EAGAIN, which on a blocking syscall
+    # (close, read, fsync) means nothing a caller can act on (README: strict close → EIO).
+    "SlowDown": errno.EIO,
+    "ServiceUnavailable": errno.EIO,
     "RequestTimeout": errno.ETIMEDOUT,
 }

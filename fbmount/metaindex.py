@@ -7,9 +7,30 @@ is the one recorded, so a change behind the mount's back is noticed for free.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fbmount.index")
+
+
+def _best_effort(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The index only saves HEADs: a full or broken cache disk must cost a HEAD, never the
+    mount (an exception escaping here would end pyfuse3's main loop or the uploader)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.Error as e:
+            log.warning("metadata index: %s failed: %s", fn.__name__, e)
+            return None
+
+    return wrapper
 
 
 class MetaIndex:
@@ -21,21 +42,25 @@ class MetaIndex:
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, etag TEXT, headers TEXT)"
         )
 
+    @_best_effort
     def get(self, key: str, etag: str) -> dict[str, str] | None:
         row = self._db.execute("SELECT etag, headers FROM meta WHERE key=?", (key,)).fetchone()
         if row is None or row[0] != etag:
             return None
         return json.loads(row[1])
 
+    @_best_effort
     def put(self, key: str, etag: str, headers: dict[str, str]) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO meta (key, etag, headers) VALUES (?, ?, ?)",
             (key, etag, json.dumps(headers, sort_keys=True)),
         )
 
+    @_best_effort
     def delete(self, key: str) -> None:
         self._db.execute("DELETE FROM meta WHERE key=?", (key,))
 
+    @_best_effort
     def rename_prefix(self, old: str, new: str) -> None:
         """Entries follow a renamed file/dir (its copies keep the same ETag on most servers)."""
         rows = self._db.execute(
@@ -46,7 +71,8 @@ class MetaIndex:
             for key, etag, headers in rows:
                 self._db.execute("DELETE FROM meta WHERE key=?", (key,))
                 self._db.execute(
-                    "INSERT OR REPLACE INTO meta VALUES (?, ?, ?)", (new + key[len(old):], etag, headers)
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?, ?)",
+                    (new + key[len(old) :], etag, headers),
                 )
 
     def close(self) -> None:

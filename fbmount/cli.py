@@ -80,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="client-side limit of S3 requests per second (filebase: 100; 0 = none)",
     )
     p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECS",
+        help="deadline of one S3 call including retries (default 120)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        metavar="N",
+        help="attempts per S3 request, jittered exponential backoff (default 5)",
+    )
+    p.add_argument(
         "--flush-timeout",
         type=float,
         metavar="SECS",
@@ -129,6 +141,8 @@ def config_from_args(argv: list[str]) -> Config:
         "flush_timeout",
         "provider",
         "max_rps",
+        "timeout",
+        "retries",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fbmount import format as fmt
 from fbmount.errors import StartupError
 
 MIB = 1024 * 1024
@@ -115,9 +116,10 @@ class Config:
     extra_fuse_options: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.prefix = self.prefix.strip("/")
-        if self.prefix:
-            self.prefix += "/"
+        try:
+            self.prefix = fmt.normalize_prefix(self.prefix)
+        except ValueError as e:
+            raise StartupError(f"bad PREFIX: {e}") from None
         if self.copy not in ("auto", "yes", "no"):
             raise StartupError(f"--copy must be auto, yes or no, not {self.copy!r}")
         if self.part_size < 5 * MIB:

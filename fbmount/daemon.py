@@ -54,10 +54,10 @@ def setup_logging(cfg: Config, daemon: bool) -> None:
         handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     root.setLevel(level)
+    # botocore's debug dumps carry signed URLs, Authorization headers and the access key:
+    # never enable them. --debug traces each request from store.py instead.
     for noisy in ("botocore", "aiobotocore", "urllib3", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
-    if cfg.debug:
-        logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # never keys
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def check_mountpoint(path: Path) -> None:

@@ -247,14 +247,23 @@ class EagerUploads:
         for path in self.fs.staging.root.glob("*.eager"):
             try:
                 note = json.loads(path.read_text())
-                ids = [note["upload_id"]] if note.get("upload_id") else [
-                    u["UploadId"] for u in (await self.fs.store.bucket_call(
-                        "list_multipart_uploads", "ListMultipartUploads",
-                        Bucket=self.fs.store.bucket, Prefix=note["key"],
-                    )).get("Uploads", [])
-                    if u.get("Key") == note["key"]
-                    and u["Initiated"].timestamp() >= note.get("since", 0)
-                ]  # crashed between creating the upload and noting its id
+                ids = (
+                    [note["upload_id"]]
+                    if note.get("upload_id")
+                    else [
+                        u["UploadId"]
+                        for u in (
+                            await self.fs.store.bucket_call(
+                                "list_multipart_uploads",
+                                "ListMultipartUploads",
+                                Bucket=self.fs.store.bucket,
+                                Prefix=note["key"],
+                            )
+                        ).get("Uploads", [])
+                        if u.get("Key") == note["key"]
+                        and u["Initiated"].timestamp() >= note.get("since", 0)
+                    ]
+                )  # crashed between creating the upload and noting its id
                 for upload_id in ids:
                     await self.fs.store.abort_multipart(note["key"], upload_id)
             except (ValueError, KeyError, OSError, FsError) as e:

@@ -238,6 +238,7 @@ class S3Store:
     # ----- plumbing ---------------------------------------------------------------------
     async def _call(self, op: str, what: str, coro_fn: Any, *args: Any) -> Any:
         self.requests[op] += 1
+        log.debug("%s %s", op, what)
         await self.rate.acquire()
         try:
             with trio.fail_after(self.timeout):
@@ -285,6 +286,7 @@ class S3Store:
         """dataplane.py: the body is read in a worker thread with the GIL released."""
         assert self._ranges is not None
         self.requests["GetObject"] += 1
+        log.debug("GetObject %s [%d, %d)", key, start, end)
         await self.rate.acquire()
         try:
             with trio.fail_after(self.timeout):
@@ -399,6 +401,7 @@ class S3Store:
         assert self._ranges is not None
         what = f"part {number} of {key}"
         self.requests["UploadPart"] += 1
+        log.debug("UploadPart %s", what)
         await self.rate.acquire()
         try:
             with trio.fail_after(self.timeout):

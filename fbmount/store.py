@@ -285,42 +285,49 @@ class S3Store:
     async def _fast_get_range(self, key: str, start: int, end: int, etag: str | None) -> bytes:
         """dataplane.py: the body is read in a worker thread with the GIL released."""
         assert self._ranges is not None
-        self.requests["GetObject"] += 1
-        log.debug("GetObject %s [%d, %d)", key, start, end)
+        url = self._get_urls.get(key)
+        if url is None:
+            # Range and If-Match are unsigned headers: one URL serves every GET of the key
+            # for its lifetime (signing costs ~0.4 ms of CPU each time).
+            url = await self._presign("get_object", {"Key": key})
+            self._get_urls[key] = url
+        data = await self._data_call(
+            "GetObject",
+            f"GET {key} [{start}, {end})",
+            self._ranges.get,
+            url,
+            start,
+            end,
+            etag,
+            key,
+        )
+        self.bytes_down += len(data)
+        return data  # a bytearray: callers slice it into bytes
+
+    async def _presign(self, method: str, params: dict[str, Any]) -> str:
+        return await self._thread.run(
+            self._client.generate_presigned_url,
+            method,
+            Params={"Bucket": self.bucket, **params},
+            ExpiresIn=URL_LIFETIME,
+        )
+
+    async def _data_call(self, op: str, what: str, fn: Any, *args: Any) -> Any:
+        """Run a dataplane.py transfer in a worker thread: counted, rate-limited, deadlined."""
+        self.requests[op] += 1
+        log.debug("%s %s", op, what)
         await self.rate.acquire()
         try:
             with trio.fail_after(self.timeout):
-                url = self._get_urls.get(key)
-                if url is None:
-                    # Range and If-Match are unsigned headers: one URL serves every GET of
-                    # the key for its lifetime (signing costs ~0.4 ms of CPU each time).
-                    url = await self._thread.run(
-                        self._client.generate_presigned_url,
-                        "get_object",
-                        Params={"Bucket": self.bucket, "Key": key},
-                        ExpiresIn=URL_LIFETIME,
-                    )
-                    self._get_urls[key] = url
-                data = await trio.to_thread.run_sync(
-                    self._ranges.get,
-                    url,
-                    start,
-                    end,
-                    etag,
-                    key,
-                    cancellable=True,
-                    limiter=self._range_threads,
+                return await trio.to_thread.run_sync(
+                    fn, *args, cancellable=True, limiter=self._range_threads
                 )
         except trio.TooSlowError:
-            self.errors["GetObject"] += 1
-            raise FsError(
-                errno.ETIMEDOUT, f"GET {key}: no answer within {self.timeout:g}s"
-            ) from None
+            self.errors[op] += 1
+            raise FsError(errno.ETIMEDOUT, f"{what}: no answer within {self.timeout:g}s") from None
         except FsError:
-            self.errors["GetObject"] += 1
+            self.errors[op] += 1
             raise
-        self.bytes_down += len(data)
-        return data  # a bytearray: callers slice it into bytes
 
     async def _botocore_get_range(self, key: str, start: int, end: int, etag: str | None) -> bytes:
 
@@ -400,36 +407,10 @@ class S3Store:
         """dataplane.py: one buffer, MD5 and send in a worker thread with the GIL released."""
         assert self._ranges is not None
         what = f"part {number} of {key}"
-        self.requests["UploadPart"] += 1
-        log.debug("UploadPart %s", what)
-        await self.rate.acquire()
-        try:
-            with trio.fail_after(self.timeout):
-                url = await self._thread.run(
-                    self._client.generate_presigned_url,
-                    "upload_part",
-                    Params={
-                        "Bucket": self.bucket,
-                        "Key": key,
-                        "UploadId": upload_id,
-                        "PartNumber": number,
-                    },
-                    ExpiresIn=900,
-                )
-                etag = await trio.to_thread.run_sync(
-                    self._ranges.put,
-                    url,
-                    body,
-                    what,
-                    cancellable=True,
-                    limiter=self._range_threads,
-                )
-        except trio.TooSlowError:
-            self.errors["UploadPart"] += 1
-            raise FsError(errno.ETIMEDOUT, f"{what}: no answer within {self.timeout:g}s") from None
-        except FsError:
-            self.errors["UploadPart"] += 1
-            raise
+        url = await self._presign(
+            "upload_part", {"Key": key, "UploadId": upload_id, "PartNumber": number}
+        )
+        etag = await self._data_call("UploadPart", what, self._ranges.put, url, body, what)
         self.bytes_up += len(body)
         return etag
 

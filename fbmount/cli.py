@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory-limit",
         metavar="MIB",
-        help="read-ahead memory shared by all open files (default 256)",
+        help="read-ahead memory shared by all open files (default 128)",
     )
     p.add_argument("--parallel", type=int, help="parallel part uploads/GETs per file (default 8)")
     p.add_argument(

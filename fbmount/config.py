@@ -99,7 +99,7 @@ class Config:
     dir_ttl: float = 10.0
     part_size: int = 8 * MIB
     read_ahead: int = 64 * MIB
-    memory_limit: int = 256 * MIB  # read-ahead budget shared by all open files
+    memory_limit: int = 128 * MIB  # read-ahead budget shared by all open files
     copy: str = "auto"  # auto | yes | no
     flush_timeout: float = 600.0  # how long unmount/SIGTERM waits for staged uploads
     local_dir: Path | None = None  # --local: serve a private SeaweedFS from this directory

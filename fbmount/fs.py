@@ -77,6 +77,12 @@ def fuse_errors(fn: Any) -> Any:
         except OSError as e:
             log.warning("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception:
+            # A bug must cost one syscall an EIO, never the whole mount.
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__

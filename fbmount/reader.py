@@ -95,11 +95,14 @@ class RemoteReader:
             self.window = min(self.max_window, self.window * 2)  # grow at chunk boundaries
         self._prefetch(first, last, needed=True)
         self._prefetch(last + 1, last + self.window, needed=False)
-        for idx in [i for i in self.chunks if i < first]:
-            self._drop(idx)  # behind the reader: free the memory
+        for idx in [i for i in self.chunks if i < first - 1]:
+            self._drop(idx)  # well behind the reader: free the memory
         parts = []
         for idx in range(first, last + 1):
-            chunk = self.chunks[idx]
+            chunk = self.chunks.get(idx)
+            if chunk is None:  # the kernel's concurrent read-ahead dropped it meanwhile
+                self._prefetch(idx, idx, needed=True)
+                chunk = self.chunks[idx]
             await chunk.done.wait()
             if chunk.error is not None:
                 self._drop(idx)

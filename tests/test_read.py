@@ -277,7 +277,7 @@ def test_metadata_and_symlinks_shown_by_stat(s3: Any, bucket: str, mount: MountF
     )
     s3.put_object(Bucket=bucket, Key="solo-link", Body=b"meta/rclone", Metadata={"mode": "41471"})
     last_modified = s3.head_object(Bucket=bucket, Key="meta/plain")["LastModified"]
-    m = mount(bucket)
+    m = mount(bucket, "--memory-limit", "32")  # a tight budget: prefetch must share it
     meta = m.path / "meta"
 
     st = os.stat(meta / "s3fs-exec")
@@ -492,7 +492,7 @@ def test_statfs_and_read_only(s3: Any, bucket: str, mount: MountFactory) -> None
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "fusermount3"])
 def test_clean_unmount(s3: Any, bucket: str, mount: MountFactory, how: str) -> None:
     s3.put_object(Bucket=bucket, Key="f", Body=b"x")
-    m = mount(bucket)
+    m = mount(bucket, "--memory-limit", "32")  # a tight budget: prefetch must share it
     assert read_file(m.path / "f") == b"x"
     if how == "fusermount3":
         subprocess.run(["fusermount3", "-u", str(m.path)], check=True, timeout=30)
@@ -505,3 +505,32 @@ def test_clean_unmount(s3: Any, bucket: str, mount: MountFactory, how: str) -> N
     assert not os.path.ismount(m.path)
     assert os.listdir(m.path) == []  # the plain, empty directory again
     assert_no_traceback(m.log_text())
+
+
+def test_parallel_readers_of_several_and_of_the_same_file(s3: Any, bucket: str, mount: Any):
+    """4 dd readers of 4 objects plus 2 of one object at once (the kernel also reads ahead
+    concurrently within each file): every byte right and the mount still answers."""
+    import hashlib
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    blobs = {f"par{i}.bin": os.urandom(24 * 1024 * 1024) for i in range(4)}
+    for key, data in blobs.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    m = mount(bucket, "--memory-limit", "32")  # a tight budget: prefetch must share it
+
+    def read(key: str) -> str:
+        out = subprocess.run(
+            ["dd", f"if={m.path / key}", "bs=1M", "status=none"],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+        return hashlib.sha256(out.stdout).hexdigest()
+
+    keys = [*blobs, "par0.bin", "par0.bin"]
+    with ThreadPoolExecutor(len(keys)) as pool:
+        digests = list(pool.map(read, keys))
+    assert digests == [hashlib.sha256(blobs[k]).hexdigest() for k in keys]
+    assert sorted(os.listdir(m.path)) == sorted(blobs)
+    assert "Traceback" not in m.log_text()

@@ -277,7 +277,7 @@ def test_metadata_and_symlinks_shown_by_stat(s3: Any, bucket: str, mount: MountF
     )
     s3.put_object(Bucket=bucket, Key="solo-link", Body=b"meta/rclone", Metadata={"mode": "41471"})
     last_modified = s3.head_object(Bucket=bucket, Key="meta/plain")["LastModified"]
-    m = mount(bucket, "--memory-limit", "32")  # a tight budget: prefetch must share it
+    m = mount(bucket)
     meta = m.path / "meta"
 
     st = os.stat(meta / "s3fs-exec")
@@ -492,7 +492,7 @@ def test_statfs_and_read_only(s3: Any, bucket: str, mount: MountFactory) -> None
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "fusermount3"])
 def test_clean_unmount(s3: Any, bucket: str, mount: MountFactory, how: str) -> None:
     s3.put_object(Bucket=bucket, Key="f", Body=b"x")
-    m = mount(bucket, "--memory-limit", "32")  # a tight budget: prefetch must share it
+    m = mount(bucket)
     assert read_file(m.path / "f") == b"x"
     if how == "fusermount3":
         subprocess.run(["fusermount3", "-u", str(m.path)], check=True, timeout=30)

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from faultproxy import FaultProxy  # noqa: E402
-from mounts import MOUNTS  # noqa: E402
-from s3 import client, create_bucket, rclone_env  # noqa: E402
 
+from bench.mounts import MOUNTS  # noqa: E402
+from bench.s3 import client, create_bucket, rclone_env  # noqa: E402
 from fbmount.localserver import LocalS3Server  # noqa: E402
 
 

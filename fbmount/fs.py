@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import stat
@@ -36,6 +37,7 @@ from fbmount.uploader import WriteBack, stream_copy
 log = logging.getLogger("fbmount.fs")
 
 XATTR_PREFIX = "user.fbmount."
+BUCKET_XATTRS = ("acl", "cors", "versioning")  # read-only, on the bucket's root directory
 # Answers that are part of normal life (cp -a probing xattrs, mkdir -p, rm of a missing
 # file): logged only with --debug; anything else (EIO, timeouts) is a warning.
 EXPECTED_ERRNOS = {
@@ -1085,6 +1087,16 @@ class Filesystem(pyfuse3.Operations):
             # ls -l asks for system.posix_acl_* and security.* of every file: answer
             # without a HEAD, or a listing would cost one request per file.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if (
+            inode == ROOT_INO
+            and not self.cfg.prefix
+            and sname.startswith(XATTR_PREFIX)
+            and sname[len(XATTR_PREFIX) :] in BUCKET_XATTRS
+        ):
+            value = await self._bucket_xattr(sname[len(XATTR_PREFIX) :])
+            if value is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return value.encode()
         if sname.startswith(XATTR_PREFIX) and sname != XATTR_PREFIX + "cid":
             node = self._node(inode)
         else:
@@ -1097,6 +1109,30 @@ class Filesystem(pyfuse3.Operations):
         if sname in node.xattrs:
             return node.xattrs[sname]
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def _bucket_xattr(self, name: str) -> str | None:
+        """Bucket ACL, CORS and versioning: not filesystem concepts, shown read-only."""
+        bucket = self.store.bucket
+        try:
+            if name == "acl":
+                r = await self.store.bucket_call("get_bucket_acl", "GetBucketAcl", Bucket=bucket)
+                public = any(
+                    g.get("Grantee", {}).get("URI", "").endswith("/global/AllUsers")
+                    and g.get("Permission") in ("READ", "FULL_CONTROL")
+                    for g in r.get("Grants", [])
+                )
+                return "public-read" if public else "private"
+            if name == "cors":
+                r = await self.store.bucket_call("get_bucket_cors", "GetBucketCors", Bucket=bucket)
+                return json.dumps(r.get("CORSRules", []))
+            if name == "versioning":
+                r = await self.store.bucket_call(
+                    "get_bucket_versioning", "GetBucketVersioning", Bucket=bucket
+                )
+                return r.get("Status", "Disabled")
+        except FsError:
+            return None  # not configured, or not supported by the server
+        return None
 
     def _fbmount_xattr(self, node: Node, name: str) -> str | None:
         if node.kind is Kind.DIR:
@@ -1119,6 +1155,10 @@ class Filesystem(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         node = await self._meta_node(inode)
         names = [n.encode() for n in node.xattrs]
+        if inode == ROOT_INO and not self.cfg.prefix:
+            for name in BUCKET_XATTRS:
+                if await self._bucket_xattr(name) is not None:
+                    names.append((XATTR_PREFIX + name).encode())
         for name in ("etag", "cid", "content_type", "storage_class", "url"):
             if self._fbmount_xattr(node, name) is not None if name != "url" else node.remote:
                 names.append((XATTR_PREFIX + name).encode())

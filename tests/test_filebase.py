@@ -637,3 +637,20 @@ def test_copy_auto_probes_once_when_refused(
     for key, data in blobs.items():
         assert body(s3, bucket, f"r{key}") == data
         assert not exists(s3, bucket, key)
+
+
+def test_bucket_acl_cors_versioning_as_root_xattrs(s3: Any, bucket: str, mount: Any) -> None:
+    """Bucket-level settings are not filesystem concepts: read-only xattrs on the root."""
+    m = mount(bucket)
+    names = os.listxattr(m.path)
+    assert "user.fbmount.versioning" in names
+    assert os.getxattr(m.path, "user.fbmount.versioning").decode() in ("Disabled", "Suspended")
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    assert os.getxattr(m.path, "user.fbmount.versioning") == b"Enabled"
+    if "user.fbmount.acl" in names:
+        assert os.getxattr(m.path, "user.fbmount.acl").decode() in ("private", "public-read")
+    with pytest.raises(OSError):
+        os.setxattr(m.path, "user.fbmount.versioning", b"Suspended")
+    (m.path / "sub").mkdir()
+    with pytest.raises(OSError):  # only the bucket root has them
+        os.getxattr(m.path / "sub", "user.fbmount.versioning")

@@ -29,6 +29,28 @@ RETRIES = 4
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
 
 
+def _backoff(attempt: int) -> None:
+    """Jittered exponential backoff before retry `attempt` (none before the first try)."""
+    if attempt:
+        time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+
+
+def _s3_error(status: int, body: bytes, what: str, key: str) -> tuple[bool, FsError]:
+    """(retryable, error) for a non-success answer; 412 pins the version (If-Match)."""
+    match = _CODE.search(body)
+    code = match.group(1).decode() if match else str(status)
+    if status == 412 or code == "PreconditionFailed":
+        return False, PreconditionFailed(key)
+    if status >= 500 or code in ("SlowDown", "RequestTimeout"):
+        return True, FsError(errno.EIO, f"{what}: {status} {code}")
+    return False, FsError(S3_CODE_ERRNO.get(code, errno.EIO), f"{what}: {code}")
+
+
+def _target(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}" if parts.query else parts.path
+
+
 class DataPlane:
     """A small pool of keep-alive connections to one endpoint, used from worker threads."""
 
@@ -69,8 +91,6 @@ class DataPlane:
 
     def put(self, url: str, body: bytes, what: str) -> str:
         """PUT `body` to pre-signed `url` (an UploadPart); returns the ETag. Blocking, retried."""
-        parts = urlsplit(url)
-        target = f"{parts.path}?{parts.query}" if parts.query else parts.path
         md5 = hashlib.md5(body, usedforsecurity=False)
         headers = {
             "Content-Length": str(len(body)),
@@ -78,11 +98,10 @@ class DataPlane:
         }
         last_error = ""
         for attempt in range(RETRIES):
-            if attempt:
-                time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+            _backoff(attempt)
             conn = self._take()
             try:
-                conn.request("PUT", target, body=body, headers=headers)
+                conn.request("PUT", _target(url), body=body, headers=headers)
                 resp = conn.getresponse()
                 answer = resp.read()
                 self._give_back(conn)
@@ -92,12 +111,10 @@ class DataPlane:
                         last_error = "ETag does not match the MD5 of what was sent"
                         continue
                     return etag
-                code_match = _CODE.search(answer)
-                code = code_match.group(1).decode() if code_match else str(resp.status)
-                if resp.status >= 500 or code in ("SlowDown", "RequestTimeout"):
-                    last_error = f"{resp.status} {code}"
-                    continue
-                raise FsError(S3_CODE_ERRNO.get(code, errno.EIO), f"{what}: {code}")
+                retryable, error = _s3_error(resp.status, answer, what, what)
+                if not retryable:
+                    raise error
+                last_error = error.message
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 last_error = f"{type(e).__name__}: {e}"
@@ -105,19 +122,16 @@ class DataPlane:
 
     def get(self, url: str, start: int, end: int, etag: str | None, key: str) -> bytearray:
         """Bytes [start, end) of the object behind pre-signed `url`; blocking, retried."""
-        parts = urlsplit(url)
-        target = f"{parts.path}?{parts.query}" if parts.query else parts.path
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if etag:
             headers["If-Match"] = f'"{etag}"'
         want = end - start
         last_error = ""
         for attempt in range(RETRIES):
-            if attempt:
-                time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+            _backoff(attempt)
             conn = self._take()
             try:
-                conn.request("GET", target, headers=headers)
+                conn.request("GET", _target(url), headers=headers)
                 resp = conn.getresponse()
                 if resp.status in (200, 206):
                     buf = bytearray(want)
@@ -134,16 +148,12 @@ class DataPlane:
                     conn.close()
                     last_error = f"body cut short ({got} of {want} bytes)"
                     continue
-                body = resp.read()
+                answer = resp.read()
                 self._give_back(conn)
-                code_match = _CODE.search(body)
-                code = code_match.group(1).decode() if code_match else str(resp.status)
-                if resp.status == 412 or code == "PreconditionFailed":
-                    raise PreconditionFailed(key)
-                if resp.status >= 500 or code in ("SlowDown", "RequestTimeout"):
-                    last_error = f"{resp.status} {code}"
-                    continue
-                raise FsError(S3_CODE_ERRNO.get(code, errno.EIO), f"GET {key}: {code}")
+                retryable, error = _s3_error(resp.status, answer, f"GET {key}", key)
+                if not retryable:
+                    raise error
+                last_error = error.message
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 if isinstance(e, ssl.SSLCertVerificationError):

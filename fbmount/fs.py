@@ -771,6 +771,7 @@ class Filesystem(pyfuse3.Operations):
         node.mode = stat.S_IFDIR | (stat.S_IMODE(mode) & ~ctx.umask)
         node.uid, node.gid = ctx.uid, ctx.gid
         node.mtime_ns = node.ctime_ns = node.atime_ns = time.time_ns()
+        node.remote = False  # until its marker exists: a concurrent re-list must keep it
         headers, ctype = self.headers_for(node)
         try:
             await self.store.put(self.ns.key(node), b"", headers, ctype)
@@ -846,6 +847,7 @@ class Filesystem(pyfuse3.Operations):
         if await self.resolve(parent, sname) is not None:
             raise FsError(errno.EEXIST)
         node = self.ns.add(parent, sname, Kind.LINK)
+        node.remote = False  # until stored: a concurrent re-list must keep it
         node.uid, node.gid = ctx.uid, ctx.gid
         node.link_target = os.fsdecode(target)
         body = target

@@ -4,7 +4,7 @@ Objects are seeded with boto3 and read back through the mount byte for byte; req
 counts come from tests/faultproxy.py sitting between fbmount and SeaweedFS.
 
 SeaweedFS refuses to store keys like ``x/./y`` and folds ``a//b`` into ``a/b``, but real
-S3 stores them, so fbmount must cope with them in listings. ``_KeyRewriteProxy`` below
+S3 stores them, so fbmount must cope with them in listings. ``ListRewriteProxy`` below
 lets the real server's listings carry such keys: objects are stored under placeholder
 segments and the proxy rewrites only ListObjectsV2 response bodies (placeholder → ``.``,
 ``..``, empty). Every other request and byte goes to SeaweedFS unchanged, and the proxy
@@ -15,25 +15,22 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import http.client
 import os
 import random
 import shutil
 import signal
 import stat
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 from conftest import MountFactory, is_mounted
 from faultproxy import FaultProxy
+from listrewrite import ListRewriteProxy, running
 
 MIB = 1024 * 1024
 KERNEL_READ = 128 * 1024  # the largest read the kernel sends to FUSE by default
@@ -73,83 +70,15 @@ def assert_no_traceback(log: str) -> None:
 _REWRITES = {b"DOTDOTSEGMENT": b"..", b"DOTSEGMENT": b".", b"EMPTYSEGMENT": b""}
 
 
-class _KeyRewriteProxy(ThreadingHTTPServer):
-    """Forwards every request to SeaweedFS; rewrites placeholders in LIST bodies only."""
-
-    daemon_threads = True
-
-    def __init__(self, target: str) -> None:
-        parts = urlsplit(target)
-        assert parts.hostname == "127.0.0.1", target
-        self.up_host, self.up_port = parts.hostname, parts.port or 80
-        self.requests: list[tuple[str, str]] = []  # (method, decoded path + query)
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _RewriteHandler)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _RewriteHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _KeyRewriteProxy
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
-        pass
-
-    def _forward(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
-        with self.server.lock:
-            self.server.requests.append((self.command, unquote(self.path)))
-        up = http.client.HTTPConnection(self.server.up_host, self.server.up_port, timeout=60)
-        try:
-            up.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-            for name, value in self.headers.items():
-                if name.lower() not in ("connection", "keep-alive", "expect"):
-                    up.putheader(name, value)  # Host included: SigV4 stays valid
-            up.endheaders(body)
-            resp = up.getresponse()
-            data = resp.read()
-        finally:
-            up.close()
-        query = parse_qs(urlsplit(self.path).query)
-        if self.command == "GET" and query.get("list-type") == ["2"]:
-            for placeholder, real in _REWRITES.items():
-                data = data.replace(placeholder, real)
-        self.send_response_only(resp.status, resp.reason)
-        for name, value in resp.getheaders():
-            if name.lower() in ("content-length", "transfer-encoding", "connection"):
-                continue
-            self.send_header(name, value)
-        if self.command == "HEAD":
-            self.send_header("Content-Length", resp.getheader("Content-Length") or "0")
-        else:
-            self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
-
-
 @pytest.fixture
-def rewrite_proxy(s3_endpoint: str) -> Iterator[_KeyRewriteProxy]:
-    proxy = _KeyRewriteProxy(s3_endpoint)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True, name="rewrite-proxy")
-    thread.start()
-    try:
+def rewrite_proxy(s3_endpoint: str) -> Iterator[ListRewriteProxy]:
+    with running(s3_endpoint, _REWRITES) as proxy:
         yield proxy
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
-        thread.join(10)
 
 
 # --------------------------------------------------------------------------- namespace
 def test_tree_names_and_odd_keys(
-    s3: Any, bucket: str, mount: MountFactory, rewrite_proxy: _KeyRewriteProxy
+    s3: Any, bucket: str, mount: MountFactory, rewrite_proxy: ListRewriteProxy
 ) -> None:
     """Empty/1-byte files, nested and implicit dirs, both marker styles, unicode, a key
     that is both file and prefix, and keys that cannot be names (skipped, never followed)."""

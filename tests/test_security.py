@@ -20,23 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import http.client
 import os
 import re
 import secrets
 import stat
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs
 
 import pytest
 from conftest import Mount, MountFactory
 from faultproxy import FaultProxy
+from listrewrite import ListRewriteProxy, running
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 NOBODY = 65534
@@ -47,78 +45,10 @@ NO_ENV_KEYS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}
 REWRITES = {b"DOTDOTSEG": b"..", b"DOTSEG": b".", b"EMPTYSEG": b""}
 
 
-# --------------------------------------------------------------------------- list rewriter
-class ListRewriteProxy(ThreadingHTTPServer):
-    """Forwards every request to SeaweedFS unchanged; rewrites placeholders in LIST bodies
-    only, and records every request (method, decoded path and query)."""
-
-    daemon_threads = True
-
-    def __init__(self, target: str) -> None:
-        parts = urlsplit(target)
-        assert parts.hostname == "127.0.0.1", target
-        self.up = (parts.hostname, parts.port or 80)
-        self.requests: list[tuple[str, str]] = []
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _RewriteHandler)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _RewriteHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: ListRewriteProxy
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
-        pass
-
-    def _forward(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        payload = self.rfile.read(length) if length else None
-        with self.server.lock:
-            self.server.requests.append((self.command, unquote(self.path)))
-        up = http.client.HTTPConnection(*self.server.up, timeout=60)
-        try:
-            up.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-            for name, value in self.headers.items():
-                if name.lower() not in ("connection", "keep-alive", "expect"):
-                    up.putheader(name, value)  # Host included: SigV4 stays valid
-            up.endheaders(payload)
-            resp = up.getresponse()
-            data = resp.read()
-        finally:
-            up.close()
-        if self.command == "GET" and parse_qs(urlsplit(self.path).query).get("list-type") == ["2"]:
-            for placeholder, real in REWRITES.items():
-                data = data.replace(placeholder, real)
-        self.send_response_only(resp.status, resp.reason)
-        for name, value in resp.getheaders():
-            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
-                self.send_header(name, value)
-        if self.command == "HEAD":
-            self.send_header("Content-Length", resp.getheader("Content-Length") or "0")
-        else:
-            self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
-
-
 @pytest.fixture
 def rewrite_proxy(s3_endpoint: str) -> Iterator[ListRewriteProxy]:
-    proxy = ListRewriteProxy(s3_endpoint)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True, name="list-rewrite")
-    thread.start()
-    try:
+    with running(s3_endpoint, REWRITES) as proxy:
         yield proxy
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
-        thread.join(10)
 
 
 # --------------------------------------------------------------------------- helpers

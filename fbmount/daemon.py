@@ -14,6 +14,7 @@ import logging.handlers
 import os
 import signal
 import ssl
+import stat
 import sys
 import time
 from pathlib import Path
@@ -70,16 +71,10 @@ def check_mountpoint(path: Path) -> None:
                 f"run: fusermount3 -uz {path}"
             ) from None
         raise StartupError(f"mountpoint {path}: {e.strerror}") from None
-    if not stat_is_dir(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):
         raise StartupError(f"mountpoint {path} is not a directory")
     if os.path.ismount(path):
         raise StartupError(f"{path} is already a mount point")
-
-
-def stat_is_dir(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISDIR(mode)
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -452,12 +447,3 @@ def _wait_for_child(read_fd: int, pid: int) -> int:
             file=sys.stderr,
         )
     return 1
-
-
-def wait_unmounted(path: Path, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not os.path.ismount(path):
-            return True
-        time.sleep(0.05)
-    return False

@@ -29,12 +29,12 @@ import trio
 
 from fbmount.errors import CopyNotSupported, FsError
 from fbmount.staging import Staged
+from fbmount.uploader import MAX_PARTS
 
 if TYPE_CHECKING:
     from fbmount.fs import Filesystem
 
 log = logging.getLogger("fbmount.eager")
-MAX_PARTS = 10_000
 
 
 @dataclass(eq=False)

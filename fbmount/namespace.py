@@ -87,8 +87,11 @@ class Namespace:
         attr_ttl: float,
         dir_ttl: float,
         max_listings: int = 4096,
+        root_ino: int = ROOT_INO,
     ) -> None:
         self.prefix = prefix
+        # An account mount gives each bucket's namespace its own inode range (account.py).
+        self.root_ino = root_ino
         self.uid, self.gid, self.umask = uid, gid, umask
         self.attr_ttl, self.dir_ttl = attr_ttl, dir_ttl
         self.started_ns = time.time_ns()
@@ -101,10 +104,10 @@ class Namespace:
         self.negative: cachetools.TTLCache[tuple[int, str], bool] = cachetools.TTLCache(
             65536, dir_ttl, timer=time.monotonic
         )
-        self._next_ino = ROOT_INO + 1
+        self._next_ino = root_ino + 1
         root = Node(
-            ROOT_INO,
-            ROOT_INO,
+            root_ino,
+            root_ino,
             "",
             Kind.DIR,
             self.default_mode(Kind.DIR),
@@ -116,12 +119,12 @@ class Namespace:
         )
         root.lookups = 1
         root.fresh_until = float("inf")
-        self.nodes[ROOT_INO] = root
+        self.nodes[root_ino] = root
 
     # ----- keys -------------------------------------------------------------------------
     def path(self, node: Node) -> str:
         names = []
-        while node.ino != ROOT_INO:
+        while node.ino != self.root_ino:
             names.append(node.name)
             node = self.nodes[node.parent]
         return "/".join(reversed(names))
@@ -138,6 +141,15 @@ class Namespace:
         return base + "/" if kind is Kind.DIR else base
 
     # ----- nodes ------------------------------------------------------------------------
+    @property
+    def root(self) -> Node:
+        return self.nodes[self.root_ino]
+
+    def set_umask(self, umask: int) -> None:
+        """Change the mode of objects that carry none (decided once the bucket ACL is known)."""
+        self.umask = umask
+        self.root.mode = self.default_mode(Kind.DIR)
+
     def default_mode(self, kind: Kind) -> int:
         if kind is Kind.DIR:
             return stat.S_IFDIR | (0o777 & ~self.umask)
@@ -205,13 +217,13 @@ class Namespace:
 
     def forget(self, ino: int, n: int) -> None:
         node = self.nodes.get(ino)
-        if node is None or ino == ROOT_INO:
+        if node is None or ino == self.root_ino:
             return
         node.lookups = max(0, node.lookups - n)
         self._maybe_drop(node)
 
     def _maybe_drop(self, node: Node) -> None:
-        if node.lookups or node.opens or node.ino == ROOT_INO:
+        if node.lookups or node.opens or node.ino == self.root_ino:
             return
         if node.linked and (node.staged is not None or self.has_children(node)):
             return

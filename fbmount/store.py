@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import errno
 import logging
 import random
@@ -139,8 +140,7 @@ class S3Store:
         self.delete_many_supported: bool | None = None
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
-        self.bytes_up = 0
-        self.bytes_down = 0
+        self.traffic: Counter[str] = Counter()  # bytes "up" and "down"
         self.rate = RateLimiter(max_rps)
         self._thread = AsyncioThread()
         self._client: Any = None
@@ -162,6 +162,22 @@ class S3Store:
             addressing_style=addressing_style,
             flexible_checksums=flexible_checksums,
         )
+
+    @property
+    def bytes_up(self) -> int:
+        return self.traffic["up"]
+
+    @property
+    def bytes_down(self) -> int:
+        return self.traffic["down"]
+
+    def for_bucket(self, bucket: str) -> S3Store:
+        """The same client, connections, rate limit and counters, for another bucket (an
+        account mount's buckets share one S3Store). Never close() the view; close this."""
+        view = copy.copy(self)
+        view.bucket = bucket
+        view._get_urls = cachetools.TTLCache(4096, URL_LIFETIME / 2, timer=time.monotonic)
+        return view
 
     # ----- life cycle (blocking; called outside trio) -----------------------------------
     def open(self) -> None:
@@ -301,7 +317,7 @@ class S3Store:
             etag,
             key,
         )
-        self.bytes_down += len(data)
+        self.traffic["down"] += len(data)
         return data  # a bytearray: callers slice it into bytes
 
     async def _presign(self, method: str, params: dict[str, Any]) -> str:
@@ -366,7 +382,7 @@ class S3Store:
                     and r.get("ContentLength") == len(data)
                     and _range_total(r) == start + len(data)
                 ):
-                    self.bytes_down += len(data)
+                    self.traffic["down"] += len(data)
                     return data
                 if attempt == BODY_RETRIES - 1:
                     raise FsError(errno.EIO, f"GET {key}: got {len(data)} of {want} bytes")
@@ -383,7 +399,7 @@ class S3Store:
                 data = await body.read()
             if len(data) != r.get("ContentLength", len(data)):
                 raise FsError(errno.EIO, f"GET {key}: body cut short")
-            self.bytes_down += len(data)
+            self.traffic["down"] += len(data)
             return data
 
         return await self._call("GetObject", f"GET {key}", go)
@@ -398,7 +414,7 @@ class S3Store:
                 ContentType=content_type,
                 ContentMD5=_md5_b64(body),
             )
-            self.bytes_up += len(body)
+            self.traffic["up"] += len(body)
             return _etag(r.get("ETag"))
 
         return await self._call("PutObject", f"PUT {key}", go)
@@ -411,7 +427,7 @@ class S3Store:
             "upload_part", {"Key": key, "UploadId": upload_id, "PartNumber": number}
         )
         etag = await self._data_call("UploadPart", what, self._ranges.put, url, body, what)
-        self.bytes_up += len(body)
+        self.traffic["up"] += len(body)
         return etag
 
     async def create_multipart(self, key: str, metadata: dict[str, str], content_type: str) -> str:
@@ -436,7 +452,7 @@ class S3Store:
                 Body=body,
                 ContentMD5=_md5_b64(body),
             )
-            self.bytes_up += len(body)
+            self.traffic["up"] += len(body)
             return _etag(r.get("ETag"))
 
         return await self._call("UploadPart", f"part {number} of {key}", go)

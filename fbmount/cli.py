@@ -1,4 +1,4 @@
-"""Command line: `fbmount BUCKET[:PREFIX] MOUNTPOINT [options]` (and subcommands later)."""
+"""Command line: `fbmount [BUCKET[:PREFIX]] MOUNTPOINT [options]` and the subcommands."""
 
 from __future__ import annotations
 
@@ -23,7 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mount a Filebase (or any S3-compatible) bucket as a directory.",
         epilog="Every long option can also be given as -o name=value (fstab, systemd).",
     )
-    p.add_argument("positional", nargs="+", metavar="BUCKET[:PREFIX] MOUNTPOINT")
+    p.add_argument("positional", nargs="+", metavar="[BUCKET[:PREFIX]] MOUNTPOINT")
+    p.add_argument(
+        "--all-buckets",
+        action="store_true",
+        default=None,
+        help="mount the whole account, one directory per bucket (the default when no "
+        "BUCKET is given); mkdir/rmdir at the top create/delete buckets",
+    )
     p.add_argument(
         "--local",
         type=Path,
@@ -150,18 +157,31 @@ def config_from_args(argv: list[str]) -> Config:
     for name in ("part_size", "read_ahead", "memory_limit"):
         if getattr(args, name) is not None:
             values[name] = parse_size_mib(getattr(args, name))
+    all_buckets = bool(args.all_buckets or values.pop("all_buckets", False))
     if args.local is not None:
         values["local_dir"] = args.local.absolute()
         values.setdefault("cache_dir", values["local_dir"] / "cache")
-        if len(args.positional) == 1:
+        if len(args.positional) == 1 and not all_buckets:
             args.positional.insert(0, "local")
-    if len(args.positional) != 2:
-        raise StartupError("usage: fbmount BUCKET[:PREFIX] MOUNTPOINT [options]")
+    if len(args.positional) == 1:
+        all_buckets = True
+    elif all_buckets and len(args.positional) == 2 and args.positional[0] in FSTAB_ANY_SOURCE:
+        del args.positional[0]  # fstab needs something in its first field
+    elif all_buckets:
+        raise StartupError("--all-buckets mounts every bucket: give only MOUNTPOINT")
+    if len(args.positional) != (1 if all_buckets else 2):
+        raise StartupError("usage: fbmount [BUCKET[:PREFIX]] MOUNTPOINT [options]")
+    if all_buckets:
+        return Config(bucket=None, mountpoint=Path(args.positional[0]).absolute(), **values)
     source, mountpoint = args.positional
     bucket, _, prefix = source.partition(":")
     if not bucket:
         raise StartupError("no bucket given: use BUCKET[:PREFIX]")
     return Config(bucket=bucket, prefix=prefix, mountpoint=Path(mountpoint).absolute(), **values)
+
+
+# What an fstab line of an account mount may put in its first field.
+FSTAB_ANY_SOURCE = ("none", "all-buckets", "fbmount")
 
 
 SUBCOMMANDS = {"status", "sync", "umount", "unmount", "doctor", "mount"}

@@ -16,6 +16,10 @@ from fbmount.errors import StartupError
 
 MIB = 1024 * 1024
 DEFAULT_ENDPOINT = "https://s3.filebase.com"
+# Without -o umask, the bucket's ACL picks the mode of objects that carry none (fs.py).
+PUBLIC_UMASK = 0o022  # public-read bucket: world-readable
+PRIVATE_UMASK = 0o027  # private bucket: owner and group only
+DEFAULT_UMASK = 0o022  # ACL unknown (not supported, or not allowed to read it)
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class Config:
     default_permissions: bool = False
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
-    umask: int = 0o022
+    umask: int | None = None  # None: from the bucket ACL
     fsname: str = ""
     extra_fuse_options: list[str] = field(default_factory=list)
 
@@ -131,24 +135,41 @@ class Config:
             )
         if self.max_rps is None:
             self.max_rps = PROVIDERS[self.provider].max_rps
+        if self.bucket is None and self.prefix:
+            raise StartupError("a PREFIX needs a bucket: BUCKET:PREFIX")
         if self.allow_other:
             # Other users must never bypass the modes fbmount shows.
             self.default_permissions = True
 
     @property
+    def all_buckets(self) -> bool:
+        """No bucket given: the whole account, one directory per bucket (account.py)."""
+        return self.bucket is None
+
+    @property
     def source(self) -> str:
-        """BUCKET[:PREFIX] as shown in /proc/mounts."""
-        return f"{self.bucket}:{self.prefix.rstrip('/')}" if self.prefix else str(self.bucket)
+        """BUCKET[:PREFIX] as shown in /proc/mounts ('all-buckets@HOST' for an account)."""
+        if self.bucket is None:
+            return f"all-buckets@{self.endpoint.split('://', 1)[-1].split('/', 1)[0]}"
+        return f"{self.bucket}:{self.prefix.rstrip('/')}" if self.prefix else self.bucket
 
     def state_dir(self) -> Path:
-        """Per endpoint+bucket+prefix directory for staging and the metadata index."""
+        """Per endpoint+bucket+prefix directory for staging and the metadata index; an
+        account mount keeps one per bucket below its own (bucket_state_dir)."""
         base = self.cache_dir or default_cache_dir()
         # --local: the server's port may change between runs; its data dir does not.
         where = f"local:{self.local_dir}" if self.local_dir is not None else self.endpoint
         ident = f"{where}|{self.bucket}|{self.prefix}"
         digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
-        safe_bucket = "".join(c for c in str(self.bucket) if c.isalnum() or c in "-_.")
-        return base / f"{safe_bucket}-{digest}"
+        name = "account" if self.bucket is None else _safe(self.bucket)
+        return base / f"{name}-{digest}"
+
+    def bucket_state_dir(self, bucket: str) -> Path:
+        return self.state_dir() / "buckets" / _safe(bucket)
+
+
+def _safe(name: str) -> str:
+    return "".join(c for c in name if c.isalnum() or c in "-_.")
 
 
 def default_cache_dir() -> Path:
@@ -189,7 +210,13 @@ def apply_o_options(values: dict, opts: list[str]) -> None:
                 continue
             if key in ("ro", "read_only"):
                 values["read_only"] = True
-            elif key in ("allow_other", "default_permissions", "debug", "foreground"):
+            elif key in (
+                "allow_other",
+                "default_permissions",
+                "debug",
+                "foreground",
+                "all_buckets",
+            ):
                 values[key] = True
             elif key in ("uid", "gid"):
                 values[key] = int(value)

@@ -24,6 +24,7 @@ from fbmount.errors import FsError
 
 if TYPE_CHECKING:
     from fbmount.daemon import Daemon
+    from fbmount.fs import Filesystem
 
 
 def runtime_dir() -> Path:
@@ -57,14 +58,15 @@ class Throughput:
 
 def status_of(daemon: Daemon) -> dict[str, Any]:
     """Everything `fbmount status` shows, as plain data."""
-    fs, store, cfg = daemon.fs, daemon.store, daemon.cfg
-    assert fs is not None and store is not None
+    store, cfg, filesystems = daemon.store, daemon.cfg, daemon.filesystems()
+    assert store is not None
     now = time.monotonic()
-    pending = [s for s in fs.staging.entries.values() if s.dirty]
-    sizes = {s.id: _size(s) for s in pending}
-    uploading = fs.uploader.in_flight
+    pending = [(fs, s) for fs in filesystems for s in fs.staging.entries.values() if s.dirty]
+    sizes = {s.id: _size(s) for _, s in pending}
+    uploading = [(fs, s) for fs in filesystems for s in fs.uploader.in_flight.values()]
     up, down = daemon.throughput.rates()
-    disk = os.statvfs(fs.staging.root)
+    state_dir = cfg.state_dir()
+    disk = os.statvfs(state_dir)
     return {
         "mountpoint": str(cfg.mountpoint),
         "source": cfg.source,
@@ -74,25 +76,27 @@ def status_of(daemon: Daemon) -> dict[str, Any]:
         "upload_delay_s": cfg.upload_delay,
         "pending_files": len(pending),
         "pending_bytes": sum(sizes.values()),
-        "oldest_pending_s": round(max((now - s.last_change for s in pending), default=0), 1),
+        "oldest_pending_s": round(max((now - s.last_change for _, s in pending), default=0), 1),
         "uploading": [
-            {"key": s.key, "bytes": sizes.get(s.id, 0), "sent": s.in_flight_bytes}
-            for s in uploading.values()
+            {"key": daemon.label(fs, s.key), "bytes": sizes.get(s.id, 0), "sent": s.in_flight_bytes}
+            for fs, s in uploading
         ],
         "failed": [
             {
-                "key": s.key,
+                "key": daemon.label(fs, s.key),
                 "error": s.last_error,
                 "failures": s.failures,
                 "retry_in_s": round(max(0.0, s.retry_at - now), 1),
             }
-            for s in pending
+            for fs, s in pending
             if s.last_error
         ],
-        "uploads_done": fs.uploader.uploads_done,
-        "pending_deletes": len(fs.uploader.pending_deletes) + len(fs.uploader.deleting),
-        "cache_dir": str(fs.staging.root.parent),
-        "cache_used_bytes": fs.staging.usage_bytes(),
+        "uploads_done": sum(fs.uploader.uploads_done for fs in filesystems),
+        "pending_deletes": sum(
+            len(fs.uploader.pending_deletes) + len(fs.uploader.deleting) for fs in filesystems
+        ),
+        "cache_dir": str(state_dir),
+        "cache_used_bytes": sum(fs.staging.usage_bytes() for fs in filesystems),
         "cache_free_bytes": disk.f_bavail * disk.f_frsize,
         "requests": dict(store.requests),
         "errors": dict(store.errors),
@@ -159,11 +163,21 @@ async def _send(stream: trio.SocketStream, obj: dict) -> None:
 
 async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
     """Upload everything written so far; report progress; end with ok or the failures."""
-    fs = daemon.fs
-    assert fs is not None
-    targets = [s for s in fs.staging.entries.values() if s.dirty]
+    filesystems = daemon.filesystems()
+    targets = [s for fs in filesystems for s in fs.staging.entries.values() if s.dirty]
     total = len(targets)
     failures: list[dict] = []
+
+    async def sync_one(fs: Filesystem) -> None:
+        await fs.uploader.flush_markers()
+        try:
+            await fs.uploader.flush_deletes()
+        except FsError as e:
+            deletions = f"{len(fs.uploader.pending_deletes)} deletion(s)"
+            failures.append({"key": daemon.label(fs, deletions), "error": e.message})
+        dirty = [s for s in fs.staging.entries.values() if s.dirty]
+        for s in await fs.uploader.flush(dirty):
+            failures.append({"key": daemon.label(fs, s.key), "error": s.last_error})
 
     async def progress() -> None:
         while True:
@@ -173,16 +187,10 @@ async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(progress)
-        await fs.uploader.flush_markers()
-        try:
-            await fs.uploader.flush_deletes()
-        except FsError as e:
-            failures.append(
-                {"key": f"{len(fs.uploader.pending_deletes)} deletion(s)", "error": e.message}
-            )
-        failed = await fs.uploader.flush(targets)
+        async with trio.open_nursery() as syncs:
+            for fs in filesystems:
+                syncs.start_soon(sync_one, fs)
         nursery.cancel_scope.cancel()
-    failures += [{"key": s.key, "error": s.last_error} for s in failed]
     await _send(
         stream, {"result": "ok" if not failures else "failed", "total": total, "failed": failures}
     )

@@ -24,6 +24,7 @@ import pyfuse3
 import trio
 
 from fbmount import control, credentials, notify
+from fbmount.account import AccountFilesystem
 from fbmount.config import PROVIDERS, Config
 from fbmount.errors import FsError, StartupError
 from fbmount.fs import Filesystem
@@ -121,7 +122,7 @@ def raise_read_ahead(mountpoint: Path, kib: int) -> None:
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.fs: Filesystem | None = None
+        self.fs: Filesystem | AccountFilesystem | None = None
         self.store: S3Store | None = None
         self.failed_uploads = 0
         self.started = time.monotonic()
@@ -156,9 +157,21 @@ class Daemon:
             flexible_checksums=PROVIDERS[cfg.provider].flexible_checksums,
         )
         self.store.open()
-        staging = StagingArea(state_dir / "staging")
-        index = MetaIndex(state_dir / "meta.sqlite")
-        self.fs = Filesystem(cfg, self.store, staging, index)
+        if cfg.all_buckets:
+            self.fs = AccountFilesystem(cfg, self.store)
+        else:
+            staging = StagingArea(state_dir / "staging")
+            self.fs = Filesystem(cfg, self.store, staging, MetaIndex(state_dir / "meta.sqlite"))
+
+    def filesystems(self) -> list[Filesystem]:
+        """Every bucket served: one, or those an account mount has used so far."""
+        if isinstance(self.fs, AccountFilesystem):
+            return self.fs.filesystems()
+        return [self.fs] if self.fs is not None else []
+
+    def label(self, fs: Filesystem, key: str) -> str:
+        """A staged file's name in logs and status: BUCKET/KEY on an account mount."""
+        return f"{fs.store.bucket}/{key}" if self.cfg.all_buckets else key
 
     async def _reachable(self) -> None:
         """Fail in a second, not after botocore's retries, when nothing listens there."""
@@ -216,7 +229,7 @@ class Daemon:
     async def check(self) -> None:
         assert self.store is not None
         await self._reachable()
-        if self.local_server is not None:
+        if self.local_server is not None and self.cfg.bucket is not None:
             try:
                 await self.store.bucket_call(
                     "create_bucket", "create bucket", Bucket=self.cfg.bucket
@@ -225,33 +238,21 @@ class Daemon:
                 if e.errno != errno.EEXIST:
                     raise StartupError(f"cannot create the local bucket: {e.message}") from None
         try:
-            await self.store.check_bucket()
+            if self.cfg.all_buckets:
+                await self.store.list_buckets()
+            else:
+                await self.store.check_bucket()
         except FsError as e:
             raise StartupError(explain_startup_failure(self.cfg, e)) from None
-
-    async def recover(self) -> None:
-        """Upload what a crashed earlier run left staged, before serving anything."""
-        assert self.fs is not None
-        await self.fs.eager.abort_leftovers()
-        found = self.fs.staging.recover()
-        if not found:
-            return
-        log.info("recovering %d staged file(s) from an earlier run", len(found))
-        failed = await self.fs.uploader.drain()
-        if failed:
-            log.error(
-                "%d recovered file(s) could not be uploaded yet; kept in %s",
-                len(failed),
-                self.fs.staging.root,
-            )
-            for staged in failed:  # not part of this mount's view; next mount retries
-                self.fs.staging.entries.pop(staged.id, None)
+        if isinstance(self.fs, Filesystem):
+            await self.fs.adopt_bucket_acl()
 
     async def serve(self, on_ready) -> None:
         assert self.fs is not None
         cfg, fs = self.cfg, self.fs
         await self.check()
-        await self.recover()
+        if isinstance(fs, Filesystem):  # an account mount recovers each bucket on first use
+            await fs.recover()
         try:
             pyfuse3.init(fs, str(cfg.mountpoint), fuse_options(cfg))
         except RuntimeError as e:
@@ -274,7 +275,8 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 fs.nursery = nursery
-                nursery.start_soon(fs.uploader.run)
+                if isinstance(fs, Filesystem):
+                    nursery.start_soon(fs.uploader.run)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._announce_ready, on_ready)
                 await nursery.start(control.serve, self)
@@ -290,26 +292,34 @@ class Daemon:
         log.info("unmounted %s", cfg.mountpoint)
 
     async def _final_flush(self) -> None:
-        fs, cfg = self.fs, self.cfg
-        assert fs is not None
         notify.stopping("flushing staged uploads")
-        pending = [s for s in fs.staging.entries.values() if s.dirty]
+        filesystems = self.filesystems()
+        pending = sum(1 for fs in filesystems for s in fs.staging.entries.values() if s.dirty)
         if pending:
-            log.info("unmounted; uploading %d staged file(s) before exit", len(pending))
+            log.info("unmounted; uploading %d staged file(s) before exit", pending)
+        failed: list[tuple[Filesystem, list]] = []
+
+        async def drain(fs: Filesystem) -> None:
+            left = await fs.uploader.drain(self.cfg.flush_timeout)
+            if left:
+                failed.append((fs, left))
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_systemd_waiting)
-            failed = await fs.uploader.drain(cfg.flush_timeout)
+            async with trio.open_nursery() as drains:
+                for fs in filesystems:
+                    drains.start_soon(drain, fs)
             nursery.cancel_scope.cancel()
-        self.failed_uploads = len(failed)
-        if failed:
+        self.failed_uploads = sum(len(left) for _, left in failed)
+        for fs, left in failed:
             log.error(
                 "%d file(s) could not be uploaded; they stay in %s and the next mount "
                 "of this bucket uploads them",
-                len(failed),
+                len(left),
                 fs.staging.root,
             )
-            for staged in failed:  # README: what is not uploaded is named in the log
-                log.error("not uploaded: %s", staged.key)
+            for staged in left:  # README: what is not uploaded is named in the log
+                log.error("not uploaded: %s", self.label(fs, staged.key))
 
     async def _sample_throughput(self) -> None:
         assert self.store is not None
@@ -341,8 +351,8 @@ class Daemon:
         notify.ready(f"mounted {self.cfg.source} at {self.cfg.mountpoint}")
 
     def close(self) -> None:
-        if self.fs is not None:
-            self.fs.index.close()
+        for fs in self.filesystems():
+            fs.index.close()
         if self.store is not None:
             self.store.close()
         if self.local_server is not None:
@@ -383,6 +393,11 @@ def explain_startup_failure(cfg: Config, e: FsError) -> str:
         )
     if "InvalidAccessKeyId" in msg or "SignatureDoesNotMatch" in msg:
         return f"the endpoint {cfg.endpoint} refused the credentials ({msg.split(': ', 1)[-1]})"
+    if cfg.all_buckets and e.errno == errno.EACCES:
+        return (
+            f"the endpoint {cfg.endpoint} refused to list the account's buckets ({msg}); "
+            "a key limited to one bucket can mount that bucket: fbmount BUCKET MOUNTPOINT"
+        )
     if "NoSuchBucket" in msg:
         return f"bucket {cfg.bucket!r} does not exist at {cfg.endpoint}"
     if e.errno == errno.EACCES:

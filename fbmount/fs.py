@@ -24,7 +24,7 @@ import pyfuse3
 import trio
 
 from fbmount import format as fmt
-from fbmount.config import Config
+from fbmount.config import DEFAULT_UMASK, PRIVATE_UMASK, PUBLIC_UMASK, Config
 from fbmount.eager import EagerUploads
 from fbmount.errors import CopyNotSupported, FsError
 from fbmount.metaindex import MetaIndex
@@ -91,6 +91,15 @@ def fuse_errors(fn: Any) -> Any:
     return wrapper
 
 
+def statfs_data() -> pyfuse3.StatvfsData:
+    s = pyfuse3.StatvfsData()
+    s.f_bsize = s.f_frsize = 1 << 20
+    s.f_blocks = s.f_bfree = s.f_bavail = 1 << 30  # 1 PiB: S3 has no meaningful limit
+    s.f_files = s.f_ffree = s.f_favail = 1 << 30
+    s.f_namemax = 255
+    return s
+
+
 def decode_name(name: bytes) -> str:
     """Kernel name → key segment; S3 keys are UTF-8, so undecodable names are refused."""
     try:
@@ -104,13 +113,30 @@ class Filesystem(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, cfg: Config, store: S3Store, staging: StagingArea, index: MetaIndex):
+    def __init__(
+        self,
+        cfg: Config,
+        store: S3Store,
+        staging: StagingArea,
+        index: MetaIndex,
+        root_ino: int = ROOT_INO,
+    ):
+        """`root_ino` > 1: one bucket of an account mount; inodes and handles count up from
+        it, so the router (account.py) finds the bucket from any inode or handle number."""
         super().__init__()
         self.cfg, self.store, self.staging, self.index = cfg, store, staging, index
-        self.ns = Namespace(cfg.prefix, cfg.uid, cfg.gid, cfg.umask, cfg.attr_ttl, cfg.dir_ttl)
+        self.ns = Namespace(
+            cfg.prefix,
+            cfg.uid,
+            cfg.gid,
+            cfg.umask if cfg.umask is not None else DEFAULT_UMASK,
+            cfg.attr_ttl,
+            cfg.dir_ttl,
+            root_ino=root_ino,
+        )
         self.handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, list[tuple[str, int]]] = {}
-        self._next_fh = 1
+        self._next_fh = root_ino
         self.get_limiter = trio.CapacityLimiter(max(4, cfg.parallel * 2))
         self.read_budget = MemoryBudget(cfg.memory_limit)
         self.big_dirs: cachetools.TTLCache[int, bool] = cachetools.TTLCache(
@@ -141,9 +167,11 @@ class Filesystem(pyfuse3.Operations):
         return parent, sname
 
     def _new_fh(self) -> int:
-        fh = self._next_fh
         self._next_fh += 1
-        return fh
+        return self._next_fh
+
+    def _is_bucket_root(self, inode: int) -> bool:
+        return inode == self.ns.root_ino and not self.cfg.prefix
 
     def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -392,7 +420,7 @@ class Filesystem(pyfuse3.Operations):
             a.st_ino = 0
             a.entry_timeout = self.cfg.dir_ttl  # kernel-side negative cache
             return a
-        if node.kind is Kind.DIR and not node.meta_known and node.ino != ROOT_INO:
+        if node.kind is Kind.DIR and not node.meta_known and node.ino != self.ns.root_ino:
             await self._head_marker(node)
         node.lookups += 1
         return self.attrs(node)
@@ -461,7 +489,7 @@ class Filesystem(pyfuse3.Operations):
     async def metadata_changed(self, node: Node) -> None:
         """Persist new metadata: a marker PUT for dirs, a staged change for files."""
         if node.kind is Kind.DIR:
-            if node.ino == ROOT_INO and not self.cfg.prefix:
+            if self._is_bucket_root(node.ino):
                 return  # the bucket root has no marker to carry metadata
             self.uploader.marker_changed(node)  # coalesced: rsync's chmod + utime = one PUT
             return
@@ -787,7 +815,7 @@ class Filesystem(pyfuse3.Operations):
         node.lookups += 1
         return self.attrs(node)
 
-    async def _dir_is_empty(self, node: Node) -> bool:
+    async def dir_is_empty(self, node: Node) -> bool:
         if any(c.staged is not None and not c.staged.discarded for c in self.ns.descendants(node)):
             return False
         prefix = self.ns.key(node)
@@ -801,7 +829,7 @@ class Filesystem(pyfuse3.Operations):
         if node.kind is not Kind.DIR:
             raise FsError(errno.ENOTDIR)
         await self.uploader.flush_deletes(self.ns.key(node))  # rm -rf: one batch per dir
-        if not await self._dir_is_empty(node):
+        if not await self.dir_is_empty(node):
             raise FsError(errno.ENOTEMPTY)
         await self.store.delete(self.ns.key(node))
         self.ns.listings.pop(node.ino, None)
@@ -913,7 +941,7 @@ class Filesystem(pyfuse3.Operations):
                 raise FsError(errno.ENOTDIR)
             if src.kind is not Kind.DIR and dst.kind is Kind.DIR:
                 raise FsError(errno.EISDIR)
-            if dst.kind is Kind.DIR and not await self._dir_is_empty(dst):
+            if dst.kind is Kind.DIR and not await self.dir_is_empty(dst):
                 raise FsError(errno.ENOTEMPTY)
         if src.kind is Kind.DIR:
             await self._rename_dir(src, new_parent, new_name, dst)
@@ -1066,14 +1094,37 @@ class Filesystem(pyfuse3.Operations):
         self.index.rename_prefix(old_prefix, new_prefix)
         self.uploader.kick()
 
+    # ===== life cycle ===================================================================
+    async def recover(self) -> None:
+        """Upload what a crashed earlier run left staged, before serving anything of it."""
+        await self.eager.abort_leftovers()
+        found = self.staging.recover()
+        if not found:
+            return
+        log.info("recovering %d staged file(s) from an earlier run", len(found))
+        failed = await self.uploader.drain()
+        if failed:
+            log.error(
+                "%d recovered file(s) could not be uploaded yet; kept in %s",
+                len(failed),
+                self.staging.root,
+            )
+            for staged in failed:  # not part of this mount's view; next mount retries
+                self.staging.entries.pop(staged.id, None)
+
+    async def adopt_bucket_acl(self) -> None:
+        """Without -o umask, objects that carry no mode show the bucket's ACL: a public-read
+        bucket world-readable (umask 022), a private one not (027)."""
+        if self.cfg.umask is not None:
+            return
+        acl = await self._bucket_xattr("acl")
+        if acl is not None:
+            self.ns.set_umask(PUBLIC_UMASK if acl == "public-read" else PRIVATE_UMASK)
+            log.debug("bucket %s is %s: default umask %03o", self.store.bucket, acl, self.ns.umask)
+
     # ===== misc =========================================================================
     async def statfs(self, ctx: Any) -> Any:
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 1 << 20
-        s.f_blocks = s.f_bfree = s.f_bavail = 1 << 30  # 1 PiB: S3 has no meaningful limit
-        s.f_files = s.f_ffree = s.f_favail = 1 << 30
-        s.f_namemax = 255
-        return s
+        return statfs_data()
 
     # ----- extended attributes ----------------------------------------------------------
     async def _meta_node(self, inode: int) -> Node:
@@ -1090,8 +1141,7 @@ class Filesystem(pyfuse3.Operations):
             # without a HEAD, or a listing would cost one request per file.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         if (
-            inode == ROOT_INO
-            and not self.cfg.prefix
+            self._is_bucket_root(inode)
             and sname.startswith(XATTR_PREFIX)
             and sname[len(XATTR_PREFIX) :] in BUCKET_XATTRS
         ):
@@ -1157,7 +1207,7 @@ class Filesystem(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         node = await self._meta_node(inode)
         names = [n.encode() for n in node.xattrs]
-        if inode == ROOT_INO and not self.cfg.prefix:
+        if self._is_bucket_root(inode):
             for name in BUCKET_XATTRS:
                 if await self._bucket_xattr(name) is not None:
                     names.append((XATTR_PREFIX + name).encode())

@@ -47,7 +47,7 @@ DROP_PREFIXES = ("x-", "X-", "comment=", "user=", "helper=")
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-USAGE = f"usage: {PROG} BUCKET[:PREFIX] MOUNTPOINT [-sfnv] [-o OPTION[,OPTION...]]"
+USAGE = f"usage: {PROG} BUCKET[:PREFIX]|none MOUNTPOINT [-sfnv] [-o OPTION[,OPTION...]]"
 
 
 class UsageError(Exception):

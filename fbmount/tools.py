@@ -19,6 +19,7 @@ import sys
 import time
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from fbmount import control, credentials
@@ -189,7 +190,7 @@ class Report:
 
 def cmd_doctor(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fbmount doctor", description="check a setup")
-    p.add_argument("bucket", nargs="?")
+    p.add_argument("bucket", nargs="?", help="without it: check the account (ListBuckets)")
     p.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--profile")
@@ -201,8 +202,8 @@ def cmd_doctor(argv: list[str]) -> int:
     check_fuse(rep, args.allow_other)
     check_stale_mounts(rep)
     creds = check_credentials(rep, args)
-    if check_endpoint(rep, args) and args.bucket:
-        check_bucket(rep, args, creds)
+    if check_endpoint(rep, args):
+        (check_bucket if args.bucket else check_account)(rep, args, creds)
     print("all checks passed" if not rep.failures else f"{rep.failures} check(s) failed")
     return 1 if rep.failures else 0
 
@@ -335,11 +336,7 @@ def check_endpoint(rep: Report, args: argparse.Namespace) -> bool:
     return True
 
 
-def check_bucket(
-    rep: Report, args: argparse.Namespace, creds: credentials.Credentials | None
-) -> None:
-    import trio
-
+def _doctor_store(args: argparse.Namespace, creds: credentials.Credentials | None) -> Any:
     from fbmount.store import S3Store
 
     store = S3Store(
@@ -353,6 +350,36 @@ def check_bucket(
         timeout=30,
     )
     store.open()
+    return store
+
+
+def check_account(
+    rep: Report, args: argparse.Namespace, creds: credentials.Credentials | None
+) -> None:
+    """No bucket named: what `fbmount MOUNTPOINT` (the whole account) needs."""
+    import trio
+
+    store = _doctor_store(args, creds)
+    try:
+        buckets = trio.run(store.list_buckets)
+        rep.ok("account", f"{len(buckets)} bucket(s) listable")
+    except FsError as e:
+        rep.fail(
+            "account",
+            e.message,
+            "check the access key and secret; a key limited to one bucket needs "
+            "`fbmount doctor BUCKET` and `fbmount BUCKET MOUNTPOINT`",
+        )
+    finally:
+        store.close()
+
+
+def check_bucket(
+    rep: Report, args: argparse.Namespace, creds: credentials.Credentials | None
+) -> None:
+    import trio
+
+    store = _doctor_store(args, creds)
     probe = f".fbmount-doctor-{secrets.token_hex(4)}"
 
     async def run() -> None:

@@ -111,7 +111,8 @@ def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
 
 
 def watch_acl_headers(proxy: FaultProxy) -> tuple[list[str], list[int]]:
-    """Record any ACL header or ?acl sub-resource fbmount sends (Filebase has no ACLs).
+    """Record any ACL header or ACL-setting/object ?acl request fbmount sends (Filebase has
+    no object ACLs).
 
     FaultProxy keeps no request headers, so a rule that never fires inspects each request
     head. It must be the first rule: a status rule (refuse_copy) ends the rule scan.
@@ -126,7 +127,9 @@ def watch_acl_headers(proxy: FaultProxy) -> tuple[list[str], list[int]]:
             low = name.lower()
             if low == "x-amz-acl" or low.startswith("x-amz-grant-"):
                 offences.append(f"{info.kind} {info.path}: {name}")
-        if "acl" in info.query:
+        # Reading the bucket's ACL (to pick default modes) is fine; setting one, or any
+        # object ACL, is not.
+        if "acl" in info.query and (info.method != "GET" or info.key):
             offences.append(f"{info.kind} {info.path}: ?acl")
         return False
 

@@ -40,8 +40,12 @@ def make_tree(root: Path, files: int) -> None:
 def settle(proxy: FaultProxy, mnt: Path, tool: str) -> None:
     """Until the tool has nothing left to send (fbmount: its sync command)."""
     if tool == "fbmount":
-        subprocess.run([sys.executable, "-m", "fbmount", "sync", str(mnt)], check=True,
-                       capture_output=True, timeout=600)
+        subprocess.run(
+            [sys.executable, "-m", "fbmount", "sync", str(mnt)],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     deadline = time.monotonic() + 120
     last, quiet_since = proxy.total, time.monotonic()
     while time.monotonic() < deadline:  # rclone uploads ~5 s after close
@@ -54,8 +58,12 @@ def settle(proxy: FaultProxy, mnt: Path, tool: str) -> None:
 
 def rsync(src: Path, dst: Path) -> tuple[float, int]:
     t = time.monotonic()
-    out = subprocess.run(["rsync", "-a", "--stats", f"{src}/", f"{dst}/"], capture_output=True,
-                         text=True, timeout=1200)
+    out = subprocess.run(
+        ["rsync", "-a", "--stats", f"{src}/", f"{dst}/"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     sent = re.search(r"Total bytes sent: ([\d,]+)", out.stdout)
     return time.monotonic() - t, int(sent.group(1).replace(",", "")) if sent else -1
 
@@ -81,9 +89,12 @@ def main() -> int:
             with FaultProxy(server.endpoint) as proxy:
                 env = rclone_env(tmp, proxy.endpoint, server.access_key, server.secret_key)
                 env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = (
-                    server.access_key, server.secret_key)
-                mount = MOUNTS[tool](env, proxy.endpoint, bucket, tmp / f"mnt-{tool}",
-                                     tmp / f"work-{tool}", "write")
+                    server.access_key,
+                    server.secret_key,
+                )
+                mount = MOUNTS[tool](
+                    env, proxy.endpoint, bucket, tmp / f"mnt-{tool}", tmp / f"work-{tool}", "write"
+                )
                 mount.start()
                 try:
                     proxy.reset()
@@ -101,16 +112,20 @@ def main() -> int:
         server.stop()
     n = args.files
     print(f"rsync -a of {n} files (1-5 KiB, 20 directories), requests counted at a proxy\n")
-    print(f"{'tool':8} | {'1st run s':>9} | {'requests':>8} | {'per file':>8} | "
-          f"{'PUT':>5} | {'COPY':>5} | {'HEAD':>5} | {'LIST':>5} | {'DELETE':>6} | "
-          f"{'re-run s':>8} | {'re-run req':>10} | {'re-run bytes sent':>17}")
+    print(
+        f"{'tool':8} | {'1st run s':>9} | {'requests':>8} | {'per file':>8} | "
+        f"{'PUT':>5} | {'COPY':>5} | {'HEAD':>5} | {'LIST':>5} | {'DELETE':>6} | "
+        f"{'re-run s':>8} | {'re-run req':>10} | {'re-run bytes sent':>17}"
+    )
     for tool, secs, first, secs2, sent2, second in rows:
         total = sum(first.values())
         deletes = first.get("DeleteObject", 0) + first.get("DeleteObjects", 0)
-        print(f"{tool:8} | {secs:9.1f} | {total:8} | {total / n:8.2f} | "
-              f"{first.get('PutObject', 0):5} | {first.get('CopyObject', 0):5} | "
-              f"{first.get('HeadObject', 0):5} | {first.get('ListObjects', 0):5} | "
-              f"{deletes:6} | {secs2:8.2f} | {sum(second.values()):10} | {sent2:17,}")
+        print(
+            f"{tool:8} | {secs:9.1f} | {total:8} | {total / n:8.2f} | "
+            f"{first.get('PutObject', 0):5} | {first.get('CopyObject', 0):5} | "
+            f"{first.get('HeadObject', 0):5} | {first.get('ListObjects', 0):5} | "
+            f"{deletes:6} | {secs2:8.2f} | {sum(second.values()):10} | {sent2:17,}"
+        )
     return 0
 
 

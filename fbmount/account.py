@@ -29,7 +29,7 @@ import trio
 
 from fbmount.config import DEFAULT_UMASK, PRIVATE_UMASK, Config
 from fbmount.errors import FsError
-from fbmount.fs import Filesystem, decode_name, fuse_errors, statfs_data
+from fbmount.fs import Filesystem, decode_name, fuse_errors, statfs_data, umask_from_acl
 from fbmount.metaindex import MetaIndex
 from fbmount.namespace import ROOT_INO
 from fbmount.staging import StagingArea
@@ -64,6 +64,7 @@ class Bucket:
     name: str
     slot: int
     created_ns: int
+    umask: int | None = None  # from -o umask or the bucket ACL, once known
     fs: Filesystem | None = None
     loading: trio.Event | None = None
     scope: trio.CancelScope | None = None
@@ -153,7 +154,7 @@ class AccountFilesystem(pyfuse3.Operations):
         root = fs.ns.root
         root.mtime_ns = root.ctime_ns = root.atime_ns = b.created_ns
         try:
-            await fs.adopt_bucket_acl()
+            fs.ns.set_umask(await self._umask_of(b))
             assert self.nursery is not None
             b.scope = await self.nursery.start(_serve_bucket, fs)
             await fs.recover()
@@ -165,6 +166,29 @@ class AccountFilesystem(pyfuse3.Operations):
         log.debug("bucket %s: slot %d", b.name, b.slot)
         return fs
 
+    async def _umask_of(self, b: Bucket) -> int:
+        if b.umask is None:
+            if self.cfg.umask is not None:
+                b.umask = self.cfg.umask
+            else:
+                b.umask = umask_from_acl(await self.store.bucket_acl(b.name))
+        return b.umask
+
+    async def _learn_umasks(self, buckets: list[Bucket]) -> None:
+        """The ACLs of buckets `ls -l` is about to show, 16 at a time (once per bucket)."""
+        unknown = [b for b in buckets if b.umask is None and b.fs is None]
+        if not unknown:
+            return
+        limiter = trio.CapacityLimiter(16)
+
+        async def learn(b: Bucket) -> None:
+            async with limiter:
+                await self._umask_of(b)
+
+        async with trio.open_nursery() as nursery:
+            for b in unknown:
+                nursery.start_soon(learn, b)
+
     async def _unload(self, b: Bucket) -> None:
         self.by_name.pop(b.name, None)
         self.by_slot.pop(b.slot, None)
@@ -175,11 +199,8 @@ class AccountFilesystem(pyfuse3.Operations):
             state = self.cfg.bucket_state_dir(b.name)
             await trio.to_thread.run_sync(lambda: shutil.rmtree(state, ignore_errors=True))
 
-    def _unloaded_attrs(self, ino: int, created_ns: int) -> pyfuse3.EntryAttributes:
-        """The account root, or a bucket not used yet: private until its ACL says more."""
-        umask = self.cfg.umask if self.cfg.umask is not None else PRIVATE_UMASK
-        if ino == ROOT_INO:
-            umask = self.cfg.umask if self.cfg.umask is not None else DEFAULT_UMASK
+    def _unloaded_attrs(self, ino: int, created_ns: int, umask: int) -> pyfuse3.EntryAttributes:
+        """The account root, or a bucket not used yet."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.entry_timeout = a.attr_timeout = self.cfg.attr_ttl
@@ -191,8 +212,9 @@ class AccountFilesystem(pyfuse3.Operations):
         return a
 
     def _bucket_attrs(self, b: Bucket) -> pyfuse3.EntryAttributes:
-        if b.fs is None:
-            return self._unloaded_attrs(b.root_ino, b.created_ns)
+        if b.fs is None:  # private until its ACL says more
+            umask = b.umask if b.umask is not None else PRIVATE_UMASK
+            return self._unloaded_attrs(b.root_ino, b.created_ns, umask)
         return b.fs.attrs(b.fs.ns.root)
 
     async def _create_bucket(self, name: bytes) -> pyfuse3.EntryAttributes:
@@ -260,7 +282,8 @@ class AccountFilesystem(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         if inode == ROOT_INO:
-            return self._unloaded_attrs(ROOT_INO, self.started_ns)
+            umask = self.cfg.umask if self.cfg.umask is not None else DEFAULT_UMASK
+            return self._unloaded_attrs(ROOT_INO, self.started_ns, umask)
         return await (await self.bucket_fs(inode)).getattr(inode, ctx)
 
     @fuse_errors
@@ -274,8 +297,10 @@ class AccountFilesystem(pyfuse3.Operations):
         if inode != ROOT_INO:
             return await (await self.bucket_fs(inode)).opendir(inode, ctx)
         await self.refresh()
+        snapshot = sorted(self.by_name.values(), key=lambda b: b.name)
+        await self._learn_umasks(snapshot)
         self._next_fh += 1
-        self.dir_handles[self._next_fh] = sorted(self.by_name.values(), key=lambda b: b.name)
+        self.dir_handles[self._next_fh] = snapshot
         return self._next_fh
 
     @fuse_errors
@@ -386,7 +411,9 @@ class AccountFilesystem(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        if inode == ROOT_INO:
+        # `ls -l` asks every entry for security.* and system.posix_acl_*: answering those
+        # here keeps a listing of the account from loading every bucket.
+        if inode == ROOT_INO or not name.startswith(b"user."):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return await (await self.bucket_fs(inode)).getxattr(inode, name, ctx)
 

@@ -91,6 +91,12 @@ def fuse_errors(fn: Any) -> Any:
     return wrapper
 
 
+def umask_from_acl(acl: str | None) -> int:
+    """The bucket ACL as the mode of objects that carry none: a public-read bucket shows
+    world-readable (umask 022), a private one does not (027); unknown: 022."""
+    return {"public-read": PUBLIC_UMASK, "private": PRIVATE_UMASK}.get(acl or "", DEFAULT_UMASK)
+
+
 def statfs_data() -> pyfuse3.StatvfsData:
     s = pyfuse3.StatvfsData()
     s.f_bsize = s.f_frsize = 1 << 20
@@ -1113,14 +1119,10 @@ class Filesystem(pyfuse3.Operations):
                 self.staging.entries.pop(staged.id, None)
 
     async def adopt_bucket_acl(self) -> None:
-        """Without -o umask, objects that carry no mode show the bucket's ACL: a public-read
-        bucket world-readable (umask 022), a private one not (027)."""
-        if self.cfg.umask is not None:
-            return
-        acl = await self._bucket_xattr("acl")
-        if acl is not None:
-            self.ns.set_umask(PUBLIC_UMASK if acl == "public-read" else PRIVATE_UMASK)
-            log.debug("bucket %s is %s: default umask %03o", self.store.bucket, acl, self.ns.umask)
+        """Without -o umask, objects that carry no mode show the bucket's ACL (see
+        umask_from_acl)."""
+        if self.cfg.umask is None:
+            self.ns.set_umask(umask_from_acl(await self.store.bucket_acl()))
 
     # ===== misc =========================================================================
     async def statfs(self, ctx: Any) -> Any:
@@ -1167,13 +1169,7 @@ class Filesystem(pyfuse3.Operations):
         bucket = self.store.bucket
         try:
             if name == "acl":
-                r = await self.store.bucket_call("get_bucket_acl", "GetBucketAcl", Bucket=bucket)
-                public = any(
-                    g.get("Grantee", {}).get("URI", "").endswith("/global/AllUsers")
-                    and g.get("Permission") in ("READ", "FULL_CONTROL")
-                    for g in r.get("Grants", [])
-                )
-                return "public-read" if public else "private"
+                return await self.store.bucket_acl()
             if name == "cors":
                 r = await self.store.bucket_call("get_bucket_cors", "GetBucketCors", Bucket=bucket)
                 return json.dumps(r.get("CORSRules", []))

@@ -714,13 +714,28 @@ class S3Store:
 
         return await self._call("ListBuckets", "ListBuckets", go)
 
+    async def bucket_acl(self, bucket: str | None = None) -> str | None:
+        """'public-read' or 'private'; None when the server will not say."""
+        bucket = bucket or self.bucket
+        try:
+            r = await self.bucket_call("get_bucket_acl", f"GetBucketAcl {bucket}", Bucket=bucket)
+        except FsError:
+            return None
+        public = any(
+            g.get("Grantee", {}).get("URI", "").endswith("/global/AllUsers")
+            and g.get("Permission") in ("READ", "FULL_CONTROL")
+            for g in r.get("Grants", [])
+        )
+        return "public-read" if public else "private"
+
     async def bucket_call(self, method: str, what: str, **params: Any) -> dict:
         """Bucket-level calls (create/delete/ACL/CORS/versioning) for account mounts."""
 
         async def go() -> dict:
             return await getattr(self._client, method)(**params)
 
-        return await self._call(method, what, go)
+        op = "".join(word.title() for word in method.split("_"))  # get_bucket_acl: GetBucketAcl
+        return await self._call(op, what, go)
 
 
 class _LeanListFailed(Exception):

@@ -191,6 +191,29 @@ def test_one_positional_mounts_the_account(
         assert r.returncode == 0, r.stderr
 
 
+def test_listing_the_account_loads_no_bucket(
+    s3: Any, buckets: Any, mount: Any, run_fbmount: Run
+) -> None:
+    """`ls -l` of the top is one ListBuckets (+ one GetBucketAcl per bucket, once): no
+    bucket is listed or opened until used."""
+    for i in range(3):
+        buckets(f"acct-lazy-{i}")
+    m = mount("--all-buckets")
+
+    def requests() -> dict[str, int]:
+        r = run_fbmount("status", str(m.path), "--json", timeout=30)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["requests"]
+
+    before = requests()
+    subprocess.run(["ls", "-l", str(m.path)], capture_output=True, check=True)
+    subprocess.run(["ls", "-l", str(m.path)], capture_output=True, check=True)
+    after = requests()
+    grown = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    assert set(grown) <= {"ListBuckets", "GetBucketAcl"}, grown
+    assert grown.get("ListBuckets", 0) <= 1, grown
+
+
 def test_status_and_sync_name_the_bucket(
     s3: Any, buckets: Any, mount: Any, run_fbmount: Run
 ) -> None:
@@ -237,6 +260,10 @@ def test_bucket_acl_sets_default_mode(s3: Any, buckets: Any, mount: Any) -> None
     assert any(g["Grantee"].get("URI", "").endswith("AllUsers") for g in acl["Grants"])
 
     m = mount("--all-buckets")
+    # The top level shows the ACL's mode before either bucket is opened...
+    listed = subprocess.run(["ls", "-l", str(m.path)], capture_output=True, text=True, check=True)
+    modes = {line.split()[-1]: line.split()[0] for line in listed.stdout.splitlines()[1:]}
+    assert modes[private] == "drwxr-x---" and modes[public] == "drwxr-xr-x", listed.stdout
     assert stat.S_IMODE(os.stat(m.path / private / "plain.txt").st_mode) == 0o640
     assert stat.S_IMODE(os.stat(m.path / private).st_mode) == 0o750
     assert stat.S_IMODE(os.stat(m.path / public / "plain.txt").st_mode) == 0o644

@@ -29,6 +29,9 @@ from fbmount.localserver import LocalS3Server
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "testkey"
 SECRET_KEY = "testsecret"
+# A second identity on the auth_server (which, unlike the session server, checks keys).
+AUTH_KEY = "authaccesskey"
+AUTH_SECRET = "auth-secret-key-0123456789"
 REGION = "us-east-1"
 MOUNT_TIMEOUT = 30.0  # seconds for a mount to become live
 UNMOUNT_TIMEOUT = 30.0  # seconds for fbmount to flush and exit after fusermount3 -u
@@ -120,6 +123,23 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Serve
     """One private SeaweedFS for the whole session (data is disposable: stop fast)."""
     server = LocalS3Server(
         tmp_path_factory.mktemp("seaweedfs"), stop_timeout=2.0, die_with_parent=True
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Server]:
+    """A SeaweedFS that checks signatures, knowing ACCESS_KEY and AUTH_KEY. It is also the
+    one that answers ListBuckets and keeps bucket ACLs (the session server does neither)."""
+    server = LocalS3Server(
+        tmp_path_factory.mktemp("seaweedfs-auth"),
+        identities={ACCESS_KEY: SECRET_KEY, AUTH_KEY: AUTH_SECRET},
+        stop_timeout=2.0,
+        die_with_parent=True,
     )
     server.start()
     try:

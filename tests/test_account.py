@@ -1,7 +1,8 @@
 """Whole-account mounts: `fbmount MOUNTPOINT` / `--all-buckets`, one directory per bucket.
 
 SeaweedFS answers ListBuckets with an empty list unless it knows its users, so this module
-runs its own server with identities (the session keys), and bucket ACLs work there too.
+uses the session's auth_server (identities for the session keys), where bucket ACLs work
+too.
 Assertions name the buckets a test made, never the whole listing.
 """
 
@@ -20,8 +21,6 @@ from typing import Any
 
 import pytest
 from conftest import (
-    ACCESS_KEY,
-    SECRET_KEY,
     empty_and_delete_bucket,
     make_s3_client,
     unique_bucket_name,
@@ -37,19 +36,9 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def s3_endpoint(auth_server: LocalS3Server) -> str:
     """Overrides the session server for this module: one that checks keys."""
-    server = LocalS3Server(
-        tmp_path_factory.mktemp("weed-account"),
-        identities={ACCESS_KEY: SECRET_KEY},
-        stop_timeout=2.0,
-        die_with_parent=True,
-    )
-    server.start()
-    try:
-        yield server.endpoint
-    finally:
-        server.stop()
+    return auth_server.endpoint
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 from conftest import (
+    AUTH_KEY,
+    AUTH_SECRET,
     MountFactory,
     is_mounted,
     make_s3_client,
@@ -32,28 +34,11 @@ from conftest import (
 from fbmount import __version__
 from fbmount.localserver import LocalS3Server
 
-AUTH_KEY = "cliaccesskey"
-AUTH_SECRET = "cli-secret-key-0123456789"
 Run = Callable[..., subprocess.CompletedProcess[str]]
 MODES = ["foreground", "daemon"]
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Server]:
-    """A SeaweedFS that checks signatures (one identity: AUTH_KEY/AUTH_SECRET)."""
-    server = LocalS3Server(
-        tmp_path_factory.mktemp("seaweedfs-auth"),
-        identities={AUTH_KEY: AUTH_SECRET},
-        stop_timeout=2.0,
-    )
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def auth_bucket(auth_server: LocalS3Server) -> str:
     """A bucket on the auth server holding hello.txt (the server is disposable)."""

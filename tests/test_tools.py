@@ -23,15 +23,21 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import MountFactory, is_mounted, make_s3_client, unique_bucket_name, warm_bucket
+from conftest import (
+    AUTH_KEY,
+    AUTH_SECRET,
+    MountFactory,
+    is_mounted,
+    make_s3_client,
+    unique_bucket_name,
+    warm_bucket,
+)
 from faultproxy import FaultProxy
 
 from fbmount.localserver import LocalS3Server
 
 MIB = 1024 * 1024
 Run = Callable[..., subprocess.CompletedProcess[str]]
-AUTH_KEY = "toolsaccesskey"
-AUTH_SECRET = "tools-secret-key-0123456789"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -466,21 +472,6 @@ def test_sigterm_flush_timeout_keeps_files_staged_for_next_mount(
 
 
 # --------------------------------------------------------------------------- doctor
-@pytest.fixture(scope="module")
-def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Server]:
-    """A SeaweedFS that checks signatures (the session server accepts any key)."""
-    server = LocalS3Server(
-        tmp_path_factory.mktemp("seaweedfs-tools-auth"),
-        identities={AUTH_KEY: AUTH_SECRET},
-        stop_timeout=2.0,
-    )
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_doctor_good_setup(run_fbmount: Run, s3_endpoint: str, bucket: str, tmp_path: Path) -> None:
     r = run_fbmount("doctor", bucket, "--endpoint", s3_endpoint, timeout=60)
     assert "Traceback" not in r.stderr + r.stdout, r.stderr

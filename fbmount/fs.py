@@ -463,6 +463,9 @@ class Filesystem(pyfuse3.Operations):
                 raise FsError(errno.EISDIR if node.kind is Kind.DIR else errno.EINVAL)
             staged = await self.ensure_data(node, keep=attr.st_size)
             self.eager.abandon(staged, "truncated")
+            # Dirty *before* the await: an upload of the old bytes that ends meanwhile would
+            # otherwise retire the staged file, and the truncate would be lost.
+            staged.touch()
             await trio.to_thread.run_sync(os.ftruncate, self.staging.open_fd(staged), attr.st_size)
             node.size = attr.st_size
             node.mtime_ns = node.ctime_ns = now

@@ -121,31 +121,23 @@ def unique_bucket_name(hint: str = "t") -> str:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Server]:
     """One private SeaweedFS for the whole session (data is disposable: stop fast)."""
-    server = LocalS3Server(
+    with LocalS3Server(
         tmp_path_factory.mktemp("seaweedfs"), stop_timeout=2.0, die_with_parent=True
-    )
-    server.start()
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
 def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Server]:
     """A SeaweedFS that checks signatures, knowing ACCESS_KEY and AUTH_KEY. It is also the
     one that answers ListBuckets and keeps bucket ACLs (the session server does neither)."""
-    server = LocalS3Server(
+    with LocalS3Server(
         tmp_path_factory.mktemp("seaweedfs-auth"),
         identities={ACCESS_KEY: SECRET_KEY, AUTH_KEY: AUTH_SECRET},
         stop_timeout=2.0,
         die_with_parent=True,
-    )
-    server.start()
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

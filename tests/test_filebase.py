@@ -174,19 +174,15 @@ def tls_server(
     tmp_path_factory: pytest.TempPathFactory, tls_dir: dict[str, Path]
 ) -> Iterator[LocalS3Server]:
     """SeaweedFS serving S3 over HTTPS only, checking signatures like Filebase does."""
-    server = LocalS3Server(
+    with LocalS3Server(
         tmp_path_factory.mktemp("seaweedfs-tls"),
         identities={ACCESS_KEY: SECRET_KEY},
         tls_cert=tls_dir["cert"],
         tls_key=tls_dir["key"],
         stop_timeout=2.0,
         die_with_parent=True,
-    )
-    server.start()
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,9 @@ from fbmount.store import S3Store
 log = logging.getLogger("fbmount.account")
 
 SLOT_BITS = 40  # 2^40 inodes per bucket; 2^24 bucket slots per mount
+# Listing the top asks the ACL of buckets not yet known, but only up to this many at once
+# (at Filebase's 100 requests/s, 256 is ~2.5 s); beyond, buckets show private until used.
+ACL_ON_LIST_LIMIT = 256
 _BUCKET_CHARS = re.compile(r"[a-z0-9][a-z0-9.-]*[a-z0-9]")
 
 
@@ -177,7 +180,7 @@ class AccountFilesystem(pyfuse3.Operations):
     async def _learn_umasks(self, buckets: list[Bucket]) -> None:
         """The ACLs of buckets `ls -l` is about to show, 16 at a time (once per bucket)."""
         unknown = [b for b in buckets if b.umask is None and b.fs is None]
-        if not unknown:
+        if not unknown or len(unknown) > ACL_ON_LIST_LIMIT:
             return
         limiter = trio.CapacityLimiter(16)
 

@@ -53,13 +53,15 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fbmount import bridge  # noqa: E402
 
 MiB = 1 << 20
 BUCKET = "bridgebench"
@@ -71,7 +73,6 @@ PART = 8 * MiB
 PUT_SIZE = 64 * MiB
 BIG_SEED = 5
 PUT_SEED = 7
-CANCEL_GRACE = 5.0  # seconds a cancelled trio task waits for its asyncio task to unwind
 CANCEL_SLICE = 32 * MiB  # per-request size in the cancellation check (never finishes in time)
 
 
@@ -497,69 +498,9 @@ async def op_put(client: Any, key: str, data: bytes) -> None:
 # --------------------------------------------------------------------------------------
 
 
-class AsyncioThread:
-    """An asyncio loop on its own thread; trio tasks await coroutines run on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._main, name="asyncio-bridge", daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-    async def run(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """Run fn(*args) as an asyncio task and await it from trio.
-
-        On trio cancellation the asyncio task is cancelled and we wait (shielded, bounded)
-        until it has really finished, so no request outlives its trio caller and its
-        connection is back in the pool before the caller's cancel scope exits.
-        """
-        import trio
-
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        state: dict[str, Any] = {}
-
-        def wake(_: object = None) -> None:  # any thread
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(done.set)
-
-        def start() -> None:  # asyncio thread
-            try:
-                task = self.loop.create_task(fn(*args))
-            except BaseException as exc:
-                state["error"] = exc
-                wake()
-                return
-            state["task"] = task
-            task.add_done_callback(wake)
-
-        def cancel() -> None:  # asyncio thread; call_soon_threadsafe is FIFO, so after start
-            task = state.get("task")
-            if task is not None:
-                task.cancel()
-
-        self.loop.call_soon_threadsafe(start)
-        try:
-            await done.wait()
-        except BaseException:
-            self.loop.call_soon_threadsafe(cancel)
-            with trio.CancelScope(deadline=trio.current_time() + CANCEL_GRACE, shield=True):
-                await done.wait()
-            raise
-        if "error" in state:
-            raise state["error"]
-        return state["task"].result()
+class AsyncioThread(bridge.AsyncioThread):
+    """fbmount's own bridge (its run() is what bridge 2 measures), plus the naive pattern
+    that the cancellation check compares it with."""
 
     async def run_naive(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """The obvious pattern: returns to trio as soon as the concurrent future is
@@ -640,7 +581,6 @@ async def open_trio_bridge(
 
     if spec.runtime in ("thread", "thread-naive"):
         th = AsyncioThread()
-        th.start()
         try:
             stack, client = await th.run(_enter_client, factory)
             run = th.run if spec.runtime == "thread" else th.run_naive

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import stat
@@ -26,6 +25,7 @@ from conftest import (
     unique_bucket_name,
     warm_bucket,
 )
+from helpers import status_json
 
 from fbmount.account import bucket_name_problem
 from fbmount.cli import config_from_args
@@ -189,15 +189,10 @@ def test_listing_the_account_loads_no_bucket(
         buckets(f"acct-lazy-{i}")
     m = mount("--all-buckets")
 
-    def requests() -> dict[str, int]:
-        r = run_fbmount("status", str(m.path), "--json", timeout=30)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)["requests"]
-
-    before = requests()
+    before = status_json(run_fbmount, m.path)["requests"]
     subprocess.run(["ls", "-l", str(m.path)], capture_output=True, check=True)
     subprocess.run(["ls", "-l", str(m.path)], capture_output=True, check=True)
-    after = requests()
+    after = status_json(run_fbmount, m.path)["requests"]
     grown = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
     assert set(grown) <= {"ListBuckets", "GetBucketAcl"}, grown
     assert grown.get("ListBuckets", 0) <= 1, grown
@@ -209,9 +204,7 @@ def test_status_and_sync_name_the_bucket(
     name = buckets("acct-sync")
     m = mount("--all-buckets", "--upload-delay", "3600")
     (m.path / name / "later.txt").write_text("staged")
-    r = run_fbmount("status", str(m.path), "--json", timeout=30)
-    assert r.returncode == 0, r.stderr
-    status = json.loads(r.stdout)
+    status = status_json(run_fbmount, m.path)
     assert status["pending_files"] == 1
     assert status["source"].startswith("all-buckets@")
     assert "Contents" not in s3.list_objects_v2(Bucket=name)

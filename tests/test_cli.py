@@ -30,6 +30,7 @@ from conftest import (
     unique_bucket_name,
     warm_bucket,
 )
+from helpers import wait_gone
 
 from fbmount import __version__
 from fbmount.localserver import LocalS3Server
@@ -74,24 +75,6 @@ def fbmount_pids(mountpoint: Path) -> list[int]:
         if want in args and any("fbmount" in a for a in args):
             pids.append(int(entry.name))
     return pids
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Wait until none of `pids` is alive; returns those still alive after `timeout`."""
-    deadline = time.monotonic() + timeout
-    alive = [p for p in pids if pid_alive(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-        alive = [p for p in alive if pid_alive(p)]
-    return alive
 
 
 @contextlib.contextmanager

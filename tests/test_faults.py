@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from conftest import Mount, MountFactory
 from faultproxy import FaultProxy
+from helpers import body, open_uploads, read_file
 
 MIB = 1024 * 1024
 STRICT = ("--upload-delay", "0")
@@ -45,17 +46,6 @@ def data_of(size: int, seed: str) -> bytes:
         out += hashlib.sha256(block[:64] + i.to_bytes(8, "big")).digest() + block[32:]
         i += 1
     return bytes(out[:size])
-
-
-def body(s3: Any, bucket: str, key: str) -> bytes | None:
-    try:
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except s3.exceptions.NoSuchKey:
-        return None
-
-
-def open_uploads(s3: Any, bucket: str) -> list[dict]:
-    return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -104,11 +94,6 @@ def write_file(path: Path, data: bytes) -> None:
         os.close(fd)
         raise
     os.close(fd)
-
-
-def read_file(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def staged_records(m: Mount) -> dict[str, dict]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import json
 import os
 import random
 import socket
@@ -37,6 +36,7 @@ from conftest import (
     warm_bucket,
 )
 from faultproxy import FaultProxy, RequestInfo
+from helpers import body, exists, read_file, status_json, sync_path, write_file
 
 from fbmount import format as fmt
 from fbmount.localserver import LocalS3Server
@@ -52,39 +52,6 @@ FAIL_TIMEOUT = 60.0
 # --------------------------------------------------------------------------- helpers
 def data_of(n: int, seed: int | str = 0) -> bytes:
     return random.Random(seed).randbytes(n)
-
-
-def read_file(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def sync_path(path: Path) -> None:
-    """fsync(2) through a fresh descriptor: returns once pending data/metadata is in S3."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def body(s3: Any, bucket: str, key: str) -> bytes:
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def exists(s3: Any, bucket: str, key: str) -> bool:
-    try:
-        s3.head_object(Bucket=bucket, Key=key)
-    except s3.exceptions.ClientError as e:
-        if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
-    return True
 
 
 def stored_xattrs(s3: Any, bucket: str, key: str) -> dict[str, bytes]:
@@ -135,12 +102,6 @@ def watch_acl_headers(proxy: FaultProxy) -> tuple[list[str], list[int]]:
 
     proxy.add_rule(kind=None, action="delay", where=where)
     return offences, inspected
-
-
-def status_json(run_fbmount: Run, mnt: Path) -> dict:
-    r = run_fbmount("status", str(mnt), "--json", timeout=30)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 # --------------------------------------------------------------------------- TLS fixtures

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 from conftest import MountFactory, is_mounted
 from faultproxy import FaultProxy
+from helpers import read_file
 from listrewrite import ListRewriteProxy, running
 
 MIB = 1024 * 1024
@@ -54,11 +55,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.1)
-
-
-def read_file(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def assert_no_traceback(log: str) -> None:

@@ -34,6 +34,7 @@ from urllib.parse import parse_qs
 import pytest
 from conftest import Mount, MountFactory
 from faultproxy import FaultProxy
+from helpers import body
 from listrewrite import ListRewriteProxy, running
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -52,13 +53,6 @@ def rewrite_proxy(s3_endpoint: str) -> Iterator[ListRewriteProxy]:
 
 
 # --------------------------------------------------------------------------- helpers
-def body(s3: Any, bucket: str, key: str) -> bytes | None:
-    try:
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except s3.exceptions.NoSuchKey:
-        return None
-
-
 def all_keys(s3: Any, bucket: str) -> set[str]:
     keys: set[str] = set()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):

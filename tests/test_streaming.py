@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from faultproxy import FaultProxy
+from helpers import body, open_uploads
 
 MiB = 1 << 20
 PART = ("--part-size", "5")
@@ -21,14 +22,6 @@ PART = ("--part-size", "5")
 def data_of(n: int, seed: int) -> bytes:
     block = bytes((i * 7 + seed) % 251 for i in range(65536))
     return (block * (n // len(block) + 1))[:n]
-
-
-def body(s3: Any, bucket: str, key: str) -> bytes:
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def open_uploads(s3: Any, bucket: str) -> list:
-    return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:

@@ -33,6 +33,7 @@ from conftest import (
     warm_bucket,
 )
 from faultproxy import FaultProxy
+from helpers import body, pid_alive, status_json, wait_gone, write_file
 
 from fbmount.localserver import LocalS3Server
 
@@ -45,23 +46,6 @@ def data_of(size: int, seed: str) -> bytes:
     """Deterministic, incompressible-looking bytes (cheap to make, easy to compare)."""
     block = hashlib.sha256(seed.encode()).digest() * (64 * 1024 // 32)
     return (block * (size // len(block) + 1))[:size]
-
-
-def body(s3: Any, bucket: str, key: str) -> bytes | None:
-    try:
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as e:
-        if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
-            return None
-        raise
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def pids_naming(fragment: str) -> dict[int, list[str]]:
@@ -90,16 +74,6 @@ def split_local_pids(fragment: str) -> tuple[list[int], list[int]]:
     return daemons, weeds
 
 
-def wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Wait until none of `pids` is alive; returns those still alive after `timeout`."""
-    deadline = time.monotonic() + timeout
-    alive = [p for p in pids if pid_alive(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [p for p in alive if pid_alive(p)]
-    return alive
-
-
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -109,19 +83,6 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
-
-
-def write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        view = memoryview(data)
-        while view:
-            view = view[f.write(view[: 4 * MIB]) :]
-
-
-def status_json(run_fbmount: Run, mnt: Path) -> dict:
-    r = run_fbmount("status", str(mnt), "--json", timeout=30)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def closed_port() -> int:

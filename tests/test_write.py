@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
+from helpers import body, exists, open_uploads, read_file, sync_path, write_file
 
 from fbmount import format as fmt
 
@@ -42,22 +43,8 @@ def data_of(n: int, seed: int | str = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def body(s3: Any, bucket: str, key: str) -> bytes:
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
 def head(s3: Any, bucket: str, key: str) -> dict:
     return s3.head_object(Bucket=bucket, Key=key)
-
-
-def exists(s3: Any, bucket: str, key: str) -> bool:
-    try:
-        s3.head_object(Bucket=bucket, Key=key)
-    except s3.exceptions.ClientError as e:
-        if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
-    return True
 
 
 def keys_under(s3: Any, bucket: str, prefix: str) -> list[str]:
@@ -67,33 +54,10 @@ def keys_under(s3: Any, bucket: str, prefix: str) -> list[str]:
     return out
 
 
-def open_uploads(s3: Any, bucket: str) -> list[dict]:
-    return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-
-
 def seed_many(s3: Any, bucket: str, keys: list[str], workers: int = 8) -> None:
     """PUT small objects in parallel (the bucket is already warmed by the fixture)."""
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
-
-
-def read_file(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def sync_path(path: Path) -> None:
-    """fsync(2) through a fresh read-only descriptor: uploads pending data or metadata."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:

@@ -1,0 +1,92 @@
+"""Small helpers several test modules share: files through the mount, objects in S3,
+processes and `fbmount status`. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+MIB = 1024 * 1024
+
+
+# ----- files through the mount -----------------------------------------------------------
+def read_file(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write in 4 MiB calls; an error from close() (a strict-mode upload) is raised."""
+    with open(path, "wb") as f:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view[: 4 * MIB]) :]
+
+
+def sync_path(path: Path) -> None:
+    """fsync(2) through a fresh read-only descriptor: returns once pending data or
+    metadata is in S3."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----- objects in S3 (asked directly, around the mount) --------------------------------
+def body(s3: Any, bucket: str, key: str) -> bytes | None:
+    """The object's bytes, or None when there is no such key."""
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
+            return None
+        raise
+
+
+def exists(s3: Any, bucket: str, key: str) -> bool:
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+    return True
+
+
+def open_uploads(s3: Any, bucket: str) -> list[dict]:
+    return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+# ----- processes and the control socket --------------------------------------------------
+def pid_alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until none of `pids` is alive; returns those still alive after `timeout`."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in pids if pid_alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if pid_alive(p)]
+    return alive
+
+
+def status_json(
+    run_fbmount: Callable[..., subprocess.CompletedProcess[str]], mnt: Path
+) -> dict[str, Any]:
+    r = run_fbmount("status", str(mnt), "--json", timeout=30)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)

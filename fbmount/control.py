@@ -163,19 +163,20 @@ async def _send(stream: trio.SocketStream, obj: dict) -> None:
 
 async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
     """Upload everything written so far; report progress; end with ok or the failures."""
-    filesystems = daemon.filesystems()
-    targets = [s for fs in filesystems for s in fs.staging.entries.values() if s.dirty]
+    work = [
+        (fs, [s for s in fs.staging.entries.values() if s.dirty]) for fs in daemon.filesystems()
+    ]
+    targets = [s for _, dirty in work for s in dirty]
     total = len(targets)
     failures: list[dict] = []
 
-    async def sync_one(fs: Filesystem) -> None:
+    async def sync_one(fs: Filesystem, dirty: list) -> None:
         await fs.uploader.flush_markers()
         try:
             await fs.uploader.flush_deletes()
         except FsError as e:
             deletions = f"{len(fs.uploader.pending_deletes)} deletion(s)"
             failures.append({"key": daemon.label(fs, deletions), "error": e.message})
-        dirty = [s for s in fs.staging.entries.values() if s.dirty]
         for s in await fs.uploader.flush(dirty):
             failures.append({"key": daemon.label(fs, s.key), "error": s.last_error})
 
@@ -188,8 +189,8 @@ async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(progress)
         async with trio.open_nursery() as syncs:
-            for fs in filesystems:
-                syncs.start_soon(sync_one, fs)
+            for fs, dirty in work:
+                syncs.start_soon(sync_one, fs, dirty)
         nursery.cancel_scope.cancel()
     await _send(
         stream, {"result": "ok" if not failures else "failed", "total": total, "failed": failures}

@@ -336,7 +336,7 @@ class S3Store:
         try:
             with trio.fail_after(self.timeout):
                 return await trio.to_thread.run_sync(
-                    fn, *args, cancellable=True, limiter=self._range_threads
+                    fn, *args, abandon_on_cancel=True, limiter=self._range_threads
                 )
         except trio.TooSlowError:
             self.errors[op] += 1

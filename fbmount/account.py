@@ -34,6 +34,7 @@ from fbmount.metaindex import MetaIndex
 from fbmount.namespace import ROOT_INO
 from fbmount.staging import StagingArea
 from fbmount.store import S3Store
+from fbmount.tasks import open_nursery
 
 log = logging.getLogger("fbmount.account")
 
@@ -188,7 +189,7 @@ class AccountFilesystem(pyfuse3.Operations):
             async with limiter:
                 await self._umask_of(b)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for b in unknown:
                 nursery.start_soon(learn, b)
 
@@ -438,7 +439,7 @@ class AccountFilesystem(pyfuse3.Operations):
 async def _serve_bucket(fs: Filesystem, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """A bucket's background work (uploads, streamed parts) lives in its own nursery,
     cancelled when the bucket is removed and with the mount otherwise."""
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         fs.nursery = nursery
         nursery.start_soon(fs.uploader.run)
         task_status.started(nursery.cancel_scope)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from fbmount.errors import FsError
+from fbmount.tasks import open_nursery
 
 if TYPE_CHECKING:
     from fbmount.daemon import Daemon
@@ -186,9 +187,9 @@ async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
             await _send(stream, {"progress": {"total": total, "done": total - left}})
             await trio.sleep(0.5)
 
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         nursery.start_soon(progress)
-        async with trio.open_nursery() as syncs:
+        async with open_nursery() as syncs:
             for fs, dirty in work:
                 syncs.start_soon(sync_one, fs, dirty)
         nursery.cancel_scope.cancel()

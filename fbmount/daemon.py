@@ -31,6 +31,7 @@ from fbmount.fs import Filesystem
 from fbmount.metaindex import MetaIndex
 from fbmount.staging import StagingArea
 from fbmount.store import S3Store
+from fbmount.tasks import open_nursery
 
 log = logging.getLogger("fbmount")
 
@@ -273,7 +274,7 @@ class Daemon:
                     log.error("unmount failed: %s", e)
 
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 fs.nursery = nursery
                 if isinstance(fs, Filesystem):
                     nursery.start_soon(fs.uploader.run)
@@ -304,9 +305,9 @@ class Daemon:
             if left:
                 failed.append((fs, left))
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(self._keep_systemd_waiting)
-            async with trio.open_nursery() as drains:
+            async with open_nursery() as drains:
                 for fs in filesystems:
                     drains.start_soon(drain, fs)
             nursery.cancel_scope.cancel()

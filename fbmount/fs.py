@@ -32,6 +32,7 @@ from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node
 from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
 from fbmount.staging import Staged, StagingArea
 from fbmount.store import S3Store
+from fbmount.tasks import open_nursery
 from fbmount.uploader import WriteBack, stream_copy
 
 log = logging.getLogger("fbmount.fs")
@@ -336,7 +337,7 @@ class Filesystem(pyfuse3.Operations):
         async def list_prefix() -> None:
             results["list"] = await self.store.list_page(key + "/", "/", max_keys=1)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(head)
             nursery.start_soon(list_prefix)
         page, info = results["list"], results["head"]
@@ -566,7 +567,7 @@ class Filesystem(pyfuse3.Operations):
                 data = await self.store.get_range(key, start, min(start + CHUNK, size), etag)
             await trio.to_thread.run_sync(os.pwrite, fd, data, start)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for start in range(0, size, CHUNK):
                 nursery.start_soon(fetch, start)
 
@@ -774,7 +775,7 @@ class Filesystem(pyfuse3.Operations):
                 async with limiter:
                     await self._head_into(child)
 
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 for child in unknown:
                     nursery.start_soon(head, child)
         fh = self._new_fh()
@@ -1079,7 +1080,7 @@ class Filesystem(pyfuse3.Operations):
                     elif obj.key not in local_only:
                         new_etags[target] = await self.copy_object(obj.key, target, src, None)
 
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 for obj in page.objects:
                     nursery.start_soon(move_one, obj)
             # (dst's marker is the new prefix itself: it was just rewritten, never delete it)

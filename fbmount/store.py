@@ -45,6 +45,7 @@ from fbmount.bridge import AsyncioThread
 from fbmount.credentials import Credentials
 from fbmount.dataplane import DataPlane
 from fbmount.errors import S3_CODE_ERRNO, CopyNotSupported, FsError, PreconditionFailed
+from fbmount.tasks import open_nursery
 
 log = logging.getLogger("fbmount.s3")
 
@@ -514,7 +515,7 @@ class S3Store:
                         raise
                     log.info("server refuses DeleteObjects; deleting one by one")
                     self.delete_many_supported = False
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 limiter = trio.CapacityLimiter(16)
                 for key in batch:
                     nursery.start_soon(self._delete_limited, limiter, key)

@@ -22,6 +22,7 @@ from fbmount.config import MIB
 from fbmount.errors import FsError
 from fbmount.staging import Staged
 from fbmount.store import S3Store
+from fbmount.tasks import open_nursery
 
 if TYPE_CHECKING:
     from fbmount.fs import Filesystem
@@ -64,7 +65,7 @@ async def multipart_upload(
                 etags[i] = await store.upload_part(key, upload_id, i + 1, body)
                 progress(len(body))
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for i in range(count):
                 nursery.start_soon(send, i)
         return await store.complete_multipart(key, upload_id, etags)
@@ -243,7 +244,7 @@ class WriteBack:
 
     async def run(self) -> None:
         """Forever: start uploads that are due (bounded by the limiter)."""
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             while True:
                 with trio.move_on_after(0.25):
                     await self._wake.wait()
@@ -392,7 +393,7 @@ class WriteBack:
                 )
                 failed.append(staged)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for staged in targets:
                 nursery.start_soon(one, staged)
         return failed

@@ -65,7 +65,8 @@ KINDS = frozenset(
 # ListObjects covers V1 and V2; these names are accepted as aliases everywhere a kind is.
 KIND_ALIASES = {"ListObjectsV2": "ListObjects", "ListObjectsV1": "ListObjects"}
 
-ACTIONS = frozenset({"status", "drop", "delay", "cut", "date"})
+ACTIONS = frozenset({"status", "drop", "delay", "cut", "date", "hold"})
+HOLD_LIMIT = 60.0  # a held request goes on by itself after this long: a test never hangs CI
 PHASES = frozenset({"request", "response"})
 
 # Query parameters that turn a bucket/object request into some other (sub-resource) operation.
@@ -209,6 +210,16 @@ class Rule:
     date: str | None = None
     seen: int = 0  # requests that matched the selector
     fired: int = 0  # of those, how many the fault was applied to
+    arrived: threading.Event = field(default_factory=threading.Event)  # hold: one is held
+    gate: threading.Event = field(default_factory=threading.Event)  # hold: set to let go
+
+    def wait_held(self, timeout: float = 10.0) -> bool:
+        """hold: block until a matching request is being held (True) or `timeout` passes."""
+        return self.arrived.wait(timeout)
+
+    def release(self) -> None:
+        """hold: let every held request (and every later match) go on."""
+        self.gate.set()
 
     @property
     def exhausted(self) -> bool:
@@ -298,6 +309,7 @@ class _Plan:
     cut: Rule | None = None
     body_delay: Rule | None = None
     date: Rule | None = None
+    holds: list[Rule] = field(default_factory=list)
 
     @property
     def names(self) -> str | None:
@@ -306,6 +318,8 @@ class _Plan:
         ]
         if self.delay_request or self.delay_response:
             names.append("delay")
+        if self.holds:
+            names.append("hold")
         return ",".join(names) or None
 
 
@@ -547,6 +561,9 @@ class FaultProxy:
           cut     forward the response head unchanged (Content-Length kept) but close the
                   connection after *at_byte* body bytes (default 0).
           date    replace the response Date header: now + *skew* seconds, or the literal *date*.
+          hold    keep the request (phase="request": not yet forwarded) or its answer
+                  (phase="response": the server has acted) until ``rule.release()``;
+                  ``rule.wait_held()`` returns once one is held. Released after HOLD_LIMIT s.
         For status and drop, phase="request" (default) means the request never reaches the
         server; phase="response" forwards it (it takes effect) and replaces the answer.
         Several rules may apply to one request: delays add up, the first status/drop wins
@@ -638,7 +655,18 @@ class FaultProxy:
                     plan.cut = plan.cut or rule
                 elif rule.action == "date":
                     plan.date = plan.date or rule
+                elif rule.action == "hold":
+                    plan.holds.append(rule)
         return plan
+
+    @staticmethod
+    async def _hold(plan: _Plan, phase: str) -> None:
+        """Keep the request (before forwarding) or its answer (after the server acted) until
+        the test releases the rule, so two operations can be driven into one interleaving."""
+        for rule in plan.holds:
+            if rule.phase == phase:
+                rule.arrived.set()
+                await asyncio.to_thread(rule.gate.wait, HOLD_LIMIT)
 
     # ----------------------------------------------------------------- event loop
     def _run(self) -> None:
@@ -742,6 +770,7 @@ class FaultProxy:
 
         if plan.delay_request:
             await asyncio.sleep(plan.delay_request)
+        await self._hold(plan, "request")
         term = plan.terminal
         if term is not None and term.phase == "request":
             if term.action == "drop":
@@ -808,6 +837,7 @@ class FaultProxy:
         self._log(info, record, status)
         if plan.delay_response:
             await asyncio.sleep(plan.delay_response)
+        await self._hold(plan, "response")
         conn.writer.write(_build_head(resp_line, resp_headers))
         cut = None
         if plan.cut is not None and not no_body:

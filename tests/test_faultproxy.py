@@ -355,6 +355,33 @@ def test_delay_is_measurable(proxy: FaultProxy, s3) -> None:
     assert t_first < 0.9 and t_all >= 1.0
 
 
+def test_hold_keeps_a_request_until_released(proxy: FaultProxy, s3) -> None:
+    """hold (request phase): the server has not seen the PUT while it is held."""
+    rule = proxy.add_rule(kind="PutObject", action="hold", key="hold/req", times=1)
+    with ThreadPoolExecutor(1) as pool:
+        put = pool.submit(s3.put_object, Bucket=BUCKET, Key="hold/req", Body=b"x")
+        assert rule.wait_held(10)
+        with pytest.raises(ClientError):
+            s3.head_object(Bucket=BUCKET, Key="hold/req")  # the PUT is not forwarded yet
+        assert not put.done()
+        rule.release()
+        put.result(timeout=10)
+    assert s3.get_object(Bucket=BUCKET, Key="hold/req")["Body"].read() == b"x"
+
+
+def test_hold_response_phase_lets_the_server_act_first(proxy: FaultProxy, s3) -> None:
+    rule = proxy.add_rule(
+        kind="PutObject", action="hold", key="hold/resp", phase="response", times=1
+    )
+    with ThreadPoolExecutor(1) as pool:
+        put = pool.submit(s3.put_object, Bucket=BUCKET, Key="hold/resp", Body=b"y")
+        assert rule.wait_held(10)
+        assert s3.get_object(Bucket=BUCKET, Key="hold/resp")["Body"].read() == b"y"
+        assert not put.done()  # the client has no answer yet
+        rule.release()
+        put.result(timeout=10)
+
+
 def test_date_rewritten(proxy: FaultProxy, s3) -> None:
     proxy.add_rule(kind="HeadBucket", action="date", skew=7200)
     hdrs = s3.head_bucket(Bucket=BUCKET)["ResponseMetadata"]["HTTPHeaders"]

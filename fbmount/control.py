@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from fbmount.errors import FsError
 from fbmount.tasks import open_nursery
 
 if TYPE_CHECKING:
@@ -172,14 +171,8 @@ async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
     failures: list[dict] = []
 
     async def sync_one(fs: Filesystem, dirty: list) -> None:
-        await fs.uploader.flush_markers()
-        try:
-            await fs.uploader.flush_deletes()
-        except FsError as e:
-            deletions = f"{len(fs.uploader.pending_deletes)} deletion(s)"
-            failures.append({"key": daemon.label(fs, deletions), "error": e.message})
-        for s in await fs.uploader.flush(dirty):
-            failures.append({"key": daemon.label(fs, s.key), "error": s.last_error})
+        for what, why in await fs.uploader.flush_all(dirty):
+            failures.append({"key": daemon.label(fs, what), "error": why})
 
     async def progress() -> None:
         while True:

@@ -298,10 +298,10 @@ class Daemon:
         pending = sum(1 for fs in filesystems for s in fs.staging.entries.values() if s.dirty)
         if pending:
             log.info("unmounted; uploading %d staged file(s) before exit", pending)
-        failed: list[tuple[Filesystem, list]] = []
+        failed: list[tuple[Filesystem, list[tuple[str, str]]]] = []
 
         async def drain(fs: Filesystem) -> None:
-            left = await fs.uploader.drain(self.cfg.flush_timeout)
+            left = await fs.uploader.flush_all(deadline=self.cfg.flush_timeout)
             if left:
                 failed.append((fs, left))
 
@@ -314,13 +314,13 @@ class Daemon:
         self.failed_uploads = sum(len(left) for _, left in failed)
         for fs, left in failed:
             log.error(
-                "%d file(s) could not be uploaded; they stay in %s and the next mount "
-                "of this bucket uploads them",
+                "%d item(s) could not be stored in S3; staged files stay in %s and the next "
+                "mount of this bucket uploads them",
                 len(left),
                 fs.staging.root,
             )
-            for staged in left:  # README: what is not uploaded is named in the log
-                log.error("not uploaded: %s", self.label(fs, staged.key))
+            for what, why in left:  # README: what is not uploaded is named in the log
+                log.error("not stored: %s (%s)", self.label(fs, what), why)
 
     async def _sample_throughput(self) -> None:
         assert self.store is not None

@@ -29,6 +29,7 @@ import trio
 
 from fbmount.errors import CopyNotSupported, FsError
 from fbmount.staging import Staged
+from fbmount.tasks import describe, guarded
 from fbmount.uploader import MAX_PARTS
 
 if TYPE_CHECKING:
@@ -103,7 +104,9 @@ class EagerUploads:
         if stream is not None and self.fs.nursery is not None:
             stream.failed = why
             log.debug("stream of %s abandoned: %s", staged.key, why)
-            self.fs.nursery.start_soon(self._abort, staged, stream)
+            self.fs.nursery.start_soon(
+                guarded, f"aborting the stream of {staged.key}", self._abort, staged, stream
+            )
 
     # ----- background work ------------------------------------------------------------
     async def _create(self, staged: Staged, stream: Stream) -> None:
@@ -113,8 +116,8 @@ class EagerUploads:
                 stream.key, stream.headers, stream.content_type
             )
             self._note(staged, stream)
-        except FsError as e:
-            stream.failed = e.message
+        except Exception as e:  # noqa: BLE001 - a stream is an optimisation: fall back
+            self._failed(stream, "starting the stream", e)
         finally:
             stream.created.set()
 
@@ -135,8 +138,8 @@ class EagerUploads:
                 )
                 staged.in_flight_bytes += len(body)
                 sent = True
-        except (FsError, OSError) as e:
-            stream.failed = getattr(e, "message", str(e))
+        except Exception as e:  # noqa: BLE001 - the whole-file upload takes over
+            self._failed(stream, f"part {number}", e)
         finally:
             if not sent and not stream.failed:
                 stream.failed = f"part {number} not sent"  # cancelled (unmount) or skipped
@@ -144,6 +147,15 @@ class EagerUploads:
             if stream.running == 0:
                 stream.idle.set()
                 stream.idle = trio.Event()
+
+    @staticmethod
+    def _failed(stream: Stream, what: str, e: Exception) -> None:
+        """Abandon the stream's promise (the normal upload sends the file); a bug is logged."""
+        stream.failed = describe(e)
+        if isinstance(e, FsError | OSError):
+            log.debug("stream of %s: %s failed: %s", stream.key, what, stream.failed)
+        else:
+            log.exception("stream of %s: %s failed unexpectedly", stream.key, what)
 
     async def _wait_idle(self, stream: Stream) -> None:
         while stream.running:

@@ -32,7 +32,7 @@ from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node
 from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
 from fbmount.staging import Staged, StagingArea
 from fbmount.store import S3Store
-from fbmount.tasks import open_nursery
+from fbmount.tasks import guarded, open_nursery
 from fbmount.uploader import WriteBack, stream_copy
 
 log = logging.getLogger("fbmount.fs")
@@ -1106,21 +1106,29 @@ class Filesystem(pyfuse3.Operations):
 
     # ===== life cycle ===================================================================
     async def recover(self) -> None:
-        """Upload what a crashed earlier run left staged, before serving anything of it."""
-        await self.eager.abort_leftovers()
-        found = self.staging.recover()
+        """Upload what a crashed earlier run left staged, before serving anything of it.
+
+        Never fails the mount (a crash loop under systemd): what cannot be uploaded now
+        stays staged for the next mount, and a bug here is logged, not raised."""
+        await guarded("aborting the streams left by the last run", self.eager.abort_leftovers)
+        try:
+            found = self.staging.recover()
+        except Exception:  # noqa: BLE001
+            log.exception("reading the staging directory %s failed", self.staging.root)
+            return
         if not found:
             return
         log.info("recovering %d staged file(s) from an earlier run", len(found))
-        failed = await self.uploader.drain()
-        if failed:
+        left = await self.uploader.flush_all([staged for staged, _ in found])
+        if left:
             log.error(
-                "%d recovered file(s) could not be uploaded yet; kept in %s",
-                len(failed),
+                "%d recovered item(s) could not be uploaded yet; kept in %s",
+                len(left),
                 self.staging.root,
             )
-            for staged in failed:  # not part of this mount's view; next mount retries
-                self.staging.entries.pop(staged.id, None)
+            for staged, _ in found:  # not part of this mount's view; next mount retries
+                if staged.dirty:
+                    self.staging.entries.pop(staged.id, None)
 
     async def adopt_bucket_acl(self) -> None:
         """Without -o umask, objects that carry no mode show the bucket's ACL (see

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import errno
 import logging
+import os
 import random
 import ssl
 import time
@@ -109,6 +110,24 @@ def to_fs_error(e: BaseException, what: str) -> FsError:
     return FsError(errno.EIO, f"{what}: {type(e).__name__}: {e}")
 
 
+# Tests only: a file naming S3 operations ("PutObject", "UploadPart", ...), one a word, that
+# then fail with a RuntimeError before they are sent. That is a bug, not an S3 error, and
+# the suite uses it to prove no bug in an upload or in crash recovery ends the mount.
+FAULT_FILE_ENV = "FBMOUNT_TEST_FAULT_FILE"
+
+
+def inject_test_fault(op: str, fault_file: str | None) -> None:
+    if not fault_file:
+        return
+    try:
+        with open(fault_file) as f:
+            ops = f.read().split()
+    except FileNotFoundError:
+        return
+    if op in ops:
+        raise RuntimeError(f"injected fault in {op} ({FAULT_FILE_ENV})")
+
+
 def _drop_expect_header(request: Any, **_: Any) -> None:
     # Unsigned header; SeaweedFS stalls the next request after an unanswered 100-continue.
     if "Expect" in request.headers:
@@ -143,6 +162,7 @@ class S3Store:
         self.errors: Counter[str] = Counter()
         self.traffic: Counter[str] = Counter()  # bytes "up" and "down"
         self.rate = RateLimiter(max_rps)
+        self._fault_file = os.environ.get(FAULT_FILE_ENV)
         self._thread = AsyncioThread()
         self._client: Any = None
         self._client_cm: Any = None
@@ -254,6 +274,7 @@ class S3Store:
 
     # ----- plumbing ---------------------------------------------------------------------
     async def _call(self, op: str, what: str, coro_fn: Any, *args: Any) -> Any:
+        inject_test_fault(op, self._fault_file)
         self.requests[op] += 1
         log.debug("%s %s", op, what)
         await self.rate.acquire()
@@ -331,6 +352,7 @@ class S3Store:
 
     async def _data_call(self, op: str, what: str, fn: Any, *args: Any) -> Any:
         """Run a dataplane.py transfer in a worker thread: counted, rate-limited, deadlined."""
+        inject_test_fault(op, self._fault_file)
         self.requests[op] += 1
         log.debug("%s %s", op, what)
         await self.rate.acquire()

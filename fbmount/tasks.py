@@ -57,6 +57,13 @@ async def open_nursery() -> AsyncIterator[trio.Nursery]:
         raise one from None
 
 
+def describe(e: BaseException) -> str:
+    """One line for the log and `fbmount status`: the errno sentence, or the bug's type."""
+    if isinstance(e, FsError):
+        return e.message
+    return f"internal error: {type(e).__name__}: {e}"
+
+
 async def guarded(
     what: str,
     fn: Callable[..., Awaitable[Any]],
@@ -71,7 +78,7 @@ async def guarded(
         raise
     except Exception as e:  # noqa: BLE001 - the point: a bug costs one task, not the mount
         if isinstance(e, FsError):
-            log.error("%s failed: %s", what, e.message)
+            log.error("%s failed: %s", what, describe(e))
         else:
             log.exception("%s failed unexpectedly (a bug; the mount goes on)", what)
         if on_error is not None:

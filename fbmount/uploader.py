@@ -22,7 +22,7 @@ from fbmount.config import MIB
 from fbmount.errors import FsError
 from fbmount.staging import Staged
 from fbmount.store import S3Store
-from fbmount.tasks import open_nursery
+from fbmount.tasks import describe, guarded, open_nursery
 
 if TYPE_CHECKING:
     from fbmount.fs import Filesystem
@@ -160,6 +160,7 @@ class WriteBack:
         self._deleted = trio.Event()
         self._delete_queued_at = 0.0
         self._delete_lock = trio.Lock()
+        self.last_delete_error: str | None = None  # shown by `fbmount status`
 
     def kick(self) -> None:
         self._wake.set()
@@ -197,8 +198,9 @@ class WriteBack:
             self.deleting |= keys
             try:
                 await self.fs.store.delete_many(sorted(keys))
-            except FsError:
-                self.pending_deletes |= keys  # retried by the next flush
+                self.last_delete_error = None
+            except BaseException:
+                self.pending_deletes |= keys  # a failure, a bug or unmount: the next flush
                 raise
             finally:
                 self.deleting -= keys
@@ -206,13 +208,15 @@ class WriteBack:
                 self._deleted = trio.Event()
 
     async def _background_deletes(self) -> None:
-        try:
-            await self.flush_deletes()
-        except FsError as e:
-            log.error(
-                "deleting %d key(s) failed (%s); retrying", len(self.pending_deletes), e.message
-            )
+        def retry_later(e: BaseException) -> None:
+            self.last_delete_error = describe(e)
             self._delete_queued_at = time.monotonic() + 5
+
+        await guarded(
+            f"deleting {len(self.pending_deletes)} key(s)",
+            self.flush_deletes,
+            on_error=retry_later,
+        )
 
     def marker_changed(self, node: Node) -> None:
         """A directory's metadata changed: PUT its marker once it has settled."""
@@ -229,11 +233,15 @@ class WriteBack:
         if node is None or not node.linked:
             return
         headers, ctype = self.fs.headers_for(node)
-        try:
-            await self.fs.store.put(self.fs.ns.key(node), b"", headers, ctype)
-        except FsError as e:
-            log.error("directory metadata of %s not stored (%s); retrying", node.name, e.message)
-            self.dirty_markers.setdefault(ino, time.monotonic() + 5)
+        await guarded(
+            f"storing the directory metadata of {node.name}",
+            self.fs.store.put,
+            self.fs.ns.key(node),
+            b"",
+            headers,
+            ctype,
+            on_error=lambda e: self.dirty_markers.setdefault(ino, time.monotonic() + 5),
+        )
 
     def due(self, staged: Staged, now: float, force: bool) -> bool:
         if not staged.dirty or staged.writers or staged.lock.locked():
@@ -243,7 +251,10 @@ class WriteBack:
         return now - staged.last_change >= self.fs.cfg.upload_delay and now >= staged.retry_at
 
     async def run(self) -> None:
-        """Forever: start uploads that are due (bounded by the limiter)."""
+        """Forever: start uploads that are due (bounded by the limiter).
+
+        Nothing escapes: each upload, delete batch and marker runs guarded, and a bug in
+        the scan itself is logged and the scan tried again a second later."""
         async with open_nursery() as nursery:
             while True:
                 with trio.move_on_after(0.25):
@@ -252,40 +263,55 @@ class WriteBack:
                 # rsync quadratic, so scan at most ten times a second.
                 await trio.sleep(0.1)
                 self._wake = trio.Event()
-                now = time.monotonic()
-                if (
-                    self.pending_deletes
-                    and not self._delete_lock.locked()
-                    and (len(self.pending_deletes) >= 1000 or now - self._delete_queued_at >= 0.3)
-                ):
-                    nursery.start_soon(self._background_deletes)
-                for ino, changed in list(self.dirty_markers.items()):
-                    if now - changed >= self.fs.cfg.upload_delay:
-                        del self.dirty_markers[ino]
-                        nursery.start_soon(self._put_marker, ino)
-                for staged in list(self.fs.staging.entries.values()):
-                    if self.due(staged, now, force=False) and staged.id not in self.queued:
-                        self.queued.add(staged.id)
-                        nursery.start_soon(self._background, staged)
+                try:
+                    self._start_due(nursery)
+                except Exception:  # noqa: BLE001 - a bug must not end write-back
+                    log.exception("the upload scan failed unexpectedly; trying again")
+                    await trio.sleep(1)
+
+    def _start_due(self, nursery: trio.Nursery) -> None:
+        """Start what is due now: a delete batch, settled markers, settled staged files."""
+        now = time.monotonic()
+        if (
+            self.pending_deletes
+            and not self._delete_lock.locked()
+            and (len(self.pending_deletes) >= 1000 or now - self._delete_queued_at >= 0.3)
+        ):
+            nursery.start_soon(self._background_deletes)
+        for ino, changed in list(self.dirty_markers.items()):
+            if now - changed >= self.fs.cfg.upload_delay:
+                del self.dirty_markers[ino]
+                nursery.start_soon(self._put_marker, ino)
+        for staged in list(self.fs.staging.entries.values()):
+            if self.due(staged, now, force=False) and staged.id not in self.queued:
+                self.queued.add(staged.id)
+                nursery.start_soon(self._background, staged)
 
     async def _background(self, staged: Staged) -> None:
         try:
             async with self.limiter:
-                await self.upload(staged)
-        except FsError as e:
-            staged.failures += 1
-            staged.last_error = e.message
-            delay = min(60.0, 2.0**staged.failures)
-            staged.retry_at = time.monotonic() + delay
-            log.error(
-                "upload of %s failed (%s); retrying in %.0fs, data kept in %s",
-                staged.key,
-                e.message,
-                delay,
-                self.fs.staging.root,
-            )
+                await guarded(
+                    f"upload of {staged.key}",
+                    self.upload,
+                    staged,
+                    on_error=lambda e: self.failed(staged, e),
+                )
         finally:
             self.queued.discard(staged.id)
+
+    def failed(self, staged: Staged, e: BaseException) -> None:
+        """An upload failed (an S3 error or a bug): keep the data, show why, retry later."""
+        staged.failures += 1
+        staged.last_error = describe(e)
+        delay = min(60.0, 2.0**staged.failures)
+        staged.retry_at = time.monotonic() + delay
+        log.error(
+            "upload of %s failed (%s); retrying in %.0fs, data kept in %s",
+            staged.key,
+            staged.last_error,
+            delay,
+            self.fs.staging.root,
+        )
 
     async def upload(self, staged: Staged) -> None:
         """Upload `staged` now (waiting for an upload in flight); FsError on failure."""
@@ -349,8 +375,8 @@ class WriteBack:
                         )
                     )
                     size = info_size
-            except FsError as e:
-                staged.last_error = e.message
+            except Exception as e:
+                staged.last_error = describe(e)
                 raise
             finally:
                 self.in_flight.pop(staged.id, None)
@@ -381,30 +407,41 @@ class WriteBack:
         failed: list[Staged] = []
 
         async def one(staged: Staged) -> None:
-            try:
-                async with self.limiter:
-                    await self.upload(staged)
-            except FsError as e:
-                log.error(
-                    "upload of %s failed: %s (kept in %s)",
-                    staged.key,
-                    e.message,
-                    self.fs.staging.root,
-                )
+            def keep(e: BaseException) -> None:
+                self.failed(staged, e)
                 failed.append(staged)
+
+            async with self.limiter:
+                await guarded(f"upload of {staged.key}", self.upload, staged, on_error=keep)
 
         async with open_nursery() as nursery:
             for staged in targets:
                 nursery.start_soon(one, staged)
         return failed
 
-    async def drain(self, deadline: float | None = None) -> list[Staged]:
-        """Upload everything dirty now (unmount, SIGTERM); returns what is still not in S3."""
-        with trio.move_on_after(deadline if deadline is not None else math.inf):
+    async def flush_all(
+        self, targets: list[Staged] | None = None, deadline: float = math.inf
+    ) -> list[tuple[str, str]]:
+        """The one flush behind `fbmount sync`, unmount/SIGTERM and crash recovery:
+        directory markers, queued deletes, then staged files (`targets`, or all dirty).
+
+        Returns (what, why) for everything still not in S3, deletes included, so that no
+        caller can report success over a refused delete."""
+        if targets is None:
+            targets = [s for s in self.fs.staging.entries.values() if s.dirty]
+        with trio.move_on_after(deadline):
             await self.flush_markers()
             try:
                 await self.flush_deletes()
-            except FsError as e:
-                log.error("%d deletion(s) not sent: %s", len(self.pending_deletes), e.message)
-            await self.flush([s for s in self.fs.staging.entries.values() if s.dirty])
-        return [s for s in self.fs.staging.entries.values() if s.dirty]
+            except Exception as e:  # noqa: BLE001 - reported below, keys stay queued
+                self.last_delete_error = describe(e)
+                n = len(self.pending_deletes)
+                log.error("sending %d deletion(s) failed: %s", n, describe(e))
+            await self.flush(targets)
+        left = [(s.key, s.last_error or "not uploaded in time") for s in targets if s.dirty]
+        if self.pending_deletes or self.deleting:
+            n = len(self.pending_deletes) + len(self.deleting)
+            left.append((f"{n} deletion(s)", self.last_delete_error or "not sent in time"))
+        if self.dirty_markers:
+            left.append((f"{len(self.dirty_markers)} directory marker(s)", "not stored"))
+        return left

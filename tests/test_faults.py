@@ -553,3 +553,78 @@ def test_cp_r_while_walking(s3: Any, bucket: str, mount: MountFactory, tmp_path:
     for rel, data in files.items():
         assert body(s3, bucket, f"tree/{rel}") == data, rel
     shutil.rmtree(src)
+
+
+# --------------------------------------------------------------------------- bugs, not S3 errors
+def test_bug_in_an_upload_keeps_the_mount_and_the_data(
+    s3: Any, bucket: str, mount: MountFactory, run_fbmount: Callable[..., Any], tmp_path: Path
+) -> None:
+    """An unexpected exception (a RuntimeError injected before the request, not an S3 error)
+    in a PutObject, a multipart upload and a delete batch: the mount keeps serving, status
+    names each file as failed with the reason, and once the bug is gone everything lands."""
+    faults = tmp_path / "faults"
+    faults.write_text("PutObject CreateMultipartUpload DeleteObjects DeleteObject\n")
+    small, big = data_of(100_000, "bug-small"), data_of(12 * MIB, "bug-big")
+    s3.put_object(Bucket=bucket, Key="bug-doomed", Body=b"old")
+    m = mount(
+        bucket,
+        "--upload-delay",
+        "0.2",
+        "--part-size",
+        "5",
+        env={"FBMOUNT_TEST_FAULT_FILE": str(faults)},
+    )
+    write_file(m.path / "bug-small", small)
+    write_file(m.path / "bug-big", big)
+    os.unlink(m.path / "bug-doomed")
+
+    def both_failed() -> bool:
+        failed = {f["key"]: f["error"] for f in status(run_fbmount, m)["failed"]}
+        return all("injected fault" in (failed.get(k) or "") for k in ("bug-small", "bug-big"))
+
+    wait_for(both_failed, 30, "both files under 'failed' with the injected fault")
+    assert m.proc.poll() is None, m.log_text()
+    assert bounded(os.listdir, m.path, timeout=30) is not None
+    assert (m.path / "bug-big").read_bytes() == big  # still served from the staged copy
+    assert body(s3, bucket, "bug-small") is None
+    assert open_uploads(s3, bucket) == []
+
+    faults.unlink()  # the bug is fixed: the backoff retries store everything
+    r = run_fbmount("sync", str(m.path), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert body(s3, bucket, "bug-small") == small
+    assert body(s3, bucket, "bug-big") == big
+    assert body(s3, bucket, "bug-doomed") is None
+    assert m.unmount() == 0
+
+
+def test_bug_during_crash_recovery_mounts_anyway_and_retries_later(
+    s3: Any, bucket: str, mount: MountFactory, run_fbmount: Callable[..., Any], tmp_path: Path
+) -> None:
+    """kill -9 with a file staged; the next mount's recovery upload hits a bug: the mount
+    still comes up (no crash loop), the file stays staged, and the mount after that (the
+    bug gone) uploads it."""
+    data = data_of(200_000, "bug-recover")
+    m = mount(bucket, "--upload-delay", "3600")
+    write_file(m.path / "bug-recovered", data)
+    m.kill9()
+    faults = tmp_path / "faults"
+    faults.write_text("PutObject\n")
+    m2 = mount(
+        bucket,
+        "--upload-delay",
+        "3600",
+        cache_dir=m.cache_dir,
+        mountpoint=m.path,
+        env={"FBMOUNT_TEST_FAULT_FILE": str(faults)},
+    )
+    assert bounded(os.listdir, m2.path, timeout=30) is not None
+    assert "injected fault" in m2.log_text()
+    assert body(s3, bucket, "bug-recovered") is None
+    assert "bug-recovered" in staged_records(m2)
+    m2.unmount()
+    faults.unlink()
+    m3 = mount(bucket, cache_dir=m.cache_dir, mountpoint=m.path)
+    assert body(s3, bucket, "bug-recovered") == data
+    assert (m3.path / "bug-recovered").read_bytes() == data
+    assert m3.unmount() == 0

@@ -29,6 +29,13 @@ class CopyNotSupported(FsError):
         super().__init__(errno.ENOTSUP, message)
 
 
+class CopyTooLarge(FsError):
+    """One CopyObject takes at most 5 GiB: callers copy in parts (UploadPartCopy)."""
+
+    def __init__(self, message: str = "copy source larger than one CopyObject takes") -> None:
+        super().__init__(errno.EFBIG, message)
+
+
 class PreconditionFailed(FsError):
     """The object changed under us (If-Match failed): never mix old and new bytes."""
 

@@ -1017,9 +1017,11 @@ class Filesystem(pyfuse3.Operations):
             try:
                 async with self.copy_probe if probing else contextlib.nullcontext():
                     if self.store.copy_supported is not False:  # re-check after the wait
-                        if headers is None:
-                            return await self.store.copy(src_key, dst_key)
-                        return await self.store.copy(src_key, dst_key, headers[0], headers[1])
+                        # Over 5 GiB the store copies in parts; a directory's callers pass
+                        # its node, whose size says nothing (the server's refusal tells).
+                        size = node.size if node.kind is Kind.FILE else None
+                        meta, ctype = headers if headers is not None else (None, None)
+                        return await self.store.copy(src_key, dst_key, meta, ctype, size=size)
             except CopyNotSupported:
                 pass
         if headers is None:

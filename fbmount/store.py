@@ -45,7 +45,13 @@ from botocore.exceptions import (
 from fbmount.bridge import AsyncioThread
 from fbmount.credentials import Credentials
 from fbmount.dataplane import DataPlane
-from fbmount.errors import S3_CODE_ERRNO, CopyNotSupported, FsError, PreconditionFailed
+from fbmount.errors import (
+    S3_CODE_ERRNO,
+    CopyNotSupported,
+    CopyTooLarge,
+    FsError,
+    PreconditionFailed,
+)
 from fbmount.tasks import open_nursery
 
 log = logging.getLogger("fbmount.s3")
@@ -53,6 +59,9 @@ log = logging.getLogger("fbmount.s3")
 # Codes with which servers say "this operation is switched off here".
 COPY_REFUSED_CODES = {"NotImplemented", "501", "MethodNotAllowed", "405", "AccessDenied", "403"}
 BODY_RETRIES = 3
+MAX_COPY_BYTES = 5 * 1024**3  # S3's limit for one CopyObject; larger: UploadPartCopy
+COPY_PART_BYTES = 512 * 1024**2  # grown so that a 5 TB object fits in 10,000 parts
+COPY_PARALLEL = 8
 URL_LIFETIME = 900  # seconds a pre-signed data-plane URL is valid
 
 
@@ -88,6 +97,16 @@ def describe_client_error(e: ClientError) -> tuple[str, str]:
     err = e.response.get("Error", {})
     code = str(err.get("Code") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
     return code, str(err.get("Message") or code)
+
+
+def copy_too_large(code: str, message: str) -> bool:
+    """S3 answers a CopyObject of more than 5 GiB with InvalidRequest ("The specified copy
+    source is larger than the maximum allowable size for a copy source"), which also names
+    other mistakes; some servers say EntityTooLarge."""
+    text = message.lower()
+    return code == "EntityTooLarge" or (
+        code == "InvalidRequest" and ("larger" in text or "size" in text)
+    )
 
 
 def to_fs_error(e: BaseException, what: str) -> FsError:
@@ -569,10 +588,95 @@ class S3Store:
         dst: str,
         metadata: dict[str, str] | None = None,
         content_type: str | None = None,
+        size: int | None = None,
     ) -> str:
-        """Server-side copy; metadata given → REPLACE. Raises CopyNotSupported when refused."""
+        """Server-side copy; metadata given → REPLACE. Raises CopyNotSupported when refused.
+
+        An object over 5 GiB (by `size`, or by the server's refusal when the size was not
+        known) is copied in parts with UploadPartCopy, which has no such limit."""
         if self.copy_supported is False:
             raise CopyNotSupported()
+        if size is not None and size > MAX_COPY_BYTES:
+            return await self.copy_in_parts(src, dst, size, metadata, content_type)
+        try:
+            return await self._copy_object(src, dst, metadata, content_type)
+        except CopyTooLarge:
+            if size is None:
+                info = await self.head(src)
+                if info is None:
+                    raise FsError(errno.ENOENT, f"{src} vanished during a copy") from None
+                size = info.size
+            return await self.copy_in_parts(src, dst, size, metadata, content_type)
+
+    async def copy_in_parts(
+        self,
+        src: str,
+        dst: str,
+        size: int,
+        metadata: dict[str, str] | None,
+        content_type: str | None,
+    ) -> str:
+        """Multipart copy (UploadPartCopy), parts in parallel, pinned to the source's ETag.
+        Without new metadata the source's is carried over (a multipart copy starts bare)."""
+        info = await self.head(src)
+        if info is None:
+            raise FsError(errno.ENOENT, f"{src} vanished during a copy")
+        if metadata is None:
+            metadata, content_type = info.metadata or {}, info.content_type
+        part = max(COPY_PART_BYTES, -(-size // 10_000))
+        count = max(1, -(-size // part))
+        upload_id = await self.create_multipart(
+            dst, metadata, content_type or "application/octet-stream"
+        )
+        etags = [""] * count
+        limiter = trio.CapacityLimiter(COPY_PARALLEL)
+
+        async def copy_part(i: int) -> None:
+            start, end = i * part, min(size, (i + 1) * part) - 1
+
+            async def go() -> str:
+                params: dict[str, Any] = {
+                    "Bucket": self.bucket,
+                    "Key": dst,
+                    "UploadId": upload_id,
+                    "PartNumber": i + 1,
+                    "CopySource": {"Bucket": self.bucket, "Key": src},
+                    "CopySourceIfMatch": f'"{info.etag}"',
+                }
+                if size:
+                    params["CopySourceRange"] = f"bytes={start}-{end}"
+                try:
+                    r = await self._client.upload_part_copy(**params)
+                except ClientError as e:
+                    code = describe_client_error(e)[0]
+                    if code in COPY_REFUSED_CODES and self.copy_supported is not True:
+                        raise CopyNotSupported(f"server refuses UploadPartCopy ({code})") from None
+                    raise
+                return _etag(r.get("CopyPartResult", {}).get("ETag"))
+
+            async with limiter:
+                etags[i] = await self._call("UploadPartCopy", f"copy part {i + 1} of {dst}", go)
+
+        try:
+            async with open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(copy_part, i)
+            return await self.complete_multipart(dst, upload_id, etags)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(30):
+                try:
+                    await self.abort_multipart(dst, upload_id)
+                except FsError as e:
+                    log.error("could not abort the multipart copy to %s: %s", dst, e.message)
+            raise
+
+    async def _copy_object(
+        self,
+        src: str,
+        dst: str,
+        metadata: dict[str, str] | None,
+        content_type: str | None,
+    ) -> str:
 
         async def go() -> str:
             params: dict[str, Any] = {
@@ -594,6 +698,8 @@ class S3Store:
                 # the one whose answer came first.
                 if code in COPY_REFUSED_CODES and self.copy_supported is not True:
                     raise CopyNotSupported(f"server refuses CopyObject ({code})") from None
+                if copy_too_large(*describe_client_error(e)):
+                    raise CopyTooLarge(f"COPY {src}: {describe_client_error(e)[1]}") from None
                 raise
             return _etag(r.get("CopyObjectResult", {}).get("ETag"))
 

@@ -34,6 +34,7 @@ from fbmount.staging import Staged, StagingArea
 from fbmount.store import S3Store
 from fbmount.tasks import guarded, open_nursery
 from fbmount.uploader import WriteBack, stream_copy
+from fbmount.uploadnotes import UploadNotes
 
 log = logging.getLogger("fbmount.fs")
 
@@ -132,6 +133,9 @@ class Filesystem(pyfuse3.Operations):
         it, so the router (account.py) finds the bucket from any inode or handle number."""
         super().__init__()
         self.cfg, self.store, self.staging, self.index = cfg, store, staging, index
+        # Every multipart upload of this bucket (writes, streams, copies) is noted here,
+        # so that the next mount aborts what a kill -9 left open.
+        store.upload_notes = UploadNotes(staging.root)
         self.ns = Namespace(
             cfg.prefix,
             cfg.uid,
@@ -1113,6 +1117,13 @@ class Filesystem(pyfuse3.Operations):
         Never fails the mount (a crash loop under systemd): what cannot be uploaded now
         stays staged for the next mount, and a bug here is logged, not raised."""
         await guarded("aborting the streams left by the last run", self.eager.abort_leftovers)
+        assert self.store.upload_notes is not None
+        await guarded(
+            "aborting the multipart uploads left by the last run",
+            self.store.upload_notes.abort_leftovers,
+            self.store.abort_multipart,
+            self.store.uploads_begun,
+        )
         try:
             found = self.staging.recover()
         except Exception:  # noqa: BLE001

@@ -53,6 +53,7 @@ from fbmount.errors import (
     PreconditionFailed,
 )
 from fbmount.tasks import open_nursery
+from fbmount.uploadnotes import UploadNotes
 
 log = logging.getLogger("fbmount.s3")
 
@@ -182,6 +183,7 @@ class S3Store:
         self.traffic: Counter[str] = Counter()  # bytes "up" and "down"
         self.rate = RateLimiter(max_rps)
         self._fault_file = os.environ.get(FAULT_FILE_ENV)
+        self.upload_notes: UploadNotes | None = None  # the staging dir's crash notes
         self._thread = AsyncioThread()
         self._client: Any = None
         self._client_cm: Any = None
@@ -216,6 +218,7 @@ class S3Store:
         account mount's buckets share one S3Store). Never close() the view; close this."""
         view = copy.copy(self)
         view.bucket = bucket
+        view.upload_notes = None  # the bucket's own, set when its staging area exists
         view._get_urls = cachetools.TTLCache(4096, URL_LIFETIME / 2, timer=time.monotonic)
         return view
 
@@ -479,7 +482,28 @@ class S3Store:
             )
             return r["UploadId"]
 
-        return await self._call("CreateMultipartUpload", f"multipart {key}", go)
+        notes = self.upload_notes
+        note = notes.begin(key) if notes is not None else None  # before: kill -9 mid-request
+        try:
+            upload_id = await self._call("CreateMultipartUpload", f"multipart {key}", go)
+        except BaseException:
+            if note is not None:
+                notes.discard(note)
+            raise
+        if note is not None:
+            notes.created(note, key, upload_id)
+        return upload_id
+
+    async def uploads_begun(self, key: str, since: float) -> list[str]:
+        """UploadIds of the open multipart uploads of exactly `key` begun since `since`."""
+        r = await self.bucket_call(
+            "list_multipart_uploads", "ListMultipartUploads", Bucket=self.bucket, Prefix=key
+        )
+        return [
+            u["UploadId"]
+            for u in r.get("Uploads", [])
+            if u.get("Key") == key and u["Initiated"].timestamp() >= since
+        ]
 
     async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
         if self._ranges is not None:
@@ -522,7 +546,10 @@ class S3Store:
                 return expected
             return _etag(r.get("ETag"))
 
-        return await self._call("CompleteMultipartUpload", f"complete {key}", go)
+        etag = await self._call("CompleteMultipartUpload", f"complete {key}", go)
+        if self.upload_notes is not None:
+            self.upload_notes.ended(upload_id)
+        return etag
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         async def go() -> None:
@@ -535,6 +562,8 @@ class S3Store:
                     raise
 
         await self._call("AbortMultipartUpload", f"abort {key}", go)
+        if self.upload_notes is not None:
+            self.upload_notes.ended(upload_id)
 
     async def delete(self, key: str) -> None:
         async def go() -> None:

@@ -369,3 +369,37 @@ def test_kill9_leaves_no_stale_mount_blocking_the_next(bucket: str, mount: Mount
     m2 = mount(bucket, cache_dir=m.cache_dir, mountpoint=m.path)
     assert os.listdir(m2.path) == []
     assert m2.unmount() == 0
+
+
+def test_kill9_mid_multipart_upload_leaves_no_open_upload(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str
+) -> None:
+    """kill -9 while a whole-file multipart upload (not a stream: a dot-file is never
+    streamed) has a part in flight: the next mount aborts the open upload and uploads the
+    file from its journal."""
+    data = content(".mpu-crash", 12 * MIB)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint, "--upload-delay", "0.2", "--part-size", "5")
+        held = proxy.add_rule("UploadPart", "hold", key=".mpu-crash", times=1)
+        (m.path / ".mpu-crash").write_bytes(data)
+        assert held.wait_held(30), m.log_text()
+        assert [u["Key"] for u in open_multipart(s3, bucket)] == [".mpu-crash"]
+        m.kill9()
+        held.release()
+        m2 = mount(  # the same endpoint: the cache directory is per endpoint and bucket
+            bucket,
+            "--endpoint",
+            proxy.endpoint,
+            "--upload-delay",
+            "60",
+            cache_dir=m.cache_dir,
+            mountpoint=m.path,
+        )
+        assert open_multipart(s3, bucket) == []
+        assert s3_body(s3, bucket, ".mpu-crash") == data
+        assert (m2.path / ".mpu-crash").read_bytes() == data
+        assert m2.unmount() == 0
+
+
+def open_multipart(s3: Any, bucket: str) -> list[dict]:
+    return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])

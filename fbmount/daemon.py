@@ -242,7 +242,7 @@ class Daemon:
             if self.cfg.all_buckets:
                 await self.store.list_buckets()
             else:
-                await self.store.check_bucket()
+                await self.store.check_bucket(self.cfg.prefix)
         except FsError as e:
             raise StartupError(explain_startup_failure(self.cfg, e)) from None
         if isinstance(self.fs, Filesystem):

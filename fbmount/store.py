@@ -857,11 +857,13 @@ class S3Store:
                 return total
 
     # ----- buckets ----------------------------------------------------------------------
-    async def check_bucket(self) -> None:
-        """One request that proves endpoint, credentials and bucket (fail fast at start)."""
+    async def check_bucket(self, prefix: str = "") -> None:
+        """One request that proves endpoint, credentials and bucket (fail fast at start).
+        A BUCKET:PREFIX mount asks below its prefix only: a key allowed to list just that
+        prefix must be able to mount it."""
 
         async def go() -> None:
-            await self._client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+            await self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
 
         await self._call("ListObjectsV2", f"bucket {self.bucket}", go)
 

@@ -1,0 +1,193 @@
+"""README promises that had no test of their own (issue #15), each on a real mount.
+
+Every test mounts SeaweedFS for real, most through tests/faultproxy.py so that the S3
+requests a file-system action causes are counted, inspected (headers through a rule's
+``where=`` predicate that never fires) or faulted. Waits are on events with a bound
+(``fbmount sync``, ``proxy.wait_idle``, a held request arriving), never on wall-clock
+thresholds of the test's own timing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MountFactory
+from faultproxy import FaultProxy, RequestInfo
+from helpers import body, read_file, write_file
+
+MIB = 1024 * 1024
+STRICT = ("--upload-delay", "0")
+HANG_BOUND = 60.0  # seconds: a syscall still blocked after this is a hang
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+# --------------------------------------------------------------------------- helpers
+def data_of(size: int, seed: str) -> bytes:
+    """Deterministic bytes that differ everywhere between seeds."""
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{i}".encode()).digest() * 128
+        i += 1
+    return bytes(out[:size])
+
+
+def md5_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
+def bounded(fn: Callable[..., Any], *args: Any, timeout: float = HANG_BOUND) -> Any:
+    """fn(*args) in a thread; fail if still blocked after `timeout`. Returns the result or
+    the OSError raised (so callers can check its errno)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except OSError as e:
+            box["error"] = e
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            box["raise"] = e
+
+    worker = threading.Thread(target=run, daemon=True, name=f"bounded-{fn.__name__}")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        pytest.fail(f"{fn.__name__} still blocked after {timeout:.0f} s: a hang")
+    if "raise" in box:
+        raise box["raise"]
+    return box.get("error", box.get("value"))
+
+
+def sync(run_fbmount: Run, mnt: Path) -> None:
+    """`fbmount sync`: returns once everything written before it is in S3."""
+    r = run_fbmount("sync", str(mnt), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def watch_headers(proxy: FaultProxy, kinds: set[str], names: tuple[str, ...]) -> list[dict]:
+    """Record, for each request of `kinds`, its kind, key, query and the headers `names`
+    (FaultProxy keeps no headers; a rule whose predicate never matches sees them all)."""
+    seen: list[dict] = []
+
+    def look(info: RequestInfo) -> bool:
+        if info.kind in kinds:
+            entry = {"kind": info.kind, "key": info.key, "query": dict(info.query)}
+            entry.update({n: info.header(n) for n in names})
+            seen.append(entry)
+        return False
+
+    proxy.add_rule(None, "delay", where=look)
+    return seen
+
+
+def keys_in(s3: Any, bucket: str, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out.update(o["Key"] for o in page.get("Contents", []))
+    return out
+
+
+# --------------------------------------------------------------------------- BUCKET:PREFIX
+def test_prefix_mount_shows_and_changes_only_keys_below_prefix(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, run_fbmount: Run
+) -> None:
+    """`fbmount BUCKET:some/prefix`: only keys below `some/prefix/` show; writes, mkdir,
+    renames (file and directory) and deletes land below it; keys outside it (a sibling
+    that merely starts with the same letters included) are never listed, read or touched;
+    every object request the mount sends names a key below the prefix."""
+    outside = {
+        "outside.txt": b"not mine",
+        "some/other.txt": b"neighbour",
+        "some/prefixed-sibling": b"same letters, other prefix",
+        "some/prefixed-dir/x": b"also outside",
+    }
+    inside = {"some/prefix/a.txt": b"alpha", "some/prefix/d/b.txt": b"bravo"}
+    for key, data in {**outside, **inside}.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(f"{bucket}:some/prefix", "--endpoint", proxy.endpoint)
+        assert sorted(os.listdir(m.path)) == ["a.txt", "d"]
+        assert os.listdir(m.path / "d") == ["b.txt"]
+        assert read_file(m.path / "a.txt") == b"alpha"
+        assert not (m.path / "outside.txt").exists()
+        assert not (m.path / "prefixed-sibling").exists()
+
+        write_file(m.path / "new.txt", b"written through the prefix mount")
+        (m.path / "newdir").mkdir()
+        write_file(m.path / "newdir" / "n.txt", b"in a new dir")
+        sync(run_fbmount, m.path)
+        assert body(s3, bucket, "some/prefix/new.txt") == b"written through the prefix mount"
+        assert body(s3, bucket, "some/prefix/newdir/n.txt") == b"in a new dir"
+
+        os.rename(m.path / "a.txt", m.path / "d" / "a-moved.txt")  # a stored file
+        os.rename(m.path / "d", m.path / "e")  # a directory: copy + delete of each key
+        os.unlink(m.path / "new.txt")
+        subprocess.run(["rm", "-rf", str(m.path / "newdir")], check=True, timeout=60)
+        sync(run_fbmount, m.path)
+        assert sorted(os.listdir(m.path)) == ["e"]
+        assert sorted(os.listdir(m.path / "e")) == ["a-moved.txt", "b.txt"]
+        assert m.unmount() == 0
+
+    assert {k for k in keys_in(s3, bucket) if k.startswith("some/prefix/")} == {
+        "some/prefix/e/a-moved.txt",
+        "some/prefix/e/b.txt",
+    } | ({"some/prefix/e/"} & keys_in(s3, bucket))  # a marker for e/ may be kept
+    for key, data in outside.items():
+        assert body(s3, bucket, key) == data, key
+    assert body(s3, bucket, "some/prefix/e/a-moved.txt") == b"alpha"
+    assert body(s3, bucket, "some/prefix/e/b.txt") == b"bravo"
+    # Every request on an object named a key below the prefix; every LIST asked below it.
+    object_paths = [
+        r.path
+        for r in proxy.records
+        if r.path.count("/") >= 2 and r.kind not in ("ListObjects", "DeleteObjects", "HeadBucket")
+    ]
+    assert object_paths, "no object requests seen"
+    stray = [p for p in object_paths if not p.startswith(f"/{bucket}/some/prefix/")]
+    assert not stray, stray
+    lists = [r.query.get("prefix", "") for r in proxy.records if r.kind == "ListObjects"]
+    assert lists and all(p.startswith("some/prefix/") for p in lists), lists
+    copies = [r for r in proxy.records if r.kind == "CopyObject"]
+    assert copies, "the renames were expected to copy server-side"
+
+
+# --------------------------------------------------------------------------- Content-MD5
+def test_content_md5_on_put_object_and_upload_part(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str
+) -> None:
+    """README: "parts and PUTs carry Content-MD5 so the server rejects corrupted uploads".
+    Each PutObject and UploadPart carries Content-MD5, and it is the MD5 of exactly the
+    bytes of that object or part."""
+    small = data_of(300_000, "md5-small")
+    part = 5 * MIB
+    big = data_of(2 * part + 12_345, "md5-big")
+    with FaultProxy(s3_endpoint) as proxy:
+        seen = watch_headers(proxy, {"PutObject", "UploadPart"}, ("content-md5",))
+        m = mount(bucket, "--endpoint", proxy.endpoint, *STRICT, "--part-size", "5")
+        assert bounded(write_file, m.path / "small.bin", small) is None
+        assert bounded(write_file, m.path / "big.bin", big) is None
+        assert m.unmount() == 0
+    puts = [e for e in seen if e["kind"] == "PutObject" and e["key"] == "small.bin"]
+    assert puts and all(e["content-md5"] == md5_b64(small) for e in puts), puts
+    parts = {
+        int(e["query"]["partNumber"]): e["content-md5"]
+        for e in seen
+        if e["kind"] == "UploadPart" and e["key"] == "big.bin"
+    }
+    expected = {
+        n + 1: md5_b64(big[off : off + part]) for n, off in enumerate(range(0, len(big), part))
+    }
+    assert parts == expected
+    missing = [e for e in seen if not e["content-md5"]]
+    assert not missing, missing
+    assert body(s3, bucket, "small.bin") == small
+    assert body(s3, bucket, "big.bin") == big

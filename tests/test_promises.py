@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import subprocess
 import threading
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import MountFactory
 from faultproxy import FaultProxy, RequestInfo
-from helpers import body, read_file, write_file
+from helpers import body, exists, open_uploads, read_file, write_file
 
 MIB = 1024 * 1024
 STRICT = ("--upload-delay", "0")
@@ -191,3 +192,83 @@ def test_content_md5_on_put_object_and_upload_part(
     assert not missing, missing
     assert body(s3, bucket, "small.bin") == small
     assert body(s3, bucket, "big.bin") == big
+
+
+# --------------------------------------------------------------------------- DeleteObjects refused
+def test_refused_delete_objects_falls_back_to_single_deletes(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, run_fbmount: Run
+) -> None:
+    """README (Providers): a refused DeleteObjects (501 NotImplemented) makes `rm -rf`
+    delete one key at a time. It is probed once and remembered; every key goes."""
+    tree = {f"tree/d{i % 3}/f{i:02d}": data_of(100 + i, f"del{i}") for i in range(24)}
+    more = {f"more/g{i}": b"x" for i in range(5)}
+    for key, data in {**tree, **more}.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    with FaultProxy(s3_endpoint) as proxy:
+        refusal = proxy.add_rule("DeleteObjects", "status", status=501, code="NotImplemented")
+        m = mount(bucket, "--endpoint", proxy.endpoint)
+        assert sorted(os.listdir(m.path)) == ["more", "tree"]
+        r = subprocess.run(
+            ["rm", "-rf", str(m.path / "tree")], capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0, r.stderr
+        assert not (m.path / "tree").exists()
+        sync(run_fbmount, m.path)
+        assert refusal.fired == 1, "DeleteObjects should be probed once, then remembered"
+        deleted = {p.split("/", 2)[2] for p in proxy.paths("DeleteObject")}
+        assert set(tree) <= deleted, sorted(set(tree) - deleted)
+        assert not keys_in(s3, bucket, "tree/")
+
+        # Remembered: the next rm -rf sends no DeleteObjects at all.
+        r = subprocess.run(
+            ["rm", "-rf", str(m.path / "more")], capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0, r.stderr
+        sync(run_fbmount, m.path)
+        assert proxy.counts["DeleteObjects"] == 1
+        assert not keys_in(s3, bucket, "more/")
+        assert "Traceback" not in m.log_text(), m.log_text()
+        assert m.unmount() == 0
+
+
+# --------------------------------------------------------------------------- 5xx retries
+def test_5xx_retried_on_copy_delete_and_create_multipart(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, run_fbmount: Run
+) -> None:
+    """README: every S3 request is retried on 5xx. Two 503s on CopyObject, DeleteObject,
+    DeleteObjects and CreateMultipartUpload: the rename, the unlink and the big write
+    succeed, and the proxy saw each request three times (two refused, one served) while
+    fbmount counted one call of each."""
+    s3.put_object(Bucket=bucket, Key="stored.bin", Body=b"stored body")
+    s3.put_object(Bucket=bucket, Key="doomed.bin", Body=b"doomed")
+    big = data_of(11 * MIB + 7, "cmu-retry")
+    with FaultProxy(s3_endpoint) as proxy:
+        # Write-back (not strict) mode: unlink queues a DeleteObjects batch.
+        m = mount(bucket, "--endpoint", proxy.endpoint, "--part-size", "5")
+        assert sorted(os.listdir(m.path)) == ["doomed.bin", "stored.bin"]
+        assert proxy.wait_idle()
+        before = proxy.counts
+        rules = {
+            kind: proxy.add_rule(kind, "status", status=503, times=2)
+            for kind in ("CopyObject", "DeleteObject", "DeleteObjects", "CreateMultipartUpload")
+        }
+        os.rename(m.path / "stored.bin", m.path / "renamed.bin")  # CopyObject + DeleteObject
+        os.unlink(m.path / "doomed.bin")  # a DeleteObjects batch
+        assert bounded(write_file, m.path / "big.bin", big) is None  # multipart at sync
+        sync(run_fbmount, m.path)
+        assert proxy.wait_idle()
+        spent = proxy.counts - before
+        assert {k: r.fired for k, r in rules.items()} == dict.fromkeys(rules, 2)
+        for kind in rules:
+            assert spent[kind] == 3, (kind, dict(spent))
+        r = run_fbmount("status", str(m.path), "--json", timeout=30)
+        assert r.returncode == 0, r.stderr
+        requests = json.loads(r.stdout)["requests"]
+        for kind in rules:
+            assert requests.get(kind) == 1, (kind, requests)  # retried inside one call
+        assert m.unmount() == 0
+    assert body(s3, bucket, "renamed.bin") == b"stored body"
+    assert not exists(s3, bucket, "stored.bin")
+    assert not exists(s3, bucket, "doomed.bin")
+    assert body(s3, bucket, "big.bin") == big
+    assert not open_uploads(s3, bucket)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -481,3 +482,35 @@ def test_etc_passwd_fbmount_comes_after_home(
     assert r.returncode == 92, (r, log(2))  # fbmount refused to mount
     assert set(keys) == {"HOMEKEYBAD"}, set(keys)
     assert "refused the credentials" in log(2), log(2)
+
+
+# --------------------------------------------------------------------------- --max-rps
+def test_max_rps_limits_the_request_rate_seen_by_the_server(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str
+) -> None:
+    """--max-rps 20: 100 HEAD-causing stats from 8 threads reach the server no faster than
+    20 a second after a burst of at most one second's worth. Measured on the proxy's
+    arrival times of the requests, not on the test's own clock: the 100 HEADs span at
+    least (100 - 20 - 1) / 20 s, and no window of W seconds holds more than 20·W + 20."""
+    rate, n = 20, 100
+    keys = [f"many/o{i:03d}" for i in range(n)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=b"x"), keys))
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint, "--max-rps", str(rate))
+        assert sorted(os.listdir(m.path / "many")) == [k.split("/")[1] for k in keys]
+        with ThreadPoolExecutor(8) as pool:
+            sizes = list(pool.map(lambda k: os.stat(m.path / k).st_size, keys))
+        assert sizes == [1] * n
+        assert proxy.wait_idle()
+        records = sorted(proxy.records, key=lambda r: r.started)
+        assert m.unmount() == 0
+    heads = [r.started for r in records if r.kind == "HeadObject" and "/many/" in r.path]
+    assert len(heads) >= n, len(heads)  # each unseen object's first stat is one HEAD
+    span = heads[-1] - heads[0]
+    assert span >= (n - rate - 1) / rate - 0.1, f"{len(heads)} HEADs within {span:.2f} s"
+    times = [r.started for r in records]
+    for window in (1.0, 2.0):
+        most = max(sum(1 for t in times[i:] if t < start + window) for i, start in enumerate(times))
+        assert most <= rate * window + rate + 1, (window, most)
+    print(f"\n[max-rps] {len(heads)} HEADs at --max-rps {rate} spanned {span:.2f} s")

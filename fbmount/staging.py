@@ -11,10 +11,12 @@ write outside the staging directory.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,9 @@ class Staged:
     eager: Any = None  # eager.Stream: parts already going up while the file is written
     seq_end: int = 0  # written front to back up to here; -1 once not (or not new content)
     times_set: bool = False  # utime/touch set times explicitly (a stream then needs a copy)
+    # Journal writes of one entry run in worker threads too (close() of several handles at
+    # once): they take turns, and an older record never replaces a newer one.
+    journal_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def dirty(self) -> bool:
@@ -78,6 +83,7 @@ class StagingArea:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)
         self.entries: dict[str, Staged] = {}
+        self._journal_seq = itertools.count(1)  # orders the records made by this process
 
     # ----- creation ---------------------------------------------------------------------
     def new(
@@ -122,29 +128,34 @@ class StagingArea:
             "source_key": staged.source_key,
             "source_etag": staged.source_etag,
             "written": time.time(),
+            "seq": next(self._journal_seq),
         }
 
     def write_journal(self, staged: Staged, record: dict, durable: bool) -> None:
-        """Atomically replace the journal record; durable=True also fsyncs data and dir."""
-        staged.record = record
-        path = self.root / f"{staged.id}.json"
-        tmp = self.root / f"{staged.id}.json.tmp"
-        if durable and staged.fd >= 0:
-            os.fsync(staged.fd)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(record).encode())
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        if durable:
-            dfd = os.open(self.root, os.O_RDONLY)
+        """Atomically replace the journal record; durable=True also fsyncs data and dir.
+        Concurrent calls for one entry take turns; each writes the newest record made."""
+        with staged.journal_lock:
+            if record.get("seq", 0) >= staged.record.get("seq", 0):
+                staged.record = record
+            record = staged.record
+            path = self.root / f"{staged.id}.json"
+            tmp = self.root / f"{staged.id}.json.tmp"
+            if durable and staged.fd >= 0:
+                os.fsync(staged.fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.fsync(dfd)
+                os.write(fd, json.dumps(record).encode())
+                if durable:
+                    os.fsync(fd)
             finally:
-                os.close(dfd)
+                os.close(fd)
+            os.replace(tmp, path)
+            if durable:
+                dfd = os.open(self.root, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
 
     def remove(self, staged: Staged) -> None:
         """Forget an entry: its upload is done or it was discarded."""
@@ -162,6 +173,7 @@ class StagingArea:
         for path in sorted(self.root.glob("*.json")):
             try:
                 record = json.loads(path.read_text())
+                record.pop("seq", None)  # another process's order: older than any new one
                 sid = path.stem
                 data_path = self.root / f"{sid}.data"
                 if record.get("has_data") and not data_path.exists():

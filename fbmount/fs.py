@@ -540,6 +540,9 @@ class Filesystem(pyfuse3.Operations):
         """A staged copy with local data: new, or downloaded (only the first `keep` bytes)."""
         staged = node.staged
         if staged is not None and staged.has_data:
+            if staged.filling is not None:  # another open is downloading the old bytes:
+                await staged.filling.wait()  # writing before they are all in would lose
+                return await self.ensure_data(node, keep)  # the write (or its download failed)
             return staged
         key = self.ns.key(node)
         if staged is None:
@@ -555,12 +558,16 @@ class Filesystem(pyfuse3.Operations):
         want = node.size if keep is None else min(keep, node.size)
         if node.remote and want > 0:
             staged.seq_end = -1  # existing bytes: not a fresh front-to-back write
+            staged.filling = trio.Event()
             try:
                 await self._download(key, node.etag, want, staged.fd)
             except BaseException:
                 node.staged = None
                 self.staging.remove(staged)
                 raise
+            finally:
+                staged.filling.set()
+                staged.filling = None
         if clean:
             staged.uploaded_generation = staged.generation
         return staged
@@ -671,6 +678,9 @@ class Filesystem(pyfuse3.Operations):
         handle = self.handles[fh]
         node = handle.node
         staged = node.staged
+        if staged is not None and staged.filling is not None:
+            await staged.filling.wait()  # a writer's open is downloading the old bytes
+            staged = node.staged
         if staged is not None and staged.has_data:
             return await trio.to_thread.run_sync(os.pread, self.staging.open_fd(staged), size, off)
         if handle.reader is None or handle.reader.etag != node.etag:
@@ -699,7 +709,7 @@ class Filesystem(pyfuse3.Operations):
         handle = self.handles[fh]
         node = handle.node
         staged = node.staged
-        if staged is None or not staged.has_data:
+        if staged is None or not staged.has_data or staged.filling is not None:
             staged = await self.ensure_data(node)
         fd = self.staging.open_fd(staged)
         if handle.append:

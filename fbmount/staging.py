@@ -56,6 +56,7 @@ class Staged:
     # Journal writes of one entry run in worker threads too (close() of several handles at
     # once): they take turns, and an older record never replaces a newer one.
     journal_lock: threading.Lock = field(default_factory=threading.Lock)
+    filling: trio.Event | None = None  # set once the remote bytes are all downloaded
 
     @property
     def dirty(self) -> bool:

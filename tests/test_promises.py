@@ -514,3 +514,57 @@ def test_max_rps_limits_the_request_rate_seen_by_the_server(
         most = max(sum(1 for t in times[i:] if t < start + window) for i, start in enumerate(times))
         assert most <= rate * window + rate + 1, (window, most)
     print(f"\n[max-rps] {len(heads)} HEADs at --max-rps {rate} spanned {span:.2f} s")
+
+
+# --------------------------------------------------------------------------- concurrent writers
+WRITER = r"""
+import os, sys
+path, offset, seed, size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+import hashlib
+data = bytearray()
+i = 0
+while len(data) < size:
+    data += hashlib.sha256(f"{seed}:{i}".encode()).digest() * 128
+    i += 1
+fd = os.open(path, os.O_WRONLY)  # no O_TRUNC: like dd conv=notrunc
+for off in range(0, size, 64 * 1024):  # many small pwrites, interleaved with the others
+    os.pwrite(fd, data[off : min(off + 64 * 1024, size)], offset + off)
+os.close(fd)
+"""
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["new-file", "stored-object"])
+def test_concurrent_writers_on_disjoint_ranges_of_one_file(
+    s3: Any, bucket: str, mount: MountFactory, run_fbmount: Run, stored: bool
+) -> None:
+    """Six processes pwrite disjoint ranges of one file at once (one of them past the
+    end); the ranges nobody wrote keep the old bytes (of the stored object, or zeros of
+    the new file's size). In S3 after `fbmount sync`: exactly the merged content."""
+    size = 8 * MIB
+    old = data_of(size, "old") if stored else bytes(size)
+    if stored:
+        s3.put_object(Bucket=bucket, Key="shared.bin", Body=old)
+    m = mount(bucket, "--part-size", "5")
+    path = m.path / "shared.bin"
+    if not stored:
+        with open(path, "wb") as f:
+            f.truncate(size)
+    ranges = [(0, MIB), (MIB + 4096, MIB), (3 * MIB, 777_777), (5 * MIB - 1, 2)]
+    ranges += [(6 * MIB, MIB + 3), (size + 123, 500_000)]  # the last one grows the file
+    expected = bytearray(old)
+    expected += bytes(size + 123 + 500_000 - len(expected))
+    procs = []
+    for n, (offset, length) in enumerate(ranges):
+        expected[offset : offset + length] = data_of(length, f"w{n}")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WRITER, str(path), str(offset), f"w{n}", str(length)]
+            )
+        )
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    assert bounded(read_file, path) == bytes(expected)
+    sync(run_fbmount, m.path)
+    assert body(s3, bucket, "shared.bin") == bytes(expected)
+    assert m.unmount() == 0
+    assert body(s3, bucket, "shared.bin") == bytes(expected)

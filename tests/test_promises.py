@@ -568,3 +568,68 @@ def test_concurrent_writers_on_disjoint_ranges_of_one_file(
     assert body(s3, bucket, "shared.bin") == bytes(expected)
     assert m.unmount() == 0
     assert body(s3, bucket, "shared.bin") == bytes(expected)
+
+
+# --------------------------------------------------------------------------- races with uploads
+@pytest.mark.parametrize("phase", ["request", "response"])
+def test_overwrite_rename_and_read_while_a_put_is_in_flight(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, run_fbmount: Run, phase: str
+) -> None:
+    """The proxy holds the PutObject of a closed file (before the server sees it, or after
+    it stored the bytes but before fbmount hears so). Meanwhile the test reads the file,
+    overwrites it and renames it: reading and overwriting never wait for the held PUT,
+    reads give the newest bytes, and once the PUT is let go what ends up in S3 is the
+    last write under the last name, nothing under the old one. (A rename may wait for
+    the upload in flight, so it is issued from a thread just before the release.)"""
+    v1, v2 = data_of(200_000, "race-v1"), data_of(150_001, "race-v2")
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint, "--upload-delay", "0.2")
+        hold = proxy.add_rule("PutObject", "hold", key=f"/{bucket}/race.bin", phase=phase, times=1)
+        try:
+            write_file(m.path / "race.bin", v1)
+            assert hold.wait_held(30), "the upload of race.bin never started"
+            assert bounded(read_file, m.path / "race.bin", timeout=20) == v1
+            assert bounded(write_file, m.path / "race.bin", v2, timeout=20) is None
+            assert bounded(read_file, m.path / "race.bin", timeout=20) == v2
+            # A rename waits for the upload in flight (it must then delete the old key);
+            # it runs in a thread while the PUT is let go.
+            with ThreadPoolExecutor(1) as pool:
+                renamed = pool.submit(os.rename, m.path / "race.bin", m.path / "final.bin")
+                hold.release()
+                assert renamed.result(timeout=HANG_BOUND) is None
+            assert bounded(read_file, m.path / "final.bin", timeout=20) == v2
+        finally:
+            hold.release()
+        sync(run_fbmount, m.path)
+        assert proxy.wait_idle(timeout=30)
+        assert hold.fired == 1
+        assert sorted(os.listdir(m.path)) == ["final.bin"]
+        assert body(s3, bucket, "final.bin") == v2
+        assert not exists(s3, bucket, "race.bin")
+        assert m.unmount() == 0
+    assert body(s3, bucket, "final.bin") == v2
+    assert not exists(s3, bucket, "race.bin")
+
+
+@pytest.mark.parametrize("phase", ["request", "response"])
+def test_overwrite_while_a_part_is_in_flight(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, run_fbmount: Run, phase: str
+) -> None:
+    """The same with a multipart upload: an UploadPart of the first version is held while
+    the file is rewritten smaller; the last write wins and no upload stays open."""
+    v1, v2 = data_of(12 * MIB + 5, "part-v1"), data_of(3 * MIB + 1, "part-v2")
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint, "--upload-delay", "0.2", "--part-size", "5")
+        hold = proxy.add_rule("UploadPart", "hold", key=f"/{bucket}/big.bin", phase=phase, times=1)
+        try:
+            assert bounded(write_file, m.path / "big.bin", v1) is None
+            assert hold.wait_held(30), "no part of big.bin went up"
+            assert bounded(write_file, m.path / "big.bin", v2, timeout=20) is None
+            assert bounded(read_file, m.path / "big.bin", timeout=20) == v2
+        finally:
+            hold.release()
+        sync(run_fbmount, m.path)
+        assert body(s3, bucket, "big.bin") == v2
+        assert m.unmount() == 0
+    assert body(s3, bucket, "big.bin") == v2
+    assert not open_uploads(s3, bucket)

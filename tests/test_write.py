@@ -536,6 +536,9 @@ def test_chmod_chown_utime_round_trip(
             proxy.refuse_copy()
         m = mount(bucket, "--endpoint", proxy.endpoint, "--part-size", "5")
         p = m.path / "m.bin"
+        assert os.stat(p).st_size == len(original)
+        assert proxy.wait_idle()
+        before = proxy.counts
         os.chmod(p, 0o640)
         os.chown(p, 1234, 5678)
         os.utime(p, ns=(1_600_000_000_000_000_000, 1_500_000_000_123_456_789))
@@ -544,6 +547,15 @@ def test_chmod_chown_utime_round_trip(
         assert (st.st_uid, st.st_gid) == (1234, 5678)
         assert st.st_mtime_ns == 1_500_000_000_123_456_789
         sync_path(p)
+        # README: one CopyObject onto itself, coalesced (or, refused, one re-upload).
+        assert proxy.wait_idle()
+        spent = proxy.counts - before
+        assert spent["CopyObject"] == 1, dict(spent)  # refused: the one probe
+        assert spent["UploadPartCopy"] == 0, dict(spent)
+        if copy_mode == "copy-refused":
+            assert spent["CompleteMultipartUpload"] + spent["PutObject"] == 1, dict(spent)
+        else:
+            assert spent["PutObject"] + spent["CreateMultipartUpload"] == 0, dict(spent)
         md = head(s3, bucket, "m.bin")["Metadata"]
         assert md["mode"] == str(stat.S_IFREG | 0o640) == "33184"
         assert (md["uid"], md["gid"]) == ("1234", "5678")
@@ -551,9 +563,13 @@ def test_chmod_chown_utime_round_trip(
         assert md["atime"] == "1600000000"
         assert body(s3, bucket, "m.bin") == original
 
+        before = proxy.counts
         os.chmod(p, 0o644)
         os.utime(p, (1_700_000_000, 1_700_000_001))
         assert m.unmount() == 0  # this time the flush at unmount carries it
+        spent = proxy.counts - before
+        # One more coalesced copy; refused, no probe again (remembered), one re-upload.
+        assert spent["CopyObject"] == (0 if copy_mode == "copy-refused" else 1), dict(spent)
     md = head(s3, bucket, "m.bin")["Metadata"]
     assert md["mode"] == str(FILE_644) == "33188"
     assert md["mtime"] == "1700000001"

@@ -1273,6 +1273,8 @@ class Filesystem(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         self._writable()
         sname = name.decode("utf-8", "surrogateescape")
+        if sname.startswith(XATTR_PREFIX):  # read-only, as for setxattr
+            raise FsError(errno.EPERM, f"{sname} is read-only")
         node = await self._meta_node(inode)
         if sname not in node.xattrs:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

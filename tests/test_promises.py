@@ -10,6 +10,7 @@ thresholds of the test's own timing.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -633,3 +634,51 @@ def test_overwrite_while_a_part_is_in_flight(
         assert m.unmount() == 0
     assert body(s3, bucket, "big.bin") == v2
     assert not open_uploads(s3, bucket)
+
+
+# --------------------------------------------------------------------------- If-Match
+def read_all_of(path: Path) -> tuple[bytes, int | None]:
+    """Read an open file to the end: (bytes handed over, errno of the error that ended
+    it or None)."""
+    got = bytearray()
+    with open(path, "rb", buffering=0) as f:
+        try:
+            while chunk := f.read(MIB):
+                got += chunk
+        except OSError as e:
+            return bytes(got), e.errno
+    return bytes(got), None
+
+
+@pytest.mark.parametrize("size", [100_000, 20 * MIB], ids=["one-get", "read-ahead"])
+def test_object_replaced_while_its_get_is_held_gives_eio(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, size: int
+) -> None:
+    """README: reads pin the ETag seen at open (If-Match). The proxy holds the reader's
+    ranged GETs; the object is replaced behind the mount; the GETs go on and the server
+    answers 412. The reader gets EIO, never a byte of the new version (and never a mix);
+    the next open reads the new version whole."""
+    old, new = b"A" * size, b"B" * (size + 17)
+    s3.put_object(Bucket=bucket, Key="obj", Body=old)
+    with FaultProxy(s3_endpoint) as proxy:
+        seen = watch_headers(proxy, {"GetObject"}, ("if-match", "range"))
+        m = mount(bucket, "--endpoint", proxy.endpoint)
+        assert os.stat(m.path / "obj").st_size == size
+        hold = proxy.add_rule("GetObject", "hold", key=f"/{bucket}/obj")
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                reading = pool.submit(read_all_of, m.path / "obj")
+                assert hold.wait_held(30), "the read sent no GET"
+                s3.put_object(Bucket=bucket, Key="obj", Body=new)  # behind the mount
+            finally:
+                hold.release()
+            got, err = reading.result(timeout=HANG_BOUND)
+        proxy.remove_rule(hold)
+        assert err == errno.EIO, (len(got), err)
+        assert set(got) <= {ord("A")}, "bytes of the new version reached the reader"
+        assert len(got) < size
+        gets = [e for e in seen if e["key"] == "obj"]
+        assert gets and all(e["if-match"] for e in gets), gets
+        assert any(r.kind == "GetObject" and r.upstream_status == 412 for r in proxy.records)
+        assert bounded(read_file, m.path / "obj") == new  # the next open: the new version
+        assert m.unmount() == 0

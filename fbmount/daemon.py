@@ -8,7 +8,9 @@ line of error and exits 1, so `fbmount ... && ls MOUNTPOINT` and mount(8) behave
 from __future__ import annotations
 
 import errno
+import faulthandler
 import fcntl
+import json
 import logging
 import logging.handlers
 import os
@@ -17,6 +19,7 @@ import ssl
 import stat
 import sys
 import time
+import traceback
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,26 +34,38 @@ from fbmount.fs import Filesystem
 from fbmount.metaindex import MetaIndex
 from fbmount.staging import StagingArea
 from fbmount.store import S3Store
-from fbmount.tasks import open_nursery
+from fbmount.tasks import collapse, open_nursery
 
 log = logging.getLogger("fbmount")
 
 
-def setup_logging(cfg: Config, daemon: bool) -> None:
+def setup_logging(cfg: Config, daemon: bool) -> str:
+    """Send the log to syslog, the state dir's fbmount.log (a daemon) or stderr (-f).
+
+    Returns where it goes ("syslog", the file's path, or "stderr"), for the mount's record:
+    `fbmount status` points there when the daemon is gone.
+    """
     level = logging.DEBUG if cfg.debug else logging.INFO
     root = logging.getLogger()
     root.handlers.clear()
+    where = "stderr"
     if daemon and Path("/dev/log").exists():
         handler: logging.Handler = logging.handlers.SysLogHandler("/dev/log")
         handler.setFormatter(logging.Formatter("fbmount[%(process)d]: %(message)s"))
+        where = "syslog"
     elif daemon:
         old_umask = os.umask(0o077)  # parents too (e.g. a --local DIR holding the data): 0700
         try:
             cfg.state_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
         finally:
             os.umask(old_umask)
-        handler = logging.FileHandler(cfg.state_dir() / "fbmount.log")
+        file_handler = logging.FileHandler(cfg.state_dir() / "fbmount.log")
+        # A crash below Python (libfuse, a C extension) leaves no exception to log: let
+        # the interpreter write its stack to the same file.
+        faulthandler.enable(file_handler.stream)
+        handler = file_handler
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        where = str(cfg.state_dir() / "fbmount.log")
     else:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(message)s" if os.environ.get("INVOCATION_ID") else "%(asctime)s %(message)s"
@@ -61,6 +76,7 @@ def setup_logging(cfg: Config, daemon: bool) -> None:
     # never enable them. --debug traces each request from store.py instead.
     for noisy in ("botocore", "aiobotocore", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return where
 
 
 def check_mountpoint(path: Path) -> None:
@@ -94,7 +110,8 @@ def lock_state_dir(state_dir: Path) -> int:
             f"the cache directory {state_dir} is in use by another fbmount of the same bucket; "
             "give this mount its own --cache-dir"
         ) from None
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.ftruncate(fd, 0)  # the holder's pid alone: `fbmount status` reads it (tools.py)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -350,6 +367,44 @@ class Daemon:
         )
         on_ready()
         notify.ready(f"mounted {self.cfg.source} at {self.cfg.mountpoint}")
+        if os.environ.get("FBMOUNT_TEST_CRASH_AFTER_MOUNT"):  # test hook: a bug once mounted
+            raise RuntimeError("FBMOUNT_TEST_CRASH_AFTER_MOUNT: a background task failed")
+
+    def record(self, log_target: str) -> dict:
+        """Who serves this mountpoint, kept next to its control socket (control.py) so
+        that `fbmount status` can explain the mount after this process is gone."""
+        return {
+            "pid": os.getpid(),
+            "mountpoint": str(self.cfg.mountpoint),
+            "source": self.cfg.source,
+            "state_dir": str(self.cfg.state_dir()),
+            "log": log_target,
+            "started": time.time(),
+        }
+
+    def leave_last_words(self, raised: BaseException, error: BaseException) -> None:
+        """Log an unexpected, fatal error with its traceback and note it in the state dir's
+        last-exit file: a background daemon has no terminal to print it on."""
+        log.critical(
+            "fbmount stops: unexpected error (a bug): %s", describe(error), exc_info=raised
+        )
+        tail = "".join(traceback.format_exception(raised)).splitlines()[-40:]
+        note = {
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "pid": os.getpid(),
+            "mountpoint": str(self.cfg.mountpoint),
+            "error": describe(error),
+            "traceback": tail,
+        }
+        path = self.cfg.state_dir() / control.LAST_EXIT
+        try:
+            tmp = path.with_name(f"{path.name}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(note, f, indent=1)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.error("cannot write %s: %s", path, e)
 
     def close(self) -> None:
         for fs in self.filesystems():
@@ -429,23 +484,41 @@ def run(cfg: Config) -> int:
             os.close(ready_w)
             ready_w = -1
 
+    recorded = False
     try:
-        setup_logging(cfg, daemon=not cfg.foreground)
+        log_target = setup_logging(cfg, daemon=not cfg.foreground)
         daemon.prepare()
+        control.write_record(cfg.mountpoint, daemon.record(log_target))
+        recorded = True
         if ready_w >= 0:
             os.dup2(os.open(os.devnull, os.O_RDWR), 2)
         trio.run(daemon.serve, lambda: report("OK"))
-    except StartupError as e:
-        if ready_w >= 0:
-            report(f"ERR {e}")  # the waiting parent prints it: one line, not two
-        else:
-            print(f"fbmount: {e}", file=sys.stderr)
+    except BaseException as raised:  # noqa: BLE001 - each kind is handled or re-raised below
+        error = collapse(raised) if isinstance(raised, BaseExceptionGroup) else raised
+        if isinstance(error, StartupError):
+            if ready_w >= 0:
+                report(f"ERR {error}")  # the waiting parent prints it: one line, not two
+            else:
+                print(f"fbmount: {error}", file=sys.stderr)
+            return 1
+        if isinstance(error, KeyboardInterrupt):
+            return 0
+        if not isinstance(error, Exception):  # SystemExit and the like: not a crash
+            raise
+        daemon.leave_last_words(raised, error)
+        recorded = False  # keep the record: `fbmount status` reads the last words through it
+        report(f"ERR unexpected error: {describe(error)} (see the log)")
         return 1
-    except KeyboardInterrupt:
-        return 0
     finally:
         daemon.close()
+        if recorded:
+            control.remove_record(cfg.mountpoint, os.getpid())
     return 1 if daemon.failed_uploads else 0
+
+
+def describe(error: BaseException) -> str:
+    """One line naming an unexpected error: its type and message."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _wait_for_child(read_fd: int, pid: int) -> int:

@@ -35,6 +35,7 @@ from conftest import (
 from faultproxy import FaultProxy
 from helpers import body, pid_alive, status_json, wait_gone, write_file
 
+from fbmount import control
 from fbmount.localserver import LocalS3Server
 
 MIB = 1024 * 1024
@@ -328,6 +329,82 @@ def test_status_shows_upload_progress(
     assert hashlib.sha256(obj).digest() == hashlib.sha256(data).digest()
 
 
+def stderr_line(r: subprocess.CompletedProcess[str], start: str) -> str:
+    """The one stderr line of `r` that starts with `start`."""
+    found = [line for line in r.stderr.splitlines() if line.startswith(start)]
+    assert len(found) == 1, (start, r.stderr)
+    return found[0]
+
+
+def test_dead_daemon_says_why_crash_then_kill(
+    run_fbmount: Run, s3_endpoint: str, bucket: str, tmp_path: Path
+) -> None:
+    """A background daemon that dies of an unexpected exception logs the traceback and
+    leaves a last-exit note; `fbmount status MNT` names the dead daemon and the error.
+    The next mount there works; SIGKILLed, status says it left no reason (not the old
+    crash's) and gives the fix, and the fix works."""
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    args = [bucket, str(mnt), "--endpoint", s3_endpoint, "--cache-dir", str(cache)]
+    with reap_local(mnt, str(mnt)):
+        r = run_fbmount(*args, env={"FBMOUNT_TEST_CRASH_AFTER_MOUNT": "1"}, timeout=60)
+        assert r.returncode == 0, r.stderr  # the crash comes once the mount was ready
+        record = control.read_record(mnt)
+        assert record is not None
+        pid, state_dir = record["pid"], Path(record["state_dir"])
+        assert wait_gone([pid], 30) == [], "the daemon did not die of the injected error"
+
+        log_text = (state_dir / "fbmount.log").read_text()
+        assert "Traceback (most recent call last)" in log_text, log_text
+        assert "RuntimeError: FBMOUNT_TEST_CRASH_AFTER_MOUNT" in log_text, log_text
+        note = json.loads((state_dir / "last-exit").read_text())
+        assert note["pid"] == pid and note["mountpoint"] == str(mnt), note
+        assert note["error"].startswith("RuntimeError: FBMOUNT_TEST_CRASH_AFTER_MOUNT"), note
+
+        r = run_fbmount("status", str(mnt), timeout=30)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        gone = stderr_line(r, f"fbmount: {mnt}: its fbmount daemon (pid {pid}) is gone; it died")
+        assert "RuntimeError: FBMOUNT_TEST_CRASH_AFTER_MOUNT" in gone, gone
+        assert not is_mounted(mnt)  # it unmounted on its way out
+        assert (
+            stderr_line(r, "fbmount: fix: ")
+            == "fbmount: fix: mount it again (it is no longer mounted)"
+        )
+        r = run_fbmount("status", str(mnt), "--json", timeout=30)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        dead = json.loads(r.stdout)
+        assert dead["running"] is False and dead["pid"] == pid, dead
+        assert dead["reason"].startswith("RuntimeError: FBMOUNT_TEST_CRASH_AFTER_MOUNT"), dead
+
+        # Mounted again, then killed: no last words this time, and not the old ones.
+        r = run_fbmount(*args, timeout=60)
+        assert r.returncode == 0, r.stderr
+        pid = status_json(run_fbmount, mnt)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone([pid], 10) == []
+        assert is_mounted(mnt)  # dead: every access is ENOTCONN until detached
+        r = run_fbmount("status", str(mnt), timeout=30)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        gone = stderr_line(r, f"fbmount: {mnt}: its fbmount daemon (pid {pid}) is gone; it ")
+        assert "left no reason" in gone and "RuntimeError" not in gone, gone
+        assert stderr_line(r, "fbmount: last log line: ").endswith(
+            f"at {mnt} (endpoint {s3_endpoint})"
+        )
+        fix = stderr_line(r, "fbmount: fix: ")
+        assert fix == f"fbmount: fix: fusermount3 -uz {mnt}, then mount it again", fix
+        r = run_fbmount("status", timeout=30)  # all mounts: the dead one needs a hand
+        assert r.returncode == 1 and str(mnt) in r.stderr, (r.stdout, r.stderr)
+
+        subprocess.run(["fusermount3", "-uz", str(mnt)], check=True, timeout=30)
+        r = run_fbmount(*args, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert status_json(run_fbmount, mnt)["pid"] != pid
+        r = run_fbmount("umount", str(mnt), timeout=60)
+        assert r.returncode == 0, r.stderr
+
+
 def test_status_of_a_path_that_is_not_mounted(run_fbmount: Run, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -509,7 +586,7 @@ def test_doctor_reports_stale_mount(
         assert "Traceback" not in r.stderr + r.stdout, r.stderr
         prefix = f"FAIL  stale mount: {m.path}: "
         assert any(line.startswith(prefix) for line in r.stdout.splitlines()), r.stdout
-        assert fix_after(r.stdout, prefix) == f"fix: fusermount3 -uz {m.path}"
+        assert fix_after(r.stdout, prefix) == f"fix: fusermount3 -uz {m.path}, then mount it again"
         assert "ok    bucket" in r.stdout, r.stdout  # the other checks still ran
 
         st = run_fbmount("status", str(m.path), timeout=30)

@@ -128,6 +128,10 @@ class Config:
             raise StartupError(f"--copy must be auto, yes or no, not {self.copy!r}")
         if self.part_size < 5 * MIB:
             raise StartupError("--part-size must be at least 5 MiB (the S3 minimum part size)")
+        if not self.provider and self.local_dir is not None:
+            # --local serves our own SeaweedFS: its endpoint is not known until it starts
+            # (cfg.endpoint still holds the Filebase default here), and it needs no rate limit.
+            self.provider = "seaweedfs"
         self.provider = self.provider or detect_provider(self.endpoint)
         if self.provider not in PROVIDERS:
             raise StartupError(

@@ -250,7 +250,16 @@ async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
                 syncs.start_soon(sync_one, fs, dirty)
         nursery.cancel_scope.cancel()
     await _send(
-        stream, {"result": "ok" if not failures else "failed", "total": total, "failed": failures}
+        stream,
+        {
+            "result": "ok" if not failures else "failed",
+            "total": total,
+            "failed": failures,
+            # `fbmount umount` waits for this process to exit (its final flush, a --local
+            # server's shutdown), bounded by how long that flush may take.
+            "pid": os.getpid(),
+            "flush_timeout_s": daemon.cfg.flush_timeout,
+        },
     )
 
 

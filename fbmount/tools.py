@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import select
 import shutil
 import socket
 import ssl
@@ -371,7 +372,39 @@ def cmd_sync(argv: list[str], unmount: bool) -> int:
         if r.returncode:
             print(f"fbmount: {r.stderr.strip()}", file=sys.stderr)
             return 1
+        # Return only once the daemon is gone (its cache dir unlocked, a --local server
+        # stopped), so that mounting the same thing again at once just works.
+        pid = result.get("pid")
+        limit = float(result.get("flush_timeout_s", 600)) + 60
+        if isinstance(pid, int) and not wait_for_exit(pid, limit):
+            print(
+                f"fbmount: unmounted, but its daemon (pid {pid}) is still running after "
+                f"{limit:.0f}s; see its log",
+                file=sys.stderr,
+            )
+            return 1
     return 0
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Block until process `pid` (not our child) has exited; False after `timeout` s."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:  # no pidfd (Linux < 5.3): look every 50 ms
+        deadline = time.monotonic() + timeout
+        while daemon_alive(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)  # readable once the process has exited
+        return bool(poller.poll(int(timeout * 1000)))
+    finally:
+        os.close(fd)
 
 
 # ----- doctor -----------------------------------------------------------------------------

@@ -253,6 +253,40 @@ def test_local_daemon_killed_leaves_no_server_and_next_mount_recovers(
         assert wait_gone(daemons + weeds, 30) == []
 
 
+def test_local_is_seaweedfs_and_umount_waits_for_its_server(
+    run_fbmount: Run, tmp_path: Path
+) -> None:
+    """A --local mount gets the seaweedfs profile and no rate limit (not Filebase's 100/s,
+    picked from the default endpoint before the local one is known) unless --max-rps says
+    so; `fbmount umount` returns only once the daemon and its weed have exited, so the same
+    DIR mounts again at once."""
+    name = f"fbm-local-{uuid.uuid4().hex[:10]}"
+    local_dir, mnt = tmp_path / name, tmp_path / "mnt"
+    mnt.mkdir()
+    with reap_local(mnt, name):
+        r = run_fbmount("--local", str(local_dir), str(mnt), timeout=120)
+        assert r.returncode == 0, r.stderr + local_log(local_dir)
+        st = status_json(run_fbmount, mnt)
+        assert (st["provider"], st["max_rps"]) == ("seaweedfs", 0), st
+        write_file(mnt / "first.txt", b"first run\n")
+        r = run_fbmount("umount", str(mnt), timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert split_local_pids(name) == ([], []), pids_naming(name)  # no waiting needed
+
+        r = run_fbmount("--local", str(local_dir), str(mnt), "--max-rps", "50", timeout=120)
+        assert r.returncode == 0, r.stderr + local_log(local_dir)
+        st = status_json(run_fbmount, mnt)
+        assert (st["provider"], st["max_rps"]) == ("seaweedfs", 50), st
+        data = data_of(200_000, "again")
+        write_file(mnt / "again.bin", data)
+        assert (mnt / "again.bin").read_bytes() == data
+        assert (mnt / "first.txt").read_bytes() == b"first run\n"
+        r = run_fbmount("umount", str(mnt), timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert split_local_pids(name) == ([], []), pids_naming(name)
+        assert not is_mounted(mnt)
+
+
 # --------------------------------------------------------------------------- status
 def test_status_shows_upload_progress(
     s3: Any,

@@ -118,6 +118,9 @@ class Config:
     umask: int | None = None  # None: from the bucket ACL
     fsname: str = ""
     extra_fuse_options: list[str] = field(default_factory=list)
+    # Which of the bucket's cache directories this mount took (daemon.claim_state_dir):
+    # 1 is NAME-DIGEST, n > 1 is NAME-DIGEST-n, used while another mount holds the first.
+    state_instance: int = field(default=1, init=False, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -166,7 +169,8 @@ class Config:
         ident = f"{where}|{self.bucket}|{self.prefix}"
         digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
         name = "account" if self.bucket is None else _safe(self.bucket)
-        return base / f"{name}-{digest}"
+        suffix = f"-{self.state_instance}" if self.state_instance > 1 else ""
+        return base / f"{name}-{digest}{suffix}"
 
     def bucket_state_dir(self, bucket: str) -> Path:
         return self.state_dir() / "buckets" / _safe(bucket)
@@ -199,7 +203,7 @@ def parse_size_mib(text: str) -> int:
 
 def apply_o_options(values: dict, opts: list[str]) -> None:
     """Fold `-o a,b=c` items into the keyword dict used to build Config."""
-    names = {f.name for f in fields(Config)}
+    names = {f.name for f in fields(Config) if f.init}
     for raw in opts:
         for item in filter(None, (s.strip() for s in raw.split(","))):
             key, has_value, value = item.partition("=")

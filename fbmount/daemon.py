@@ -95,24 +95,79 @@ def check_mountpoint(path: Path) -> None:
         raise StartupError(f"{path} is already a mount point")
 
 
-def lock_state_dir(state_dir: Path) -> int:
-    """One mount per cache directory: staged files must have exactly one uploader."""
-    # A --cache-dir we create is private too (mkdir's mode only applies to the last part).
-    state_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+def try_lock_state_dir(state_dir: Path) -> int | None:
+    """Lock a cache directory (creating it) for this process: staged files must have exactly
+    one uploader. Returns the lock's fd, or None when another mount holds it."""
+    old_umask = os.umask(0o077)  # every directory we create is private, parents too
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    finally:
+        os.umask(old_umask)
     os.chmod(state_dir, 0o700)
     fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StartupError(
-            f"the cache directory {state_dir} is in use by another fbmount of the same bucket; "
-            "give this mount its own --cache-dir"
-        ) from None
+        return None
     os.ftruncate(fd, 0)  # the holder's pid alone: `fbmount status` reads it (tools.py)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def holds_staged_files(state_dir: Path) -> bool:
+    """Did a mount that used this directory leave files to upload (a bucket's, or one of an
+    account's buckets)?"""
+    return any(state_dir.glob("staging/*.json")) or any(state_dir.glob("buckets/*/staging/*.json"))
+
+
+def claim_state_dir(cfg: Config) -> tuple[int, list[Path]]:
+    """Take a cache directory of this bucket for this mount and point cfg.state_dir() at it.
+
+    One mount per directory, not per bucket: when the bucket's directory is in use, a second
+    mount takes a sibling of its own (NAME-2, NAME-3, ...). Among the free ones, one holding
+    files staged by an earlier mount comes first, so that crash recovery, which is per
+    directory, uploads them now. Returns the lock's fd and the directories found in use.
+    --local refuses instead: its directory belongs to a SeaweedFS that cannot run twice.
+    """
+    cfg.state_instance = 1
+    first = cfg.state_dir()
+    instances = {1}
+    if first.parent.is_dir():
+        for sibling in first.parent.glob(f"{first.name}-*"):
+            suffix = sibling.name[len(first.name) + 1 :]
+            if suffix.isdigit() and int(suffix) >= 2:
+                instances.add(int(suffix))
+    busy: list[Path] = []
+    free: tuple[int, int] | None = None  # (instance, fd) of the first free, empty one
+    for instance in sorted(instances):
+        cfg.state_instance = instance
+        fd = try_lock_state_dir(cfg.state_dir())
+        if fd is None:
+            busy.append(cfg.state_dir())
+            if cfg.local_dir is not None:
+                raise StartupError(
+                    f"{cfg.local_dir} is in use by another fbmount --local; unmount that "
+                    "first (fbmount umount MOUNTPOINT)"
+                )
+        elif holds_staged_files(cfg.state_dir()):
+            if free is not None:
+                os.close(free[1])
+            return fd, busy
+        elif free is None:
+            free = (instance, fd)
+        else:
+            os.close(fd)
+    if free is not None:
+        cfg.state_instance = free[0]
+        return free[1], busy
+    for instance in range(max(instances) + 1, max(instances) + 100):
+        cfg.state_instance = instance
+        fd = try_lock_state_dir(cfg.state_dir())  # a new one, unless a racing mount won it
+        if fd is not None:
+            return fd, busy
+        busy.append(cfg.state_dir())
+    raise StartupError(f"no free cache directory next to {first} (100 mounts of this bucket?)")
 
 
 def fuse_options(cfg: Config) -> set[str]:
@@ -146,19 +201,35 @@ class Daemon:
         self.started = time.monotonic()
         self.throughput = control.Throughput()
         self.local_server = None
+        self.lock_fd: int | None = None
+        self.busy_state_dirs: list[Path] = []
+
+    def claim_state_dir(self) -> None:
+        """Check the mountpoint, then take a cache directory: before logging is set up,
+        because a daemon's log file lives in the directory it takes."""
+        check_mountpoint(self.cfg.mountpoint)
+        self.lock_fd, self.busy_state_dirs = claim_state_dir(self.cfg)
 
     def prepare(self) -> None:
-        """Everything that can fail before mounting, with a clear message."""
+        """Everything else that can fail before mounting, with a clear message."""
         cfg = self.cfg
-        check_mountpoint(cfg.mountpoint)
+        if self.lock_fd is None:
+            self.claim_state_dir()
+        state_dir = cfg.state_dir()
+        if self.busy_state_dirs:
+            log.info(
+                "cache directory %s (in use by another mount of this bucket: %s)",
+                state_dir,
+                ", ".join(map(str, self.busy_state_dirs)),
+            )
+        elif holds_staged_files(state_dir):
+            log.info("cache directory %s (holds files staged by an earlier mount)", state_dir)
         if cfg.local_dir is not None:
             creds = self.start_local_server()
         else:
             creds = credentials.resolve(cfg.passwd_file, cfg.profile, cfg.bucket)
         if cfg.ca_bundle and not cfg.ca_bundle.is_file():
             raise StartupError(f"CA bundle {cfg.ca_bundle} does not exist")
-        state_dir = cfg.state_dir()
-        self.lock_fd = lock_state_dir(state_dir)
         self.store = S3Store(
             cfg.bucket,
             cfg.endpoint,
@@ -486,6 +557,7 @@ def run(cfg: Config) -> int:
 
     recorded = False
     try:
+        daemon.claim_state_dir()
         log_target = setup_logging(cfg, daemon=not cfg.foreground)
         daemon.prepare()
         control.write_record(cfg.mountpoint, daemon.record(log_target))

@@ -126,6 +126,7 @@ def status_of(daemon: Daemon) -> dict[str, Any]:
     disk = os.statvfs(state_dir)
     return {
         "mountpoint": str(cfg.mountpoint),
+        "running": True,  # a dead mount's entry (tools.DeadDaemon) says False
         "source": cfg.source,
         "endpoint": cfg.endpoint,
         "pid": os.getpid(),

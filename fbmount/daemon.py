@@ -101,10 +101,12 @@ def try_lock_state_dir(state_dir: Path) -> int | None:
     old_umask = os.umask(0o077)  # every directory we create is private, parents too
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(state_dir, 0o700)
+        fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise StartupError(f"cannot use the cache directory {state_dir}: {e.strerror}") from None
     finally:
         os.umask(old_umask)
-    os.chmod(state_dir, 0o700)
-    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -560,8 +562,11 @@ def run(cfg: Config) -> int:
         daemon.claim_state_dir()
         log_target = setup_logging(cfg, daemon=not cfg.foreground)
         daemon.prepare()
-        control.write_record(cfg.mountpoint, daemon.record(log_target))
-        recorded = True
+        try:
+            control.write_record(cfg.mountpoint, daemon.record(log_target))
+            recorded = True
+        except OSError as e:  # status can still ask the socket; only a post-mortem is lost
+            log.warning("cannot write %s: %s", control.record_path(cfg.mountpoint), e)
         if ready_w >= 0:
             os.dup2(os.open(os.devnull, os.O_RDWR), 2)
         trio.run(daemon.serve, lambda: report("OK"))

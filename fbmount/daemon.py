@@ -220,7 +220,7 @@ class Daemon:
         state_dir = cfg.state_dir()
         if self.busy_state_dirs:
             log.info(
-                "cache directory %s (in use by another mount of this bucket: %s)",
+                "cache directory %s; in use by other mounts of this bucket: %s",
                 state_dir,
                 ", ".join(map(str, self.busy_state_dirs)),
             )

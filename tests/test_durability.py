@@ -304,7 +304,7 @@ def test_two_mounts_of_one_bucket_share_a_cache_dir(
     dir_a = status_json(run_fbmount, a.path)["cache_dir"]
     dir_b = status_json(run_fbmount, b.path)["cache_dir"]
     assert dir_b == f"{dir_a}-2", (dir_a, dir_b)
-    assert f"cache directory {dir_b} (in use by another mount of this bucket: {dir_a})" in (
+    assert f"cache directory {dir_b}; in use by other mounts of this bucket: {dir_a}" in (
         b.log_text()
     )
     (a.path / "from-a.txt").write_bytes(b"written through the first mount\n")

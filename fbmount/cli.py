@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--provider",
         choices=["filebase", "aws", "minio", "seaweedfs", "other"],
-        help="S3 service quirks (default: detected from the endpoint)",
+        help="S3 service quirks (default: detected from the endpoint; seaweedfs with --local)",
     )
     p.add_argument(
         "--max-rps",

@@ -82,6 +82,26 @@ IGNORED_MOUNT_OPTIONS = {
 }
 
 
+# `--consistency strict` is s3fs's contract in one switch: close() returns once the object
+# is in S3, and a change made elsewhere shows at the next stat (attributes are always asked
+# again; a listing answers "no such name" for at most a second, so rsync's stat of each
+# new name stays one LIST per directory and second instead of a request per name). Options
+# given explicitly win over the preset.
+CONSISTENCY_PRESETS: dict[str, dict[str, float]] = {
+    "default": {},
+    "strict": {"upload_delay": 0.0, "attr_ttl": 0.0, "dir_ttl": 1.0},
+}
+
+
+def apply_consistency(values: dict) -> None:
+    """Fill the preset of `values["consistency"]` under the options given explicitly."""
+    mode = values.get("consistency", "default")
+    if mode not in CONSISTENCY_PRESETS:
+        raise StartupError(f"--consistency must be default or strict, not {mode!r}")
+    for key, value in CONSISTENCY_PRESETS[mode].items():
+        values.setdefault(key, value)
+
+
 @dataclass
 class Config:
     bucket: str | None
@@ -98,6 +118,7 @@ class Config:
     read_only: bool = False
     debug: bool = False
     cache_dir: Path | None = None
+    consistency: str = "default"  # default | strict (CONSISTENCY_PRESETS)
     upload_delay: float = 2.0
     attr_ttl: float = 10.0
     dir_ttl: float = 10.0

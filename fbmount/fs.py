@@ -56,6 +56,11 @@ EXPECTED_ERRNOS = {
     errno.ELOOP,
 }
 HEAD_ON_LIST_LIMIT = 256  # readdir HEADs unknown entries only in directories this small
+# `ls` (opendir) re-lists a small directory whose cached listing is older than this, so a file
+# another mount uploaded shows within a second of its upload, not after --dir-ttl; name
+# lookups (rsync's stat of each file) keep using the listing for the whole --dir-ttl.
+RELIST_ON_OPENDIR_AFTER = 1.0
+LIST_PAGE = 1000  # a bigger directory costs several LIST pages: it waits for --dir-ttl
 
 
 @dataclass(eq=False)
@@ -135,7 +140,7 @@ class Filesystem(pyfuse3.Operations):
         self.cfg, self.store, self.staging, self.index = cfg, store, staging, index
         # Every multipart upload of this bucket (writes, streams, copies) is noted here,
         # so that the next mount aborts what a kill -9 left open.
-        store.upload_notes = UploadNotes(staging.root)
+        store.upload_notes = UploadNotes(staging.root.parent / "multipart")
         self.ns = Namespace(
             cfg.prefix,
             cfg.uid,
@@ -153,6 +158,7 @@ class Filesystem(pyfuse3.Operations):
         self.big_dirs: cachetools.TTLCache[int, bool] = cachetools.TTLCache(
             4096, cfg.dir_ttl, timer=time.monotonic
         )
+        self.listed_at: cachetools.LRUCache[int, float] = cachetools.LRUCache(4096)
         self.nursery: trio.Nursery | None = None
         self.uploader = WriteBack(self)
         self.eager = EagerUploads(self)
@@ -413,6 +419,7 @@ class Filesystem(pyfuse3.Operations):
             elif child.kind is not Kind.DIR or child.fresh_until < time.monotonic():
                 self.ns.unlink(child)  # gone from the bucket
         self.ns.listings[node.ino] = listing
+        self.listed_at[node.ino] = time.monotonic()
         return listing
 
     # ===== attributes ===================================================================
@@ -451,6 +458,8 @@ class Filesystem(pyfuse3.Operations):
             and node.fresh_until < time.monotonic()
             and not node.opens
         ):
+            if self.cfg.attr_ttl <= 0 and await self._head_into(node):
+                return self.attrs(node)  # strict: every stat asks S3, a listing is not enough
             parent = self.ns.get(node.parent)
             if parent is not None:
                 fresh = await self.resolve(parent, node.name)
@@ -760,6 +769,13 @@ class Filesystem(pyfuse3.Operations):
         node = self._node(inode)
         if node.kind is not Kind.DIR:
             raise FsError(errno.ENOTDIR)
+        cached = self.ns.listings.get(node.ino)
+        if (
+            cached is not None
+            and len(cached) < LIST_PAGE
+            and time.monotonic() - self.listed_at.get(node.ino, 0.0) > RELIST_ON_OPENDIR_AFTER
+        ):
+            self.ns.listings.pop(node.ino, None)  # one LIST sees what other clients did
         listing = await self.list_dir(node)
         names = sorted(listing)
         unknown = []
@@ -823,6 +839,7 @@ class Filesystem(pyfuse3.Operations):
         node.remote = node.meta_known = True
         node.fresh_until = float("inf")
         self.ns.listings[node.ino] = {}  # known empty: creating files inside needs no LIST
+        self.listed_at[node.ino] = time.monotonic()
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
             listing[sname] = Entry(Kind.DIR)

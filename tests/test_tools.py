@@ -546,10 +546,10 @@ def test_sigterm_flush_timeout_keeps_files_staged_for_next_mount(
         log = m.log_text()
         assert rc != 0, log  # files were not uploaded: not a clean exit
         assert "Traceback" not in log, log
-        assert "2 file(s) could not be uploaded" in log, log
+        assert "2 item(s) could not be stored in S3" in log, log
         assert "next mount" in log, log
         for name in files:  # each file left behind is named
-            assert f"not uploaded: {name}" in log, log
+            assert f"not stored: {name}" in log, log
         assert not is_mounted(m.path)
         for name in files:
             assert body(s3, bucket, name) is None

@@ -976,6 +976,8 @@ class Filesystem(pyfuse3.Operations):
             staged = src.staged  # (re-acquired below without a checkpoint in between)
         if staged is not None and staged.has_data:
             async with staged.lock:
+                if staged.eager is not None:  # bound to the old key, which may be reused
+                    self.eager.abandon(staged, "renamed")
                 if src.remote:
                     await self.store.delete(old_key)
                 staged.key = new_key
@@ -1090,6 +1092,8 @@ class Filesystem(pyfuse3.Operations):
             await self.store.delete_many(keys)
             self.ns.move(src, new_parent, new_name)
             for n in staged_nodes:
+                if n.staged.eager is not None:  # bound to the old key, which may be reused
+                    self.eager.abandon(n.staged, "renamed with its directory")
                 n.staged.key = self.ns.key(n)
                 if not n.staged.has_data:  # metadata-only: its body was copied above
                     n.staged.source_key, n.staged.source_etag = n.staged.key, None

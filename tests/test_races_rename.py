@@ -1,0 +1,103 @@
+"""Races around rename and open readers (issue #15), each forced into its bad interleaving.
+
+The fault proxy's `hold` action keeps one chosen request (or its answer) until the test
+lets it go, so the mount is caught exactly between two steps: parts of a stream in flight
+while the file is renamed and its old name reused; the old key's DELETE of a rename in
+flight when the daemon is killed; a reader half-way through an object that changes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MountFactory
+from faultproxy import FaultProxy
+from helpers import body, open_uploads, write_file
+
+MIB = 1 << 20
+PART = ("--part-size", "5")
+
+
+def data_of(n: int, seed: int) -> bytes:
+    """`n` bytes that differ for each seed (and from one MiB to the next)."""
+    block = bytes((i * 7 + seed) % 251 for i in range(65536 + seed))
+    return (block * (n // len(block) + 1))[:n]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll until `predicate()` holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def sync(run_fbmount: Callable[..., Any], mnt: Path) -> None:
+    """`fbmount sync`: returns once everything written so far is in S3."""
+    r = run_fbmount("sync", str(mnt), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- race 2
+@pytest.mark.parametrize(
+    ("old", "new"), [("a", "b"), ("d/a", "e/a")], ids=["file-renamed", "dir-renamed"]
+)
+def test_streamed_file_renamed_while_parts_fly_and_old_name_reused(
+    s3: Any,
+    bucket: str,
+    mount: MountFactory,
+    s3_endpoint: str,
+    run_fbmount: Callable,
+    old: str,
+    new: str,
+) -> None:
+    """dd into `a` (streamed), `mv a b`, `echo hi > a`: both files must survive.
+
+    A stream is a multipart upload bound to the key it began under. Held here: one part
+    (so parts are in flight during the mv and the new write) and any completion under the
+    old name until the new `a` is stored, the order in which a stream completing under
+    its old name would overwrite (and its cleanup delete) the new file. The same holds
+    when the file moves with its directory (`mv d e; mkdir d; echo hi > d/a`).
+    """
+    data = data_of(16 * MIB, 1)
+    with FaultProxy(s3_endpoint) as proxy:
+        part = proxy.add_rule(kind="UploadPart", action="hold", times=1)
+        old_name_done = proxy.add_rule(
+            kind="CompleteMultipartUpload",
+            action="hold",
+            where=lambda info: info.key == old,
+        )
+        m = mount(bucket, *PART, "--upload-delay", "60", endpoint=proxy.endpoint)
+        if "/" in old:
+            (m.path / old).parent.mkdir()
+        write_file(m.path / old, data)
+        assert part.wait_held(), "no part of the stream was sent"
+        if "/" in old:
+            os.rename((m.path / old).parent, (m.path / new).parent)
+            (m.path / old).parent.mkdir()
+        else:
+            os.rename(m.path / old, m.path / new)
+        (m.path / old).write_bytes(b"hi\n")
+        part.release()
+
+        with ThreadPoolExecutor(1) as pool:
+            syncing = pool.submit(sync, run_fbmount, m.path)
+            wait_for(
+                lambda: f"/{bucket}/{old}" in proxy.paths("PutObject") or syncing.done(),
+                60,
+                f"the new `{old}` to be stored",
+            )
+            old_name_done.release()
+            syncing.result(timeout=120)
+        assert (m.path / new).read_bytes() == data
+        assert m.unmount() == 0
+    assert body(s3, bucket, old) == b"hi\n"
+    assert body(s3, bucket, new) == data
+    assert open_uploads(s3, bucket) == []

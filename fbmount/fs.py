@@ -199,8 +199,8 @@ class Filesystem(pyfuse3.Operations):
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
         return a
 
-    def headers_for(self, node: Node) -> tuple[dict[str, str], str]:
-        """x-amz-meta-* and Content-Type that an upload of `node` must carry."""
+    def headers_for(self, node: Node, name: str | None = None) -> tuple[dict[str, str], str]:
+        """x-amz-meta-* and Content-Type that an upload of `node` (named `name`) must carry."""
         meta = fmt.ObjectMeta(
             mode=node.mode,
             uid=node.uid,
@@ -214,7 +214,7 @@ class Filesystem(pyfuse3.Operations):
         headers = fmt.encode_meta(meta)
         if node.kind is Kind.DIR:
             return headers, fmt.DIR_CONTENT_TYPE
-        return headers, node.content_type or fmt.guess_content_type(node.name)
+        return headers, node.content_type or fmt.guess_content_type(name or node.name)
 
     def journal(self, staged: Staged, durable: bool) -> None:
         node = staged.node
@@ -969,37 +969,25 @@ class Filesystem(pyfuse3.Operations):
                 # Read it under the lock: an upload of dst in flight makes the key exist.
                 dst_remote = dst.remote
                 self.discard(dst)
-        staged = src.staged
-        if staged is not None and staged.has_data:
-            async with staged.lock:  # wait for an upload in flight: once it is done it may
-                pass  # have released the staged copy (then the object is in S3: copy it)
-            staged = src.staged  # (re-acquired below without a checkpoint in between)
-        if staged is not None and staged.has_data:
-            async with staged.lock:
-                if staged.eager is not None:  # bound to the old key, which may be reused
-                    self.eager.abandon(staged, "renamed")
-                if src.remote:
-                    await self.store.delete(old_key)
-                staged.key = new_key
-                # A cancelled delete leaves the old object there: unlink must remove it.
-                src.remote = self.uploader.cancel_delete(new_key) or dst_remote
-                self.ns.move(src, new_parent, new_name)
-                staged.touch()
-                await self.journal_durable(staged)
-        else:
-            headers = None
-            if staged is not None:  # metadata-only change pending: carry it along
-                headers = self.headers_for(src)
-            # A streamed copy has a new ETag (multipart); reads pin it with If-Match.
-            new_etag = await self.copy_object(old_key, new_key, src, headers)
-            await self.store.delete(old_key)
-            if staged is not None:
-                async with staged.lock:
+        while True:
+            staged = src.staged
+            if staged is None:
+                await self._rename_object(src, new_parent, new_name, old_key, new_key, None)
+                break
+            async with staged.lock:  # waits for an upload in flight, which may retire it
+                if src.staged is not staged:
+                    continue  # retired or replaced while we waited: look again
+                if staged.has_data:
+                    await self._rename_staged(
+                        src, new_parent, new_name, old_key, new_key, dst_remote
+                    )
+                else:  # metadata-only change pending: carry it along (the lock keeps its
+                    # upload and a write turning it into a data copy out meanwhile)
+                    headers = self.headers_for(src)
+                    await self._rename_object(src, new_parent, new_name, old_key, new_key, headers)
                     self.staging.remove(staged)
                     src.staged = None
-            self.ns.move(src, new_parent, new_name)
-            src.remote = True
-            src.etag = new_etag or src.etag
+                break
         if dst is not None and dst.kind is Kind.DIR:
             await self.store.delete(self.ns.key(dst))
         self.index.rename_prefix(old_key, new_key)
@@ -1007,6 +995,66 @@ class Filesystem(pyfuse3.Operations):
             if handle.node is src and handle.reader is not None:
                 handle.reader.key = new_key
         self.uploader.kick()
+
+    async def _rename_staged(
+        self,
+        src: Node,
+        new_parent: Node,
+        new_name: str,
+        old_key: str,
+        new_key: str,
+        dst_remote: bool,
+    ) -> None:
+        """Rename a file staged with local data (its lock held): no copy, the upload goes
+        to the new key; an old object in S3 is deleted.
+
+        The journal names the new key durably before the old key's delete can be sent: a
+        kill -9 in between leaves two copies (recovery uploads the new name), never none.
+        """
+        staged = src.staged
+        if staged.eager is not None:  # bound to the old key, which may be reused
+            self.eager.abandon(staged, "renamed")
+        headers, ctype = self.headers_for(src, name=new_name)
+        previous, staged.key = staged.key, new_key
+        staged.touch()
+        record = self.staging.journal_record(staged, headers, ctype)
+        try:
+            await trio.to_thread.run_sync(self.staging.write_journal, staged, record, True)
+        except BaseException:
+            staged.key = previous
+            raise
+        # No await from here on: the name moves and the old key's delete is queued in one
+        # step, so a new file taking the old name cancels that delete (create →
+        # cancel_delete) instead of having its own object deleted by it.
+        was_remote = src.remote
+        # A cancelled delete leaves the old object there: unlink must remove it.
+        src.remote = self.uploader.cancel_delete(new_key) or dst_remote
+        self.ns.move(src, new_parent, new_name)
+        if was_remote:
+            self.uploader.queue_delete(old_key)
+            if self.cfg.upload_delay <= 0:  # strict mode: gone before rename returns
+                try:
+                    await self.uploader.flush_deletes(old_key)
+                except FsError as e:  # the rename stands; the delete stays queued
+                    log.warning("%s renamed, old key not deleted yet: %s", old_key, e.message)
+
+    async def _rename_object(
+        self,
+        src: Node,
+        new_parent: Node,
+        new_name: str,
+        old_key: str,
+        new_key: str,
+        headers: tuple[dict[str, str], str] | None,
+    ) -> None:
+        """Rename a file whose bytes are only in S3: copy, then delete the old key (a crash
+        in between leaves two copies), then move the name."""
+        # A streamed copy has a new ETag (multipart); reads pin it with If-Match.
+        new_etag = await self.copy_object(old_key, new_key, src, headers)
+        await self.store.delete(old_key)
+        self.ns.move(src, new_parent, new_name)
+        src.remote = True
+        src.etag = new_etag or src.etag
 
     async def copy_object(
         self, src_key: str, dst_key: str, node: Node, headers: tuple[dict[str, str], str] | None

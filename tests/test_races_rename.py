@@ -9,6 +9,7 @@ flight when the daemon is killed; a reader half-way through an object that chang
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -101,3 +102,70 @@ def test_streamed_file_renamed_while_parts_fly_and_old_name_reused(
     assert body(s3, bucket, old) == b"hi\n"
     assert body(s3, bucket, new) == data
     assert open_uploads(s3, bucket) == []
+
+
+# --------------------------------------------------------------------------- race 9
+@pytest.mark.parametrize(
+    ("case", "phase"),
+    [("dirty", "request"), ("clean-open", "response")],
+    ids=["dirty-delete-unsent", "clean-open-delete-done"],
+)
+def test_kill9_during_rename_of_staged_file_already_in_s3(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, case: str, phase: str
+) -> None:
+    """A staged file whose object is in S3 is renamed; the daemon dies while the old key's
+    DELETE is held. The file must come back under the new name after a remount.
+
+    dirty: changed since its upload, DELETE not yet forwarded. clean-open: uploaded and
+    still open (so its journal record was retired), DELETE done by the server, answer
+    held. The old name may keep an older copy, but the file is never lost.
+    """
+    first, second = data_of(3 * MIB, 2), data_of(2 * MIB + 7, 3)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--upload-delay", "60", endpoint=proxy.endpoint)
+        fd = os.open(m.path / "a", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, first)
+            os.fsync(fd)  # in S3 now: the rename must delete the old key
+            if case == "dirty":
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, second, 0)
+                os.close(fd)  # journaled on local disk, upload not yet due
+                fd = -1
+            assert body(s3, bucket, "a") == first
+            delete = proxy.add_rule(
+                kind=("DeleteObject", "DeleteObjects"), action="hold", phase=phase, times=1
+            )
+            errors: list[OSError] = []
+
+            def rename() -> None:
+                try:
+                    os.rename(m.path / "a", m.path / "b")
+                except OSError as e:  # the daemon died under it
+                    errors.append(e)
+
+            mover = threading.Thread(target=rename, daemon=True)
+            mover.start()
+            assert delete.wait_held(20), "the rename sent no delete of the old key"
+            m.kill9()
+            mover.join(10)
+            assert not mover.is_alive()
+        finally:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # its mount died with the daemon
+        # At the crash the old name still held the first upload where the DELETE was not
+        # forwarded yet, and nothing where the server had done it.
+        assert body(s3, bucket, "a") == (first if phase == "request" else None)
+        proxy.clear_rules()
+        delete.release()  # the dead daemon's request goes on (and may delete the old key)
+        # Same endpoint, same cache dir: the staging directory of that mount.
+        again = mount(bucket, cache_dir=m.cache_dir, mountpoint=m.path, endpoint=proxy.endpoint)
+        expected = second if case == "dirty" else first
+        assert (again.path / "b").read_bytes() == expected
+        assert body(s3, bucket, "b") == expected  # recovery uploaded it before serving
+        assert body(s3, bucket, "a") in (None, first)  # never a copy that is not the file's
+        assert again.unmount() == 0
+    assert body(s3, bucket, "b") == expected

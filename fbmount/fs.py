@@ -63,6 +63,12 @@ class FileHandle:
     writable: bool
     append: bool
     reader: RemoteReader | None = None
+    # (ETag, size) of the object version this handle reads, pinned at open: the cache may
+    # learn a newer ETag meanwhile (ls -l, another open), and following it would mix
+    # bytes of two versions; with the pin, a change behind the mount fails If-Match (EIO).
+    # None: follow the node at the next remote read (opened on a staged file, or the
+    # mount itself replaced the object since).
+    version: tuple[str, int] | None = None
 
 
 def fuse_errors(fn: Any) -> Any:
@@ -585,6 +591,7 @@ class Filesystem(pyfuse3.Operations):
     def finished_upload(self, staged: Staged) -> None:
         """Called by the uploader when `staged` is clean in S3."""
         node = staged.node
+        self._readers_follow(node)
         if node is not None and staged.handles == 0 and not staged.dirty:
             node.staged = None
             self.staging.remove(staged)
@@ -618,8 +625,7 @@ class Filesystem(pyfuse3.Operations):
         elif node.staged is None and node.remote:
             if node.fresh_until < time.monotonic():
                 await self._head_into(node)  # close-to-open: see changes made elsewhere
-            fi.keep_cache = node.cached_etag == node.etag
-            node.cached_etag = node.etag
+            self._pin(handle, fi)
         if node.staged is not None:
             node.staged.handles += 1
             self.staging.open_fd(node.staged) if node.staged.has_data else None
@@ -662,6 +668,24 @@ class Filesystem(pyfuse3.Operations):
         self.handles[fi.fh] = FileHandle(node, True, bool(flags & os.O_APPEND))
         return fi, self.attrs(node)
 
+    def _pin(self, handle: FileHandle, fi: pyfuse3.FileInfo) -> None:
+        """Pin the version a read-only open of a remote object reads, and guard the page
+        cache: the kernel keeps one per inode, so an open pinning another version than an
+        open handle of the same inode bypasses it (direct_io); else each fd would read
+        the pages the other fetched, bytes of two versions."""
+        node = handle.node
+        handle.version = (node.etag, node.size)
+        fi.keep_cache = node.cached_etag == node.etag
+        others = node.opens and any(
+            h.node is node and h.version is not None and h.version != handle.version
+            for h in self.handles.values()
+        )
+        if others:
+            fi.direct_io = True
+            node.cached_etag = None  # the next open drops whatever the others cached
+        else:
+            node.cached_etag = node.etag
+
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
@@ -669,15 +693,21 @@ class Filesystem(pyfuse3.Operations):
         staged = node.staged
         if staged is not None and staged.has_data:
             return await trio.to_thread.run_sync(os.pread, self.staging.open_fd(staged), size, off)
-        if handle.reader is None or handle.reader.etag != node.etag:
-            if handle.reader is not None:
-                handle.reader.close()
+        if staged is not None or handle.version is None:
+            # A metadata change of this mount is pending: the node's ETag is changed only
+            # by the mount itself until it is uploaded, so it is the version to read.
+            handle.version = (node.etag, node.size)
+        etag, known_size = handle.version
+        reader = handle.reader
+        if reader is None or (reader.etag, reader.size) != (etag or None, known_size):
+            if reader is not None:
+                reader.close()
             assert self.nursery is not None
             handle.reader = RemoteReader(
                 self.store,
                 self.ns.key(node),
-                node.size,
-                node.etag or None,
+                known_size,
+                etag or None,
                 self.cfg.read_ahead,
                 self.nursery.start_soon,
                 self.get_limiter,
@@ -963,6 +993,7 @@ class Filesystem(pyfuse3.Operations):
     ) -> None:
         old_key = self.ns.key(src)
         new_key = self.ns.child_key(new_parent, new_name, src.kind)
+        old_etag = src.etag
         dst_remote = dst is not None and dst.remote
         if dst is not None and dst.staged is not None:
             async with dst.staged.lock:
@@ -991,9 +1022,7 @@ class Filesystem(pyfuse3.Operations):
         if dst is not None and dst.kind is Kind.DIR:
             await self.store.delete(self.ns.key(dst))
         self.index.rename_prefix(old_key, new_key)
-        for handle in self.handles.values():
-            if handle.node is src and handle.reader is not None:
-                handle.reader.key = new_key
+        self._readers_follow(src, old_etag)
         self.uploader.kick()
 
     async def _rename_staged(
@@ -1055,6 +1084,29 @@ class Filesystem(pyfuse3.Operations):
         self.ns.move(src, new_parent, new_name)
         src.remote = True
         src.etag = new_etag or src.etag
+
+    def _readers_follow(self, node: Node | None, copied_etag: str | None = None) -> None:
+        """The mount itself moved or replaced `node`'s object: its open handles follow.
+
+        After an upload (copied_etag None) every handle reads the version this mount
+        stored (it read the staged bytes meanwhile). After a rename (copied_etag: the
+        version that was copied, same bytes under a new key and maybe a new ETag) the
+        handles pinned to that version follow it; others keep their pin and get EIO.
+        """
+        if node is None or not node.opens:
+            return
+        key = self.ns.key(node)
+        for handle in self.handles.values():
+            if handle.node is not node:
+                continue
+            if copied_etag is None:
+                handle.version = None
+            elif handle.version is not None and handle.version[0] == copied_etag:
+                handle.version = (node.etag, handle.version[1])
+                if handle.reader is not None:
+                    handle.reader.etag = node.etag or None  # keeps the chunks it fetched
+            if handle.reader is not None:
+                handle.reader.key = key
 
     async def copy_object(
         self, src_key: str, dst_key: str, node: Node, headers: tuple[dict[str, str], str] | None
@@ -1151,8 +1203,11 @@ class Filesystem(pyfuse3.Operations):
                 await self.journal_durable(n.staged)
         for n in self.ns.descendants(src):
             self.ns.listings.pop(n.ino, None)
+            old_etag = n.etag
             if n.staged is None and new_etags.get(self.ns.key(n)):
                 n.etag = new_etags[self.ns.key(n)]
+            if n.opens:
+                self._readers_follow(n, old_etag)
         self.index.rename_prefix(old_prefix, new_prefix)
         self.uploader.kick()
 

@@ -8,6 +8,7 @@ flight when the daemon is killed; a reader half-way through an object that chang
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -169,3 +170,75 @@ def test_kill9_during_rename_of_staged_file_already_in_s3(
         assert body(s3, bucket, "a") in (None, first)  # never a copy that is not the file's
         assert again.unmount() == 0
     assert body(s3, bucket, "b") == expected
+
+
+# --------------------------------------------------------------------------- race 5
+KERNEL_READ = 128 * 1024
+
+
+@pytest.mark.parametrize("learn", ["second-open", "ls-l"])
+def test_open_reader_never_mixes_versions(
+    s3: Any, bucket: str, mount: MountFactory, learn: str
+) -> None:
+    """An object changes behind the mount while a reader is half-way through it, and the
+    mount learns the new ETag (a second open that reads it, or `ls -l` after the TTLs).
+    The first reader keeps its version: every read gives the old bytes or EIO, never
+    bytes of the new version.
+
+    --read-ahead 8 keeps at most two 8 MiB chunks fetched ahead, so the last of three
+    is fetched after the change: its If-Match must fail.
+    """
+    old, new = os.urandom(24 * MIB), os.urandom(24 * MIB)
+    s3.put_object(Bucket=bucket, Key="obj", Body=old)
+    m = mount(bucket, "--attr-ttl", "1", "--dir-ttl", "1", "--read-ahead", "8")
+    path = m.path / "obj"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, KERNEL_READ, 0) == old[:KERNEL_READ]
+        new_etag = s3.put_object(Bucket=bucket, Key="obj", Body=new)["ETag"].strip('"')
+
+        def mount_learnt() -> bool:
+            if learn == "second-open":
+                with open(path, "rb", buffering=0) as f:  # open after --attr-ttl: HEAD
+                    return f.read(KERNEL_READ) == new[:KERNEL_READ]
+            os.listdir(m.path)  # ls -l: a fresh listing once --dir-ttl has passed
+            os.stat(path)
+            return os.getxattr(path, "user.fbmount.etag").decode() == new_etag
+
+        wait_for(mount_learnt, 30, "the mount to learn the new ETag")
+        eio = 0
+        for off in range(KERNEL_READ, len(old), KERNEL_READ):
+            try:
+                got = os.pread(fd, KERNEL_READ, off)
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+                eio += 1
+                continue
+            assert got == old[off : off + KERNEL_READ], f"bytes of another version at {off}"
+        assert eio > 0, "every chunk was fetched before the change: If-Match never tested"
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == new  # a new open reads the new version whole
+    assert m.unmount() == 0
+
+
+def test_open_reader_follows_renames_made_through_the_mount(
+    s3: Any, bucket: str, mount: MountFactory
+) -> None:
+    """The mount's own renames (of the file, of its directory) move the object under an
+    open reader: it goes on reading the same bytes under the new key."""
+    data = os.urandom(24 * MIB)
+    s3.put_object(Bucket=bucket, Key="d/obj", Body=data)
+    m = mount(bucket, "--read-ahead", "8")
+    fd = os.open(m.path / "d" / "obj", os.O_RDONLY)
+    try:
+        assert os.pread(fd, KERNEL_READ, 0) == data[:KERNEL_READ]
+        os.rename(m.path / "d" / "obj", m.path / "d" / "moved")
+        assert os.pread(fd, KERNEL_READ, 12 * MIB) == data[12 * MIB : 12 * MIB + KERNEL_READ]
+        os.rename(m.path / "d", m.path / "e")
+        rest = os.pread(fd, len(data), 20 * MIB)
+        assert rest == data[20 * MIB :]
+    finally:
+        os.close(fd)
+    assert body(s3, bucket, "e/moved") == data
+    assert m.unmount() == 0

@@ -343,7 +343,7 @@ def test_files_staged_in_a_second_cache_dir_are_recovered(
 
 # --------------------------------------------------------------------------- coalescing
 def test_changes_within_settle_window_make_one_put(
-    s3: Any, s3_endpoint: str, bucket: str, mount: MountFactory
+    s3: Any, s3_endpoint: str, bucket: str, mount: MountFactory, run_fbmount: Any
 ) -> None:
     with FaultProxy(s3_endpoint) as proxy:
         m = mount(bucket, "--endpoint", proxy.endpoint)  # default --upload-delay 2
@@ -359,8 +359,10 @@ def test_changes_within_settle_window_make_one_put(
         with open(path, "ab") as f:
             f.write(b"tail")
         final = first[: MIB // 2] + b"X" * 4096 + first[MIB // 2 + 4096 :] + b"tail"
-        wait_settled(m)
-        assert proxy.wait_idle(timeout=30, settle=0.5)
+        wait_settled(m)  # the write-back uploaded it by itself...
+        r = run_fbmount("sync", str(m.path), timeout=60)  # ...and nothing else is pending
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert proxy.wait_idle(timeout=30)
         puts = proxy.paths("PutObject")
         print(f"\n[coalescing] requests: {dict(proxy.counts)}")
         assert puts == [f"/{bucket}/big.bin"], puts

@@ -19,6 +19,7 @@ import stat
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ MULTIPART_KINDS = (
     "CompleteMultipartUpload",
     "AbortMultipartUpload",
 )
+Run = Callable[..., subprocess.CompletedProcess[str]]
 SETTLE_TIMEOUT = 60.0  # seconds for staged uploads to reach S3 (bound, not an assertion)
 
 
@@ -90,9 +92,12 @@ def staging_dir(m: Mount) -> Path:
     return dirs[0]
 
 
-def wait_settled(m: Mount, proxy: FaultProxy | None = None, timeout: float = SETTLE_TIMEOUT):
-    """Wait until nothing is staged any more (every journal record uploaded and removed),
-    then until the proxy has been idle for a moment."""
+def wait_settled(
+    m: Mount, run_fbmount: Run, proxy: FaultProxy | None = None, timeout: float = SETTLE_TIMEOUT
+):
+    """Wait until nothing is staged any more (every journal record uploaded and removed by
+    the write-back itself), then `fbmount sync` (returns once everything, queued deletes
+    included, is in S3), then until no request is in flight at the proxy."""
     staging = staging_dir(m)
     deadline = time.monotonic() + timeout
     while any(staging.glob("*.json")):
@@ -100,8 +105,10 @@ def wait_settled(m: Mount, proxy: FaultProxy | None = None, timeout: float = SET
             left = sorted(p.name for p in staging.iterdir())
             pytest.fail(f"uploads did not settle in {timeout:.0f} s; staged: {left[:10]}")
         time.sleep(0.1)
+    r = run_fbmount("sync", str(m.path), timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
     if proxy is not None:
-        assert proxy.wait_idle(timeout=30, settle=0.5)
+        assert proxy.wait_idle(timeout=30)
 
 
 def summarize(proxy: FaultProxy, bucket: str) -> dict[str, Any]:
@@ -189,7 +196,12 @@ def rsync_stats(out: str) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- tests
 def test_rsync_tree_one_put_per_file(
-    s3: Any, s3_endpoint: str, bucket: str, mount: MountFactory, tmp_path: Path
+    s3: Any,
+    s3_endpoint: str,
+    bucket: str,
+    mount: MountFactory,
+    tmp_path: Path,
+    run_fbmount: Run,
 ) -> None:
     """rsync -a of N files: 1 PUT each, 0 COPY, 0 multipart; re-runs (same mount, fresh
     mount with the same cache dir, fresh mount with an empty cache dir) transfer 0 bytes
@@ -206,7 +218,7 @@ def test_rsync_tree_one_put_per_file(
         proxy.reset()
         dst = m.path / "tree"
         run("rsync", "-a", f"{src}/", f"{dst}/")
-        wait_settled(m, proxy)
+        wait_settled(m, run_fbmount, proxy)
         first = summarize(proxy, bucket)
         report(f"first rsync -a of {n} files", first, n)
         assert not proxy.errors
@@ -230,7 +242,7 @@ def test_rsync_tree_one_put_per_file(
         proxy.reset()
         out = run("rsync", "-a", "--stats", f"{src}/", f"{dst}/").stdout
         assert rsync_stats(out) == (0, 0), out
-        wait_settled(m, proxy)
+        wait_settled(m, run_fbmount, proxy)
         again = summarize(proxy, bucket)
         report("re-run, same mount", again, n)
         # README: at most one LIST per directory whose cached listing expired, nothing else.
@@ -255,7 +267,7 @@ def test_rsync_tree_one_put_per_file(
             proxy.reset()
             out = run("rsync", "-a", "--stats", f"{src}/", f"{m2.path}/tree/").stdout
             literal, transferred = rsync_stats(out)
-            wait_settled(m2, proxy)
+            wait_settled(m2, run_fbmount, proxy)
             fresh = summarize(proxy, bucket)
             report(label, fresh, n)
             assert (literal, transferred) == (0, 0), out
@@ -275,7 +287,7 @@ def test_rsync_tree_one_put_per_file(
 
 
 def test_rsync_inplace_delete_partial(
-    s3: Any, bucket: str, mount: MountFactory, tmp_path: Path
+    s3: Any, bucket: str, mount: MountFactory, tmp_path: Path, run_fbmount: Run
 ) -> None:
     """--inplace rewrites in place, --delete removes from S3, --partial keeps an
     interrupted file and the next run completes it."""
@@ -300,7 +312,7 @@ def test_rsync_inplace_delete_partial(
     gone.unlink()
     run("rsync", "-a", "--delete", f"{src}/", f"{dst}/")
     assert not (dst / "d00/f0004.bin").exists()
-    wait_settled(m)
+    wait_settled(m, run_fbmount)
     check_files_in_s3(s3, bucket, "t/", files)
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="t/d00/f0004.bin")
 

@@ -55,20 +55,26 @@ def test_parts_go_up_before_close(s3: Any, bucket: str, mount: Callable, s3_endp
     assert open_uploads(s3, bucket) == []
 
 
-def test_rewrite_below_sent_parts_abandons_the_stream(s3: Any, bucket: str, mount: Callable):
+def test_rewrite_below_sent_parts_abandons_the_stream(
+    s3: Any, bucket: str, mount: Callable, s3_endpoint: str
+):
     data = bytearray(data_of(18 * MiB, 2))
-    m = mount(bucket, *PART)
-    fd = os.open(m.path / "f.bin", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        time.sleep(0.5)  # let parts go up
-        os.pwrite(fd, b"REWRITTEN", 100)
-        data[100:109] = b"REWRITTEN"
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    assert body(s3, bucket, "f.bin") == bytes(data)
-    assert m.unmount() == 0
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, *PART, "--endpoint", proxy.endpoint)
+        fd = os.open(m.path / "f.bin", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            # Until a part has been stored (answered), so the rewrite is below a sent part.
+            assert wait_for(
+                lambda: any(r.kind == "UploadPart" and r.status == 200 for r in proxy.records)
+            ), proxy.counts
+            os.pwrite(fd, b"REWRITTEN", 100)
+            data[100:109] = b"REWRITTEN"
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert body(s3, bucket, "f.bin") == bytes(data)
+        assert m.unmount() == 0
     assert open_uploads(s3, bucket) == []
 
 

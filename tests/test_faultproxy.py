@@ -629,7 +629,9 @@ def test_close_stops_everything(s3server: LocalS3Server) -> None:
     idle = _Raw(proxy.port)
     s3 = _client(proxy.endpoint)
     s3.head_bucket(Bucket=BUCKET)
-    proxy.add_rule(kind="HeadObject", action="delay", seconds=30)
+    # An answer that would take 10 minutes: close() must not wait for it (close() itself
+    # raises if its thread has not stopped within 10 s), so no timing is measured here.
+    proxy.add_rule(kind="HeadObject", action="delay", seconds=600)
     errors: list[BaseException] = []
 
     def stuck() -> None:
@@ -643,10 +645,9 @@ def test_close_stops_everything(s3server: LocalS3Server) -> None:
     deadline = time.monotonic() + 5
     while proxy.inflight == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    t0 = time.monotonic()
+    assert proxy.inflight == 1
     proxy.close()
-    assert time.monotonic() - t0 < 3
-    t.join(5)
+    t.join(30)
     assert not t.is_alive() and errors and isinstance(errors[0], DROPPED)
     assert idle.at_eof()
     idle.close()

@@ -102,17 +102,19 @@ def test_long_keys_and_names(s3: Any, bucket: str) -> None:
 
 
 def test_client_drops_expect_header(s3_endpoint: str, bucket: str) -> None:
-    """An empty file-like PUT followed by another request must not stall (field notes)."""
-    client = make_s3_client(s3_endpoint, read_timeout=10)
+    """An empty file-like PUT followed by another request must not stall (field notes).
+    A stall would show as a read timeout: with no retry allowed, it fails the request
+    instead of being measured against the test's clock."""
+    client = make_s3_client(
+        s3_endpoint, read_timeout=10, retries={"max_attempts": 1, "mode": "standard"}
+    )
     sent: list[dict[str, str]] = []
     client.meta.events.register(
         "before-send.s3", lambda request, **_: sent.append(dict(request.headers))
     )
-    start = time.monotonic()
     client.put_object(Bucket=bucket, Key="empty", Body=io.BytesIO(b""))
     client.put_object(Bucket=bucket, Key="after", Body=io.BytesIO(b"data"))
     assert client.get_object(Bucket=bucket, Key="after")["Body"].read() == b"data"
-    assert time.monotonic() - start < 5
     assert sent and all("Expect" not in h for h in sent)
 
 
@@ -257,11 +259,11 @@ def test_stop_leaves_nothing_and_restart_keeps_data_and_ports(tmp_path: Path) ->
 
 def test_start_failure_raises_with_log_and_leaves_nothing(tmp_path: Path) -> None:
     data = tmp_path / "bad"
-    server = LocalS3Server(data, extra_args=["-no-such-flag-for-weed"], start_timeout=20)
-    start = time.monotonic()
+    # The exit is noticed (not the start timeout, which would give another message).
+    server = LocalS3Server(data, extra_args=["-no-such-flag-for-weed"], start_timeout=120)
     with pytest.raises(LocalServerError) as err:
         server.start()
-    assert time.monotonic() - start < 15
+    assert "exited with status" in str(err.value), err.value
     assert "no-such-flag-for-weed" in str(err.value)  # the log tail is in the message
     assert not server.running
     assert _pids_mentioning(str(data)) == []

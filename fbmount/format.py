@@ -13,6 +13,10 @@ The format is s3fs-fuse's, so a tree written by fbmount reads right in s3fs and 
 * A directory is a zero-byte object ``dir/`` with Content-Type ``application/x-directory``;
   s3fs/hadoop ``dir_$folder$`` keys and bare prefixes are directories too.
 * A symlink is an object whose body is the target, ``mode`` ``S_IFLNK|0777`` (``"41471"``).
+* A FIFO, socket or device (``mknod``) is an empty object whose ``mode`` carries the type
+  bits (FIFO 0644 → ``"4516"``), as s3fs's ``mknod`` writes it. s3fs stores no device
+  number; fbmount adds ``rdev`` (decimal ``st_rdev``, the header GeeseFS uses) for
+  character and block devices.
 
 Reading is tolerant: rclone's forms (octal ``mode`` such as ``"100644"``, ``mtime`` with
 trailing zeros dropped such as ``"1354040105.5"``, RFC 3339 ``atime``), and the legacy
@@ -69,8 +73,11 @@ LINK_MODE = stat.S_IFLNK | 0o777
 KEY_MODE, KEY_UID, KEY_GID = "mode", "uid", "gid"
 KEY_MTIME, KEY_CTIME, KEY_ATIME = "mtime", "ctime", "atime"
 KEY_XATTR = "xattr"
+KEY_RDEV = "rdev"  # device number of a character or block device (GeeseFS's key)
 KEY_CID = "cid"  # set by Filebase (the IPFS CID of the content): read, never written
-OWNED_KEYS = frozenset({KEY_MODE, KEY_UID, KEY_GID, KEY_MTIME, KEY_CTIME, KEY_ATIME, KEY_XATTR})
+OWNED_KEYS = frozenset(
+    {KEY_MODE, KEY_UID, KEY_GID, KEY_MTIME, KEY_CTIME, KEY_ATIME, KEY_XATTR, KEY_RDEV}
+)
 # Read as fallbacks (s3fs reads them too), consumed, and never written back.
 _LEGACY_KEYS = frozenset(
     {
@@ -102,6 +109,9 @@ _VALID_TYPES = frozenset(
 )
 _MODE_MAX = 0o177777
 _ID_MAX = 0xFFFFFFFE  # (uid_t)-1 means "no owner" to chown, never a real owner
+_RDEV_MAX = 0xFFFFFFFF  # FUSE carries st_rdev in 32 bits
+#: File types that are a name, a mode and (devices) a number: no body.
+SPECIAL_TYPES = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
 _NS = 1_000_000_000
 _NS_MIN, _NS_MAX = -(2**63), 2**63 - 1  # what int64 nanoseconds (Go, statx) can hold
 _FIELD_MAX = 64  # longest scalar header value worth parsing
@@ -131,6 +141,8 @@ class ObjectMeta:
     ctime_ns: int | None = None
     atime_ns: int | None = None
     xattrs: dict[str, bytes] = field(default_factory=dict)
+    #: ``st_rdev`` of a character or block device (``rdev``); None: not recorded.
+    rdev: int | None = None
     #: Filebase's IPFS CID of the content; read-only, :func:`encode_meta` never writes it
     #: (a copied or rewritten object gets a fresh one from the server).
     cid: str | None = None
@@ -223,6 +235,15 @@ def parse_id(text: str) -> int | None:
         return None
     value = int(s)
     return value if value <= _ID_MAX else None
+
+
+def parse_rdev(text: str) -> int | None:
+    """A device number (``rdev``): a decimal in 0..2**32-1; None if garbage."""
+    s = text.strip()
+    if not s or len(s) > 10 or not _INT_RE.fullmatch(s):
+        return None
+    value = int(s)
+    return value if value <= _RDEV_MAX else None
 
 
 def parse_time_ns(text: str) -> int | None:
@@ -412,6 +433,10 @@ def encode_meta(meta: ObjectMeta) -> dict[str, str]:
             if isinstance(ident, bool) or not 0 <= ident <= _ID_MAX:
                 raise ValueError(f"invalid {key}: {ident!r}")
             out[key] = str(ident)
+    if meta.rdev is not None:
+        if isinstance(meta.rdev, bool) or not 0 <= meta.rdev <= _RDEV_MAX:
+            raise ValueError(f"invalid rdev: {meta.rdev!r}")
+        out[KEY_RDEV] = str(meta.rdev)
     for key, ns in (
         (KEY_MTIME, meta.mtime_ns),
         (KEY_CTIME, meta.ctime_ns),
@@ -460,6 +485,7 @@ def decode_meta(metadata: Mapping[str, str]) -> ObjectMeta:
     ctime = _first(md, (KEY_CTIME,), parse_time_ns)
     atime = _first(md, (KEY_ATIME,), parse_time_ns)
     xattrs = decode_xattrs(md[KEY_XATTR]) if KEY_XATTR in md else {}
+    rdev = _first(md, (KEY_RDEV,), parse_rdev)
     cid = md.get(KEY_CID, "").strip()
     cid_ok = 0 < len(cid) <= 256 and cid.isascii() and cid.isalnum()
     extra = {k: v for k, v in md.items() if k not in _CONSUMED_KEYS}
@@ -471,6 +497,7 @@ def decode_meta(metadata: Mapping[str, str]) -> ObjectMeta:
         ctime_ns=ctime,
         atime_ns=atime,
         xattrs=xattrs,
+        rdev=rdev,
         cid=cid if cid_ok else None,
         extra=extra,
     )

@@ -193,7 +193,7 @@ class Filesystem(pyfuse3.Operations):
         a.st_mode = node.mode
         a.st_nlink = 2 if node.kind is Kind.DIR else 1
         a.st_uid, a.st_gid = node.uid, node.gid
-        a.st_rdev = 0
+        a.st_rdev = node.rdev
         size = node.size
         if node.staged is not None and node.staged.has_data:
             size = node.size = node.staged.size()
@@ -213,6 +213,7 @@ class Filesystem(pyfuse3.Operations):
             ctime_ns=node.ctime_ns,
             atime_ns=node.atime_ns,
             xattrs=dict(node.xattrs),
+            rdev=node.rdev if stat.S_IFMT(node.mode) in (stat.S_IFCHR, stat.S_IFBLK) else None,
             cid=node.cid,
         )
         headers = fmt.encode_meta(meta)
@@ -927,7 +928,49 @@ class Filesystem(pyfuse3.Operations):
 
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        raise FsError(errno.EPERM, "device nodes, FIFOs and sockets cannot be stored in S3")
+        """A regular file (as create + close would make it), or a FIFO, socket or device:
+        an empty object whose mode carries the type, as s3fs's mknod writes it, plus
+        `rdev` for devices. Opening a FIFO or device is the kernel's business, not ours."""
+        self._writable()
+        ftype = stat.S_IFMT(mode)
+        if ftype in (0, stat.S_IFREG):
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            fi, _ = await self.create(parent_inode, name, stat.S_IMODE(mode), flags, ctx)
+            node = self.handles[fi.fh].node
+            try:
+                await self.flush(fi.fh)  # the journal record close() would write
+            finally:
+                await self.release(fi.fh)
+            return self.attrs(node)
+        if ftype not in fmt.SPECIAL_TYPES:
+            raise FsError(errno.EINVAL, f"mknod of file type {ftype:o}")
+        parent, sname = self._new_name(parent_inode, name)
+        if await self.resolve(parent, sname) is not None:
+            raise FsError(errno.EEXIST)
+        node = self.ns.add(parent, sname, Kind.FILE)
+        node.remote = False  # until stored: a concurrent re-list must keep it
+        node.mode = ftype | (stat.S_IMODE(mode) & ~ctx.umask)
+        node.rdev = rdev if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        node.uid, node.gid = ctx.uid, ctx.gid
+        node.size = 0
+        node.mtime_ns = node.ctime_ns = node.atime_ns = time.time_ns()
+        headers, ctype = self.headers_for(node)
+        key = self.ns.key(node)
+        try:
+            self.uploader.cancel_delete(key)
+            await self.uploader.wait_not_deleting(key)
+            node.etag = await self.store.put(key, b"", headers, ctype)
+        except BaseException:
+            self.ns.unlink(node)
+            raise
+        self.index.put(key, node.etag, headers)
+        node.remote = node.meta_known = True
+        node.fresh_until = time.monotonic() + self.cfg.attr_ttl
+        listing = self.ns.listings.get(parent.ino)
+        if listing is not None:
+            listing[sname] = self.ns.entry_of(node)
+        node.lookups += 1
+        return self.attrs(node)
 
     # ===== rename =======================================================================
     @fuse_errors

@@ -190,6 +190,42 @@ def test_decode_s3fs_fifo_and_symlink() -> None:
     assert fmt.is_symlink_meta(link)
 
 
+# s3fs's mknod writes mode, uid, gid and times only (create_file_object): no device number.
+S3FS_CHAR_DEVICE = {"atime": "1795616491", "gid": "0", "mode": "8612", "uid": "0"}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "mode", "rdev"),
+    [
+        (S3FS_FIFO, stat.S_IFIFO | 0o644, None),
+        (S3FS_CHAR_DEVICE, stat.S_IFCHR | 0o644, None),
+        ({"mode": "24992", "rdev": "2049"}, stat.S_IFBLK | 0o640, 2049),  # fbmount/GeeseFS
+        ({"mode": "49645"}, stat.S_IFSOCK | 0o755, None),  # s3fs: bound Unix socket
+        ({"mode": "10644"}, stat.S_IFIFO | 0o644, None),  # rclone octal
+        ({"mode": "20600", "rdev": "259"}, stat.S_IFCHR | 0o600, 259),  # octal mode
+        ({"mode": "8612", "rdev": "4294967295"}, stat.S_IFCHR | 0o644, 0xFFFFFFFF),
+        ({"mode": "8612", "rdev": "4294967296"}, stat.S_IFCHR | 0o644, None),  # > 32 bits
+        ({"mode": "8612", "rdev": "-1"}, stat.S_IFCHR | 0o644, None),
+        ({"mode": "8612", "rdev": "0x103"}, stat.S_IFCHR | 0o644, None),
+    ],
+)
+def test_decode_special_files(metadata: dict[str, str], mode: int, rdev: int | None) -> None:
+    meta = fmt.decode_meta(metadata)
+    assert (meta.mode, meta.rdev) == (mode, rdev)
+    assert "rdev" not in meta.extra  # owned: never written back twice
+    assert fmt.resolve_mode(meta.mode, "file") == mode
+
+
+def test_encode_device_writes_rdev_in_decimal() -> None:
+    meta = ObjectMeta(mode=stat.S_IFCHR | 0o620, uid=0, gid=5, rdev=(4 << 8) | 1)
+    assert fmt.encode_meta(meta) == {"mode": "8592", "uid": "0", "gid": "5", "rdev": "1025"}
+    assert fmt.decode_meta(fmt.encode_meta(meta)) == meta
+    assert "rdev" not in fmt.encode_meta(ObjectMeta(mode=stat.S_IFIFO | 0o644))
+    for bad in (-1, 1 << 32, True):
+        with pytest.raises(ValueError):
+            fmt.encode_meta(ObjectMeta(rdev=bad))
+
+
 def test_decode_s3fs_pre_epoch_fraction_is_a_timespec() -> None:
     # s3fs wrote tv_sec=-315619200, tv_nsec=250000000 for 1960-01-01 00:00:00.25
     assert fmt.decode_meta(S3FS_PRE_EPOCH).mtime_ns == -315_619_199_750_000_000

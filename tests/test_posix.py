@@ -1,0 +1,227 @@
+"""POSIX and s3fs compatibility through real mounts (issue #13).
+
+Special files (FIFOs, sockets, devices) stored as s3fs's mknod stores them, the file-type
+cascade pjdfstest walks (create, chmod, chown, utimensat, rename over every other type,
+unlink, rmdir, remount), xattr names beyond ``user.*``, names longer than 255 bytes, and
+small points (rename's ctime, ENOTDIR through a file). Every check is made through the
+mount and, where it matters, on the objects in S3 (boto3). Runs as root (devices).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import stat
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import body
+
+STRICT = ("--upload-delay", "0")
+CHR_DEV = os.makedev(4, 1)  # like /dev/tty1
+BLK_DEV = os.makedev(259, 70000)  # a minor above 255: the split encoding of dev_t
+ATIME, MTIME = 1_500_000_000_123_456_789, 1_400_000_000_987_654_321
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mknod of devices needs root")
+
+
+def expect_errno(err: int, fn: Callable[..., Any], *args: Any) -> None:
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    assert info.value.errno == err, f"{fn.__name__}{args}: {info.value!r}, wanted {err}"
+
+
+def meta(s3: Any, bucket: str, key: str) -> dict[str, str]:
+    return s3.head_object(Bucket=bucket, Key=key)["Metadata"]
+
+
+# --------------------------------------------------------------------------- file types
+def make_socket(path: Path) -> None:
+    """bind(2) a Unix socket: the kernel asks the filesystem for an S_IFSOCK mknod."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(path))
+
+
+MAKERS: dict[str, Callable[[Path], None]] = {
+    "reg": lambda p: os.mknod(p, stat.S_IFREG | 0o644),
+    "dir": lambda p: os.mkdir(p, 0o755),
+    "link": lambda p: os.symlink("somewhere", p),
+    "fifo": lambda p: os.mkfifo(p, 0o644),
+    "sock": make_socket,
+    "chr": lambda p: os.mknod(p, stat.S_IFCHR | 0o640, CHR_DEV),
+    "blk": lambda p: os.mknod(p, stat.S_IFBLK | 0o604, BLK_DEV),
+}
+TYPE_BITS = {
+    "reg": stat.S_IFREG,
+    "dir": stat.S_IFDIR,
+    "link": stat.S_IFLNK,
+    "fifo": stat.S_IFIFO,
+    "sock": stat.S_IFSOCK,
+    "chr": stat.S_IFCHR,
+    "blk": stat.S_IFBLK,
+}
+RDEV = {"chr": CHR_DEV, "blk": BLK_DEV}
+
+
+def remove(path: Path) -> None:
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        os.rmdir(path)
+    else:
+        os.unlink(path)
+
+
+def test_special_files_stored_as_s3fs_does(s3: Any, bucket: str, mount: Callable) -> None:
+    """mkfifo, mknod (regular, char, block) and bind(2) of a Unix socket make empty objects
+    whose mode carries the type (s3fs's mknod), with rdev for devices; stat and ls -l show
+    them, and they survive a remount. (Before: EPERM for every one of them.)"""
+    m = mount(bucket, *STRICT)
+    for kind in ("reg", "fifo", "sock", "chr", "blk"):
+        MAKERS[kind](m.path / kind)
+    expected = {
+        "reg": stat.S_IFREG | 0o644,
+        "fifo": stat.S_IFIFO | 0o644,
+        "sock": stat.S_IFSOCK | 0o755,  # bind: 0777 & ~umask 022
+        "chr": stat.S_IFCHR | 0o640,
+        "blk": stat.S_IFBLK | 0o604,
+    }
+
+    def check(root: Path) -> None:
+        for kind, mode in expected.items():
+            st = os.lstat(root / kind)
+            assert (st.st_mode, st.st_size) == (mode, 0), kind
+            assert st.st_rdev == RDEV.get(kind, 0), kind
+        ls = subprocess.run(["ls", "-l", str(root)], capture_output=True, text=True, check=True)
+        lines = {line.split()[-1]: line for line in ls.stdout.splitlines()[1:]}
+        assert [lines[k][0] for k in ("reg", "fifo", "sock", "chr", "blk")] == list("-pscb")
+        assert re.search(r" 4,\s+1 ", lines["chr"]), lines["chr"]
+        assert re.search(r" 259,\s+70000 ", lines["blk"]), lines["blk"]
+
+    check(m.path)
+    for kind, mode in expected.items():
+        assert body(s3, bucket, kind) == b""
+        md = meta(s3, bucket, kind)
+        assert md["mode"] == str(mode), kind  # decimal st_mode, as s3fs writes it
+        assert md.get("rdev") == (str(RDEV[kind]) if kind in RDEV else None), kind
+    assert meta(s3, bucket, "fifo")["mode"] == "4516"  # s3fs's spelling of a 0644 FIFO
+    assert m.unmount() == 0
+    check(mount(bucket).path)
+
+
+def test_special_files_written_by_s3fs_and_rclone(s3: Any, bucket: str, mount: Callable) -> None:
+    """Objects s3fs (decimal mode, no rdev) and rclone (octal mode) wrote show their type."""
+    s3.put_object(Bucket=bucket, Key="s3fs-fifo", Body=b"", Metadata={"mode": "4516"})
+    s3.put_object(Bucket=bucket, Key="s3fs-chr", Body=b"", Metadata={"mode": "8612"})
+    s3.put_object(Bucket=bucket, Key="rclone-fifo", Body=b"", Metadata={"mode": "10600"})
+    s3.put_object(Bucket=bucket, Key="sock", Body=b"", Metadata={"mode": "49645"})
+    m = mount(bucket)
+    assert os.lstat(m.path / "s3fs-fifo").st_mode == stat.S_IFIFO | 0o644
+    st = os.lstat(m.path / "s3fs-chr")
+    assert (st.st_mode, st.st_rdev) == (stat.S_IFCHR | 0o644, 0)
+    assert os.lstat(m.path / "rclone-fifo").st_mode == stat.S_IFIFO | 0o600
+    assert stat.S_ISSOCK(os.lstat(m.path / "sock").st_mode)
+
+
+def test_fifo_on_the_mount_is_a_pipe(bucket: str, mount: Callable) -> None:
+    """Opening a FIFO is the kernel's business: bytes written come out at the reader."""
+    m = mount(bucket, *STRICT)
+    fifo = m.path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    with open(fifo, "wb") as w:
+        w.write(b"through the pipe")
+    reader.join(10)
+    assert got == [b"through the pipe"]
+    assert os.lstat(fifo).st_size == 0
+
+
+@pytest.mark.parametrize("kind", ["reg", "dir", "link", "fifo", "sock", "chr", "blk"])
+def test_each_file_type_cascade(s3: Any, bucket: str, mount: Callable, kind: str) -> None:
+    """What pjdfstest does with each type: create, chmod, chown, utimensat, EEXIST for
+    O_CREAT|O_EXCL / symlink / mkdir / mknod over it, rename, remount, unlink or rmdir."""
+    m = mount(bucket, "--upload-delay", "1")
+    p = m.path / "x"
+    MAKERS[kind](p)
+    assert stat.S_IFMT(os.lstat(p).st_mode) == TYPE_BITS[kind]
+    if kind != "link":  # Linux has no lchmod; a symlink's mode is always 0777
+        os.chmod(p, 0o640)
+        assert stat.S_IMODE(os.lstat(p).st_mode) == 0o640
+    os.lchown(p, 1234, 5678)
+    os.utime(p, ns=(ATIME, MTIME), follow_symlinks=False)
+    st = os.lstat(p)
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (ATIME, MTIME)
+    expect_errno(errno.EEXIST, os.open, p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    expect_errno(errno.EEXIST, os.symlink, "t", p)
+    expect_errno(errno.EEXIST, os.mkdir, p)
+    expect_errno(errno.EEXIST, os.mkfifo, p)
+    os.rename(p, m.path / "y")
+    assert not os.path.lexists(p)
+    assert m.unmount() == 0
+
+    m2 = mount(bucket)
+    y = m2.path / "y"
+    st = os.lstat(y)
+    assert stat.S_IFMT(st.st_mode) == TYPE_BITS[kind]
+    if kind not in ("link", "dir"):  # SeaweedFS drops metadata on directory markers
+        assert stat.S_IMODE(st.st_mode) == 0o640
+    assert st.st_rdev == RDEV.get(kind, 0)
+    if kind != "dir":
+        assert (st.st_uid, st.st_gid) == (1234, 5678)
+        assert st.st_mtime_ns == MTIME
+    if kind == "dir":
+        expect_errno(errno.EISDIR, os.unlink, y)
+        os.rmdir(y)
+    else:
+        expect_errno(errno.ENOTDIR, os.rmdir, y)
+        os.unlink(y)
+    assert not os.path.lexists(y)
+    assert m2.unmount() == 0
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])] == []
+
+
+def test_rename_between_all_file_types(bucket: str, mount: Callable) -> None:
+    """rename(2) of each type over each type gives the POSIX answer: a non-directory over
+    a directory EISDIR, a directory over a non-directory ENOTDIR, over a non-empty
+    directory ENOTEMPTY; otherwise the target is replaced and the source keeps its type."""
+    m = mount(bucket, *STRICT)
+    kinds = list(MAKERS)
+    for src_kind in kinds:
+        for dst_kind in kinds:
+            d = m.path / f"{src_kind}-over-{dst_kind}"
+            d.mkdir()
+            src, dst = d / "src", d / "dst"
+            MAKERS[src_kind](src)
+            MAKERS[dst_kind](dst)
+            if src_kind != "dir" and dst_kind == "dir":
+                expect_errno(errno.EISDIR, os.rename, src, dst)
+            elif src_kind == "dir" and dst_kind != "dir":
+                expect_errno(errno.ENOTDIR, os.rename, src, dst)
+            else:
+                os.rename(src, dst)
+                assert not os.path.lexists(src)
+                assert stat.S_IFMT(os.lstat(dst).st_mode) == TYPE_BITS[src_kind]
+                assert os.lstat(dst).st_rdev == RDEV.get(src_kind, 0)
+                assert sorted(os.listdir(d)) == ["dst"]
+    full = m.path / "full"
+    full.mkdir()
+    (full / "f").write_bytes(b"x")
+    (m.path / "empty").mkdir()
+    expect_errno(errno.ENOTEMPTY, os.rename, m.path / "empty", full)
+    assert m.unmount() == 0
+    m2 = mount(bucket)
+    for src_kind in kinds:
+        for dst_kind in kinds:
+            d = m2.path / f"{src_kind}-over-{dst_kind}"
+            if (src_kind == "dir") == (dst_kind == "dir"):
+                assert sorted(os.listdir(d)) == ["dst"], d
+                assert stat.S_IFMT(os.lstat(d / "dst").st_mode) == TYPE_BITS[src_kind], d
+            else:
+                assert sorted(os.listdir(d)) == ["dst", "src"], d

@@ -331,6 +331,19 @@ def valid_xattr_name(name: str) -> bool:
     return 0 < len(raw) <= XATTR_NAME_MAX and not _XATTR_NAME_FORBIDDEN.intersection(raw)
 
 
+#: xattr namespaces that mean something to the kernel (security.* for LSMs and file
+#: capabilities, system.* for ACLs, trusted.* for overlayfs and other privileged users):
+#: never set through the mount, and never shown from a header another tool wrote (the
+#: names stay in the header, untouched). Every other name the kernel passes is stored,
+#: ``user.*`` and names without a namespace alike (s3fs stores whatever it is given).
+KERNEL_XATTR_PREFIXES = ("security.", "system.", "trusted.")
+
+
+def user_xattr(name: str) -> bool:
+    """Is `name` an xattr users own through the mount (stored, listed, read, written)?"""
+    return isinstance(name, str) and not name.startswith(KERNEL_XATTR_PREFIXES)
+
+
 def encode_xattrs(xattrs: Mapping[str, bytes]) -> str | None:
     """s3fs's ``x-amz-meta-xattr``: URL-encoded ``{"name":"base64",...}``; None if empty.
 

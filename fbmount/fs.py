@@ -1206,7 +1206,7 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         sname = name.decode("utf-8", "surrogateescape")
-        if not sname.startswith("user."):
+        if not fmt.user_xattr(sname):
             # ls -l asks for system.posix_acl_* and security.* of every file: answer
             # without a HEAD, or a listing would cost one request per file.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -1269,15 +1269,27 @@ class Filesystem(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        """Exactly the names getxattr answers, so that `getfattr -d` prints no error."""
         node = await self._meta_node(inode)
-        names = [n.encode() for n in node.xattrs]
+        names = [
+            n.encode("utf-8", "surrogateescape")
+            for n in node.xattrs
+            if fmt.user_xattr(n) and not n.startswith(XATTR_PREFIX)
+        ]
         if self._is_bucket_root(inode):
             for name in BUCKET_XATTRS:
                 if await self._bucket_xattr(name) is not None:
                     names.append((XATTR_PREFIX + name).encode())
         for name in ("etag", "cid", "content_type", "storage_class", "url"):
-            if self._fbmount_xattr(node, name) is not None if name != "url" else node.remote:
+            if name == "url":  # presigning only when asked for
+                shown = node.kind is not Kind.DIR and node.remote
+            else:
+                shown = self._fbmount_xattr(node, name) is not None
+            if shown:
                 names.append((XATTR_PREFIX + name).encode())
+        if node.kind is Kind.LINK or stat.S_IFMT(node.mode) in fmt.SPECIAL_TYPES:
+            # The kernel keeps user.* to regular files and directories (ENODATA otherwise).
+            names = [n for n in names if not n.startswith(b"user.")]
         return names
 
     @fuse_errors
@@ -1286,8 +1298,8 @@ class Filesystem(pyfuse3.Operations):
         sname = name.decode("utf-8", "surrogateescape")
         if sname.startswith(XATTR_PREFIX):
             raise FsError(errno.EPERM, f"{sname} is read-only")
-        if not sname.startswith("user."):
-            raise FsError(errno.ENOTSUP, "only user.* extended attributes can be stored")
+        if not fmt.user_xattr(sname):
+            raise FsError(errno.ENOTSUP, f"{sname}: security.*, system.* and trusted.* not stored")
         if not fmt.valid_xattr_name(sname):
             raise FsError(errno.ENOTSUP, f"{sname!r}: s3fs's xattr header cannot hold this name")
         node = await self._meta_node(inode)
@@ -1306,6 +1318,10 @@ class Filesystem(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         self._writable()
         sname = name.decode("utf-8", "surrogateescape")
+        if sname.startswith(XATTR_PREFIX):
+            raise FsError(errno.EPERM, f"{sname} is read-only")
+        if not fmt.user_xattr(sname):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = await self._meta_node(inode)
         if sname not in node.xattrs:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -226,6 +226,24 @@ def test_encode_device_writes_rdev_in_decimal() -> None:
             fmt.encode_meta(ObjectMeta(rdev=bad))
 
 
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("user.color", True),
+        ("user.fbmount.etag", True),  # read-only, but a user name (fs.py guards it)
+        ("key1", True),  # set by s3fs's own tests through its API: no namespace
+        ("os2.name", True),
+        ("security.selinux", False),
+        ("security.capability", False),  # would grant capabilities on exec
+        ("system.posix_acl_access", False),
+        ("trusted.overlay.opaque", False),
+        ("securityx", True),  # a prefix match needs the dot
+    ],
+)
+def test_user_xattr_excludes_the_kernel_namespaces(name: str, shown: bool) -> None:
+    assert fmt.user_xattr(name) is shown
+
+
 def test_decode_s3fs_pre_epoch_fraction_is_a_timespec() -> None:
     # s3fs wrote tv_sec=-315619200, tv_nsec=250000000 for 1960-01-01 00:00:00.25
     assert fmt.decode_meta(S3FS_PRE_EPOCH).mtime_ns == -315_619_199_750_000_000

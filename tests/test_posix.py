@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import body
+from conftest import make_s3_client, unique_bucket_name, warm_bucket
+from helpers import body, sync_path, write_file
+
+from fbmount import format as fmt
 
 STRICT = ("--upload-delay", "0")
 CHR_DEV = os.makedev(4, 1)  # like /dev/tty1
@@ -225,3 +228,100 @@ def test_rename_between_all_file_types(bucket: str, mount: Callable) -> None:
                 assert stat.S_IFMT(os.lstat(d / "dst").st_mode) == TYPE_BITS[src_kind], d
             else:
                 assert sorted(os.listdir(d)) == ["dst", "src"], d
+
+
+# --------------------------------------------------------------------------- xattr names
+def getfattr(*args: str) -> subprocess.CompletedProcess[str]:
+    """getfattr, silent about the absolute paths it is given: stderr holds only errors."""
+    cmd = ["getfattr", "--absolute-names", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_xattr_names_without_namespace(s3: Any, bucket: str, mount: Callable) -> None:
+    """Linux passes FUSE every xattr name (its FUSE handler has an empty prefix), so names
+    without a namespace, like the "key1" s3fs's tests set through its API, are stored and
+    shown verbatim; security.*, system.* and trusted.* are never stored nor shown, and a
+    header another tool wrote keeps them. (Before: ENOTSUP for "key1", and a bucket
+    written by s3fs showed none of its names outside user.*.)"""
+    header = fmt.encode_xattrs(
+        {"key1": b"value1", "user.a": b"A", "security.selinux": b"ctx", "trusted.t": b"T"}
+    )
+    s3.put_object(Bucket=bucket, Key="from-s3fs", Body=b"x", Metadata={"xattr": header})
+    m = mount(bucket, *STRICT)
+    old = m.path / "from-s3fs"
+    assert sorted(os.listxattr(old)) == sorted(
+        ["key1", "user.a", "user.fbmount.etag", "user.fbmount.content_type"]
+        + ["user.fbmount.storage_class", "user.fbmount.url"]
+    )
+    assert os.getxattr(old, "key1") == b"value1"
+    expect_errno(errno.ENODATA, os.getxattr, old, "security.selinux")
+    expect_errno(errno.ENODATA, os.getxattr, old, "trusted.t")
+    os.setxattr(old, "key2", b"two")
+    sync_path(old)
+    stored = fmt.decode_xattrs(meta(s3, bucket, "from-s3fs")["xattr"])
+    assert stored == {
+        "key1": b"value1",
+        "key2": b"two",
+        "user.a": b"A",
+        "security.selinux": b"ctx",  # kept as the other tool wrote it
+        "trusted.t": b"T",
+    }
+
+    f = m.path / "new"
+    write_file(f, b"y")
+    subprocess.run(["setfattr", "-n", "key1", "-v", "v1", str(f)], check=True)
+    subprocess.run(["setfattr", "-n", "os2.name", "-v", "v2", str(f)], check=True)
+    assert os.getxattr(f, "key1") == b"v1"
+    assert {"key1", "os2.name"} <= set(os.listxattr(f))
+    for refused in ("security.x", "trusted.x", "system.x"):
+        expect_errno(errno.ENOTSUP, os.setxattr, f, refused, b"v")
+    expect_errno(errno.EPERM, os.setxattr, f, "user.fbmount.etag", b"forged")
+    expect_errno(errno.EPERM, os.removexattr, f, "user.fbmount.etag")
+    os.removexattr(f, "os2.name")
+    expect_errno(errno.ENODATA, os.getxattr, f, "os2.name")
+    sync_path(f)
+    assert fmt.decode_xattrs(meta(s3, bucket, "new")["xattr"]) == {"key1": b"v1"}
+
+    fifo = m.path / "fifo"
+    os.mkfifo(fifo)
+    os.setxattr(fifo, "key1", b"on a fifo")  # user.* is refused by the kernel there
+    expect_errno(errno.EPERM, os.setxattr, fifo, "user.x", b"v")
+    assert os.listxattr(fifo) == ["key1"]
+    assert m.unmount() == 0
+    m2 = mount(bucket)
+    assert os.getxattr(m2.path / "new", "key1") == b"v1"
+    assert os.getxattr(m2.path / "fifo", "key1") == b"on a fifo"
+
+
+def test_getfattr_dump_prints_no_error(s3: Any, bucket: str, mount: Callable) -> None:
+    """listxattr names only what getxattr answers: `getfattr -d` (user.*) and
+    `getfattr -d -m -` (every name) of a file, a directory and the bucket root print no
+    error. (Before: user.fbmount.url was listed for directories and the root, then
+    refused.)"""
+    s3.put_object(Bucket=bucket, Key="dir/file.txt", Body=b"x")
+    m = mount(bucket, *STRICT)
+    (m.path / "made").mkdir()
+    os.setxattr(m.path / "made", "user.color", b"red")
+    for path in (m.path, m.path / "dir", m.path / "made", m.path / "dir" / "file.txt"):
+        for args in (("-d",), ("-d", "-m", "-")):
+            r = getfattr(*args, str(path))
+            assert (r.returncode, r.stderr) == (0, ""), (path, args, r)
+    assert 'user.color="red"' in getfattr("-d", str(m.path / "made")).stdout
+    assert "user.fbmount.etag=" in getfattr("-d", str(m.path / "dir" / "file.txt")).stdout
+
+
+def test_getfattr_dump_on_an_account_mount(auth_server: Any, mount: Callable) -> None:
+    """The bucket root of an account mount lists user.fbmount.acl and friends, and answers
+    each of them."""
+    s3 = make_s3_client(auth_server.endpoint)
+    name = unique_bucket_name("posix-acct")
+    s3.create_bucket(Bucket=name)
+    try:
+        warm_bucket(s3, name)
+        m = mount("--all-buckets", endpoint=auth_server.endpoint)
+        for path in (m.path, m.path / name):
+            r = getfattr("-d", "-m", "-", str(path))
+            assert (r.returncode, r.stderr) == (0, ""), (path, r)
+        assert "user.fbmount.acl=" in getfattr("-d", str(m.path / name)).stdout
+    finally:
+        s3.delete_bucket(Bucket=name)

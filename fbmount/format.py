@@ -24,9 +24,10 @@ s3sync / GCS keys are understood. Anything unparsable is ignored, never raised: 
 header must never crash the daemon. Writing is strict and always ASCII.
 
 Keys that cannot be file names (see :func:`valid_name`): a key with an empty, ``.`` or
-``..`` segment (``a//b``, ``a/./b``), a segment over 255 bytes, or a NUL, is skipped in
-listings and never followed — nothing under it is reachable through the mount, and the
-mount never creates such a key.
+``..`` segment (``a//b``, ``a/./b``), or a NUL, is skipped in listings and never followed
+— nothing under it is reachable through the mount, and the mount never creates such a key.
+A segment may be as long as a key (:data:`NAME_MAX`, 1,024 bytes): Linux passes FUSE
+names longer than 255 bytes, and S3 keys written by other tools may hold them.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ FOLDER_SUFFIX = "_$folder$"
 #: rclone ``--links`` stores a symlink ``name`` as the object ``name.rclonelink``.
 RCLONE_LINK_SUFFIX = ".rclonelink"
 
-NAME_MAX = 255  #: bytes of UTF-8 in one path segment (Linux NAME_MAX)
+KEY_MAX = 1024  #: bytes of UTF-8 in an S3 key
+#: bytes of UTF-8 in one path segment: as long as a key may be (the kernel passes FUSE
+#: names up to PATH_MAX; Linux's own NAME_MAX of 255 binds disk filesystems, not FUSE)
+NAME_MAX = KEY_MAX
 SYMLINK_MAX = 4095  #: bytes in a symlink target (PATH_MAX - 1)
 XATTR_NAME_MAX = 255  #: bytes in an xattr name (Linux XATTR_NAME_MAX)
 XATTR_SIZE_MAX = 65536  #: bytes in one xattr value (Linux XATTR_SIZE_MAX)
@@ -583,8 +587,9 @@ def looks_like_dir_object(content_type: str | None, mode: int | None, size: int)
 def valid_name(segment: str) -> bool:
     """Can `segment` be one path component, both as a file name and inside an S3 key?
 
-    False for "", ".", "..", anything with "/" or NUL, more than 255 bytes of UTF-8, or
-    text that is not encodable as UTF-8 (lone surrogates: S3 keys are UTF-8).
+    False for "", ".", "..", anything with "/" or NUL, more than :data:`NAME_MAX` (1,024)
+    bytes of UTF-8, or text that is not encodable as UTF-8 (lone surrogates: S3 keys are
+    UTF-8). Whether the whole key fits is :func:`key_fits`'s question.
     """
     if not isinstance(segment, str) or segment in ("", ".", "..") or "/" in segment:
         return False
@@ -592,6 +597,14 @@ def valid_name(segment: str) -> bool:
         return False
     try:
         return len(segment.encode("utf-8")) <= NAME_MAX
+    except UnicodeEncodeError:
+        return False
+
+
+def key_fits(key: str) -> bool:
+    """Is `key` short enough to be an S3 key (:data:`KEY_MAX` bytes of UTF-8)?"""
+    try:
+        return len(key.encode("utf-8")) <= KEY_MAX
     except UnicodeEncodeError:
         return False
 

@@ -104,7 +104,7 @@ def statfs_data() -> pyfuse3.StatvfsData:
     s.f_bsize = s.f_frsize = 1 << 20
     s.f_blocks = s.f_bfree = s.f_bavail = 1 << 30  # 1 PiB: S3 has no meaningful limit
     s.f_files = s.f_ffree = s.f_favail = 1 << 30
-    s.f_namemax = 255
+    s.f_namemax = fmt.NAME_MAX  # FUSE passes longer names than 255; S3 keys hold 1,024
     return s
 
 
@@ -169,12 +169,19 @@ class Filesystem(pyfuse3.Operations):
         if self.cfg.read_only:
             raise FsError(errno.EROFS, "mounted read-only")
 
-    def _new_name(self, parent_inode: int, name: bytes) -> tuple[Node, str]:
-        """Parent and decoded name for an entry about to be created (or renamed to)."""
+    def _new_name(self, parent_inode: int, name: bytes, kind: Kind = Kind.FILE) -> tuple[Node, str]:
+        """Parent and decoded name for an entry about to be created (or renamed to).
+
+        ENAMETOOLONG for a name over NAME_MAX or whose key (a directory's with its '/')
+        would exceed S3's 1,024 bytes."""
         parent = self._node(parent_inode)
+        if len(name) > fmt.NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
         sname = decode_name(name)
         if not fmt.valid_name(sname):
-            raise FsError(errno.ENAMETOOLONG if len(name) > 255 else errno.EINVAL)
+            raise FsError(errno.EINVAL, f"not a valid name: {sname!r}")
+        if not fmt.key_fits(self.ns.child_key(parent, sname, kind)):
+            raise FsError(errno.ENAMETOOLONG, f"the key of {sname!r} would exceed 1,024 bytes")
         return parent, sname
 
     def _new_fh(self) -> int:
@@ -420,6 +427,8 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         parent = self._node(parent_inode)
+        if len(name) > fmt.NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
         sname = decode_name(name)
         if sname == ".":
             node = parent
@@ -807,7 +816,7 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         self._writable()
-        parent, sname = self._new_name(parent_inode, name)
+        parent, sname = self._new_name(parent_inode, name, Kind.DIR)
         if await self.resolve(parent, sname) is not None:
             raise FsError(errno.EEXIST)
         node = self.ns.add(parent, sname, Kind.DIR)
@@ -987,7 +996,7 @@ class Filesystem(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         _, src, _ = await self._must_resolve(parent_inode_old, name_old)
-        new_parent, new_name = self._new_name(parent_inode_new, name_new)
+        new_parent, new_name = self._new_name(parent_inode_new, name_new, src.kind)
         dst = await self.resolve(new_parent, new_name)
         if dst is src:
             return

@@ -674,8 +674,11 @@ def test_metadata_size_counts_utf8_of_keys_and_values() -> None:
         ("x_$folder$", True),  # a valid name; its key is what means "folder"
         ("é" * 127, True),  # 254 bytes
         ("a" * 255, True),
-        ("a" * 256, False),
-        ("é" * 128, False),  # 256 bytes
+        ("a" * 256, True),  # FUSE passes it, S3 holds it: no reason to hide it
+        ("é" * 128, True),  # 256 bytes
+        ("a" * 1024, True),
+        ("a" * 1025, False),  # longer than any S3 key
+        ("é" * 513, False),  # 1,026 bytes
         ("", False),
         (".", False),
         ("..", False),
@@ -687,6 +690,14 @@ def test_metadata_size_counts_utf8_of_keys_and_values() -> None:
 )
 def test_valid_name(name: str, ok: bool) -> None:
     assert fmt.valid_name(name) is ok
+
+
+def test_key_fits_counts_utf8_bytes() -> None:
+    assert fmt.NAME_MAX == fmt.KEY_MAX == 1024
+    assert fmt.key_fits("a/" + "b" * 1022)
+    assert not fmt.key_fits("a/" + "b" * 1023)
+    assert fmt.key_fits("é" * 512) and not fmt.key_fits("é" * 512 + "x")
+    assert not fmt.key_fits("bad\udcff")
 
 
 def test_normalize_prefix() -> None:
@@ -726,8 +737,9 @@ def test_make_key() -> None:
         ("", "a//", None),
         ("", "//", None),
         ("", "_$folder$", None),
-        ("", "x" * 256, None),
-        ("", "a/" + "é" * 128 + "/b", None),
+        ("", "x" * 256, (("x" * 256,), "object")),
+        ("", "a/" + "é" * 128 + "/b", (("a", "é" * 128, "b"), "object")),
+        ("", "x" * 1025, None),
     ],
 )
 def test_split_key(prefix: str, key: str, expected: tuple | None) -> None:
@@ -755,7 +767,8 @@ def test_split_key_inverts_make_key() -> None:
         ("d/", "d/.", None),
         ("d/", "e/x", None),
         ("d/", "d/a/b", None),  # nested: not a child
-        ("d/", "d/" + "x" * 256, None),
+        ("d/", "d/" + "x" * 256, ("x" * 256, "file")),
+        ("d/", "d/" + "x" * 1025, None),
     ],
 )
 def test_classify_child(dir_prefix: str, entry: str, expected: tuple | None) -> None:

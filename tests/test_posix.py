@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import make_s3_client, unique_bucket_name, warm_bucket
-from helpers import body, sync_path, write_file
+from helpers import body, read_file, sync_path, write_file
 
 from fbmount import format as fmt
 
@@ -325,3 +325,42 @@ def test_getfattr_dump_on_an_account_mount(auth_server: Any, mount: Callable) ->
         assert "user.fbmount.acl=" in getfattr("-d", str(m.path / name)).stdout
     finally:
         s3.delete_bucket(Bucket=name)
+
+
+# --------------------------------------------------------------------------- long names
+def test_names_longer_than_255_bytes(s3: Any, bucket: str, mount: Callable) -> None:
+    """Linux passes FUSE names up to PATH_MAX, so keys with segments over 255 bytes are
+    shown (not hidden) and made, up to S3's 1,024-byte key; statvfs says 1,024; past the
+    key limit ENAMETOOLONG. (Before: hidden, and ENAMETOOLONG from 256 bytes.)"""
+    long_key = "d/" + "k" * 300
+    s3.put_object(Bucket=bucket, Key=long_key, Body=b"written by another tool")
+    m = mount(bucket, *STRICT)
+    assert os.statvfs(m.path).f_namemax == 1024
+    assert os.listdir(m.path / "d") == ["k" * 300]
+    assert read_file(m.path / long_key) == b"written by another tool"
+    ls = subprocess.run(["ls", "-l", str(m.path / "d")], capture_output=True, text=True)
+    assert ls.returncode == 0 and "k" * 300 in ls.stdout, ls
+
+    name300 = "é" * 150  # 300 bytes of UTF-8
+    write_file(m.path / name300, b"made through the mount")
+    assert body(s3, bucket, name300) == b"made through the mount"
+    (m.path / ("D" * 400)).mkdir()
+    write_file(m.path / ("D" * 400) / ("f" * 500), b"deep")
+    assert body(s3, bucket, "D" * 400 + "/" + "f" * 500) == b"deep"
+    # The whole key counts: 1,024 bytes at most ('/' of a directory marker included).
+    write_file(m.path / ("a" * 1024), b"max")
+    expect_errno(errno.ENAMETOOLONG, write_file, m.path / ("b" * 1025), b"")
+    write_file(m.path / "d" / ("c" * 1022), b"max in d")
+    expect_errno(errno.ENAMETOOLONG, write_file, m.path / "d" / ("c" * 1023), b"")
+    (m.path / ("e" * 1023)).mkdir()
+    expect_errno(errno.ENAMETOOLONG, os.mkdir, m.path / ("e" * 1024))
+    expect_errno(errno.ENAMETOOLONG, os.rename, m.path / name300, m.path / "d" / ("g" * 1023))
+    expect_errno(errno.ENAMETOOLONG, os.stat, m.path / ("z" * 1500))
+    assert body(s3, bucket, "a" * 1024) == b"max"
+    assert body(s3, bucket, "d/" + "c" * 1022) == b"max in d"
+    assert m.unmount() == 0
+    m2 = mount(bucket)
+    names = set(os.listdir(m2.path))
+    assert {name300, "D" * 400, "a" * 1024, "e" * 1023} <= names
+    assert sorted(os.listdir(m2.path / "d")) == ["c" * 1022, "k" * 300]
+    assert read_file(m2.path / ("D" * 400) / ("f" * 500)) == b"deep"

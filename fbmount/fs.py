@@ -1009,6 +1009,9 @@ class Filesystem(pyfuse3.Operations):
                 raise FsError(errno.EISDIR)
             if dst.kind is Kind.DIR and not await self.dir_is_empty(dst):
                 raise FsError(errno.ENOTEMPTY)
+        # POSIX: a rename changes the moved inode's ctime. Set before the move, so that a
+        # staged file's upload and a directory's new marker carry it.
+        src.ctime_ns = time.time_ns()
         if src.kind is Kind.DIR:
             await self._rename_dir(src, new_parent, new_name, dst)
         else:

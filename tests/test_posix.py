@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -364,3 +365,45 @@ def test_names_longer_than_255_bytes(s3: Any, bucket: str, mount: Callable) -> N
     assert {name300, "D" * 400, "a" * 1024, "e" * 1023} <= names
     assert sorted(os.listdir(m2.path / "d")) == ["c" * 1022, "k" * 300]
     assert read_file(m2.path / ("D" * 400) / ("f" * 500)) == b"deep"
+
+
+# --------------------------------------------------------------------------- small points
+def test_rename_updates_ctime(bucket: str, mount: Callable) -> None:
+    """rename(2) changes the moved inode's ctime (not its mtime): a staged file, a stored
+    file and a directory. (Before: ctime kept.)"""
+    m = mount(bucket, "--upload-delay", "30")
+    staged, stored, d = m.path / "staged", m.path / "stored", m.path / "dir"
+    write_file(staged, b"s")
+    write_file(stored, b"t")
+    sync_path(stored)
+    d.mkdir()
+    for p in (staged, stored, d):
+        os.utime(p, ns=(1_000_000_000 * 10**9, 1_000_000_000 * 10**9))
+    sync_path(stored)  # its metadata too: a stored file with nothing staged
+    before = {p.name: os.lstat(p) for p in (staged, stored, d)}
+    time.sleep(0.05)
+    start = time.time_ns()
+    for p in (staged, stored, d):
+        os.rename(p, p.with_name(p.name + "-moved"))
+    for name, old in before.items():
+        new = os.lstat(m.path / f"{name}-moved")
+        assert new.st_ctime_ns >= start > old.st_ctime_ns, name
+        assert new.st_mtime_ns == old.st_mtime_ns == 1_000_000_000 * 10**9, name
+    assert m.unmount() == 0  # the staged file's upload carries the new ctime
+    assert os.lstat(mount(bucket).path / "staged-moved").st_ctime_ns >= start
+
+
+def test_path_through_a_file_is_enotdir(s3: Any, bucket: str, mount: Callable) -> None:
+    """open/stat/mkdir of "file/x" give ENOTDIR (a fresh mount, nothing cached)."""
+    s3.put_object(Bucket=bucket, Key="file", Body=b"x")
+    m = mount(bucket, *STRICT)
+    os.mkfifo(m.path / "fifo")
+    os.symlink("file", m.path / "link")
+    for base in ("file", "fifo", "link"):
+        p = m.path / base / "x"
+        expect_errno(errno.ENOTDIR, os.stat, p)
+        expect_errno(errno.ENOTDIR, os.open, p, os.O_RDONLY)
+        expect_errno(errno.ENOTDIR, os.open, p, os.O_CREAT | os.O_WRONLY)
+        expect_errno(errno.ENOTDIR, os.mkdir, p)
+        expect_errno(errno.ENOTDIR, os.rename, m.path / "file", p)
+    expect_errno(errno.ENOENT, os.stat, m.path / "missing" / "x")

@@ -1295,7 +1295,6 @@ class Filesystem(pyfuse3.Operations):
 
         Never fails the mount (a crash loop under systemd): what cannot be uploaded now
         stays staged for the next mount, and a bug here is logged, not raised."""
-        await guarded("aborting the streams left by the last run", self.eager.abort_leftovers)
         assert self.store.upload_notes is not None
         await guarded(
             "aborting the multipart uploads left by the last run",

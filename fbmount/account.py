@@ -27,6 +27,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from fbmount import format as fmt
 from fbmount.config import DEFAULT_UMASK, PRIVATE_UMASK, Config
 from fbmount.errors import FsError
 from fbmount.fs import Filesystem, decode_name, fuse_errors, statfs_data, umask_from_acl
@@ -417,7 +418,7 @@ class AccountFilesystem(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         # `ls -l` asks every entry for security.* and system.posix_acl_*: answering those
         # here keeps a listing of the account from loading every bucket.
-        if inode == ROOT_INO or not name.startswith(b"user."):
+        if inode == ROOT_INO or not fmt.user_xattr(name.decode("utf-8", "surrogateescape")):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return await (await self.bucket_fs(inode)).getxattr(inode, name, ctx)
 

@@ -15,16 +15,14 @@ It is an optimisation that must never cost correctness:
   finished object is copied onto itself with the final metadata; so streaming is used
   only while the server accepts CopyObject, and never for dot-files (rsync's
   `.name.XXXXXX` temp files, always renamed at the end);
-- every stream is noted in `<id>.eager` in the staging directory, so a crash leaves no
-  multipart upload behind: the next mount aborts what the notes name.
+- like every multipart upload, a stream is noted by the store (uploadnotes.py), so a
+  crash leaves no multipart upload behind: the next mount aborts what the notes name.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -114,11 +112,9 @@ class EagerUploads:
     # ----- background work ------------------------------------------------------------
     async def _create(self, staged: Staged, stream: Stream) -> None:
         try:
-            self._note(staged, stream)  # before the upload exists: a crash can't hide it
             stream.upload_id = await self.fs.store.create_multipart(
                 stream.key, stream.headers, stream.content_type
             )
-            self._note(staged, stream)
         except Exception as e:  # noqa: BLE001 - a stream is an optimisation: fall back
             self._failed(stream, "starting the stream", e)
         finally:
@@ -170,10 +166,8 @@ class EagerUploads:
         if stream.upload_id is not None:
             try:
                 await self.fs.store.abort_multipart(stream.key, stream.upload_id)
-            except FsError as e:
+            except FsError as e:  # its crash note stays: the next mount aborts it
                 log.error("could not abort the stream of %s: %s", stream.key, e.message)
-                return  # the note stays: the next mount aborts it
-        self._unnote(staged)
 
     # ----- the upload ---------------------------------------------------------------------
     async def finish(
@@ -222,7 +216,6 @@ class EagerUploads:
             with trio.CancelScope(shield=True):
                 await self._abort(staged, stream)
             raise
-        self._unnote(staged)
         if (stream.headers, stream.content_type) == (
             without_times(headers),
             content_type,
@@ -234,49 +227,3 @@ class EagerUploads:
         except CopyNotSupported:
             return None  # the whole-file upload replaces it, with the right metadata
         return etag, size, headers
-
-    # ----- crash notes --------------------------------------------------------------------
-    def _note(self, staged: Staged, stream: Stream) -> None:
-        path = self.fs.staging.root / f"{staged.id}.eager"
-        note = {"key": stream.key, "upload_id": stream.upload_id, "since": time.time() - 300}
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(note).encode())
-        finally:
-            os.close(fd)
-
-    def _unnote(self, staged: Staged) -> None:
-        (self.fs.staging.root / f"{staged.id}.eager").unlink(missing_ok=True)
-
-    async def abort_leftovers(self) -> None:
-        """At mount: abort the multipart uploads that a crashed run left streaming."""
-        for path in self.fs.staging.root.glob("*.eager"):
-            try:
-                note = json.loads(path.read_text())
-                ids = (
-                    [note["upload_id"]]
-                    if note.get("upload_id")
-                    else [
-                        u["UploadId"]
-                        for u in (
-                            await self.fs.store.bucket_call(
-                                "list_multipart_uploads",
-                                "ListMultipartUploads",
-                                Bucket=self.fs.store.bucket,
-                                Prefix=note["key"],
-                            )
-                        ).get("Uploads", [])
-                        if u.get("Key") == note["key"]
-                        and u["Initiated"].timestamp() >= note.get("since", 0)
-                    ]
-                )  # crashed between creating the upload and noting its id
-                for upload_id in ids:
-                    await self.fs.store.abort_multipart(note["key"], upload_id)
-            except (ValueError, KeyError, OSError, FsError) as e:
-                log.error(
-                    "could not abort a stream left by the last run (%s): %s",
-                    path.name,
-                    getattr(e, "message", e),
-                )
-                continue
-            path.unlink(missing_ok=True)

@@ -13,6 +13,10 @@ The format is s3fs-fuse's, so a tree written by fbmount reads right in s3fs and 
 * A directory is a zero-byte object ``dir/`` with Content-Type ``application/x-directory``;
   s3fs/hadoop ``dir_$folder$`` keys and bare prefixes are directories too.
 * A symlink is an object whose body is the target, ``mode`` ``S_IFLNK|0777`` (``"41471"``).
+* A FIFO, socket or device (``mknod``) is an empty object whose ``mode`` carries the type
+  bits (FIFO 0644 → ``"4516"``), as s3fs's ``mknod`` writes it. s3fs stores no device
+  number; fbmount adds ``rdev`` (decimal ``st_rdev``, the header GeeseFS uses) for
+  character and block devices.
 
 Reading is tolerant: rclone's forms (octal ``mode`` such as ``"100644"``, ``mtime`` with
 trailing zeros dropped such as ``"1354040105.5"``, RFC 3339 ``atime``), and the legacy
@@ -20,9 +24,10 @@ s3sync / GCS keys are understood. Anything unparsable is ignored, never raised: 
 header must never crash the daemon. Writing is strict and always ASCII.
 
 Keys that cannot be file names (see :func:`valid_name`): a key with an empty, ``.`` or
-``..`` segment (``a//b``, ``a/./b``), a segment over 255 bytes, or a NUL, is skipped in
-listings and never followed — nothing under it is reachable through the mount, and the
-mount never creates such a key.
+``..`` segment (``a//b``, ``a/./b``), or a NUL, is skipped in listings and never followed
+— nothing under it is reachable through the mount, and the mount never creates such a key.
+A segment may be as long as a key (:data:`NAME_MAX`, 1,024 bytes): Linux passes FUSE
+names longer than 255 bytes, and S3 keys written by other tools may hold them.
 """
 
 from __future__ import annotations
@@ -53,7 +58,10 @@ FOLDER_SUFFIX = "_$folder$"
 #: rclone ``--links`` stores a symlink ``name`` as the object ``name.rclonelink``.
 RCLONE_LINK_SUFFIX = ".rclonelink"
 
-NAME_MAX = 255  #: bytes of UTF-8 in one path segment (Linux NAME_MAX)
+KEY_MAX = 1024  #: bytes of UTF-8 in an S3 key
+#: bytes of UTF-8 in one path segment: as long as a key may be (the kernel passes FUSE
+#: names up to PATH_MAX; Linux's own NAME_MAX of 255 binds disk filesystems, not FUSE)
+NAME_MAX = KEY_MAX
 SYMLINK_MAX = 4095  #: bytes in a symlink target (PATH_MAX - 1)
 XATTR_NAME_MAX = 255  #: bytes in an xattr name (Linux XATTR_NAME_MAX)
 XATTR_SIZE_MAX = 65536  #: bytes in one xattr value (Linux XATTR_SIZE_MAX)
@@ -69,8 +77,11 @@ LINK_MODE = stat.S_IFLNK | 0o777
 KEY_MODE, KEY_UID, KEY_GID = "mode", "uid", "gid"
 KEY_MTIME, KEY_CTIME, KEY_ATIME = "mtime", "ctime", "atime"
 KEY_XATTR = "xattr"
+KEY_RDEV = "rdev"  # device number of a character or block device (GeeseFS's key)
 KEY_CID = "cid"  # set by Filebase (the IPFS CID of the content): read, never written
-OWNED_KEYS = frozenset({KEY_MODE, KEY_UID, KEY_GID, KEY_MTIME, KEY_CTIME, KEY_ATIME, KEY_XATTR})
+OWNED_KEYS = frozenset(
+    {KEY_MODE, KEY_UID, KEY_GID, KEY_MTIME, KEY_CTIME, KEY_ATIME, KEY_XATTR, KEY_RDEV}
+)
 # Read as fallbacks (s3fs reads them too), consumed, and never written back.
 _LEGACY_KEYS = frozenset(
     {
@@ -102,6 +113,9 @@ _VALID_TYPES = frozenset(
 )
 _MODE_MAX = 0o177777
 _ID_MAX = 0xFFFFFFFE  # (uid_t)-1 means "no owner" to chown, never a real owner
+_RDEV_MAX = 0xFFFFFFFF  # FUSE carries st_rdev in 32 bits
+#: File types that are a name, a mode and (devices) a number: no body.
+SPECIAL_TYPES = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
 _NS = 1_000_000_000
 _NS_MIN, _NS_MAX = -(2**63), 2**63 - 1  # what int64 nanoseconds (Go, statx) can hold
 _FIELD_MAX = 64  # longest scalar header value worth parsing
@@ -131,6 +145,8 @@ class ObjectMeta:
     ctime_ns: int | None = None
     atime_ns: int | None = None
     xattrs: dict[str, bytes] = field(default_factory=dict)
+    #: ``st_rdev`` of a character or block device (``rdev``); None: not recorded.
+    rdev: int | None = None
     #: Filebase's IPFS CID of the content; read-only, :func:`encode_meta` never writes it
     #: (a copied or rewritten object gets a fresh one from the server).
     cid: str | None = None
@@ -225,6 +241,15 @@ def parse_id(text: str) -> int | None:
     return value if value <= _ID_MAX else None
 
 
+def parse_rdev(text: str) -> int | None:
+    """A device number (``rdev``): a decimal in 0..2**32-1; None if garbage."""
+    s = text.strip()
+    if not s or len(s) > 10 or not _INT_RE.fullmatch(s):
+        return None
+    value = int(s)
+    return value if value <= _RDEV_MAX else None
+
+
 def parse_time_ns(text: str) -> int | None:
     """Epoch nanoseconds from a time header; None if garbage or beyond int64 nanoseconds.
 
@@ -308,6 +333,19 @@ def valid_xattr_name(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return 0 < len(raw) <= XATTR_NAME_MAX and not _XATTR_NAME_FORBIDDEN.intersection(raw)
+
+
+#: xattr namespaces that mean something to the kernel (security.* for LSMs and file
+#: capabilities, system.* for ACLs, trusted.* for overlayfs and other privileged users):
+#: never set through the mount, and never shown from a header another tool wrote (the
+#: names stay in the header, untouched). Every other name the kernel passes is stored,
+#: ``user.*`` and names without a namespace alike (s3fs stores whatever it is given).
+KERNEL_XATTR_PREFIXES = ("security.", "system.", "trusted.")
+
+
+def user_xattr(name: str) -> bool:
+    """Is `name` an xattr users own through the mount (stored, listed, read, written)?"""
+    return isinstance(name, str) and not name.startswith(KERNEL_XATTR_PREFIXES)
 
 
 def encode_xattrs(xattrs: Mapping[str, bytes]) -> str | None:
@@ -412,6 +450,10 @@ def encode_meta(meta: ObjectMeta) -> dict[str, str]:
             if isinstance(ident, bool) or not 0 <= ident <= _ID_MAX:
                 raise ValueError(f"invalid {key}: {ident!r}")
             out[key] = str(ident)
+    if meta.rdev is not None:
+        if isinstance(meta.rdev, bool) or not 0 <= meta.rdev <= _RDEV_MAX:
+            raise ValueError(f"invalid rdev: {meta.rdev!r}")
+        out[KEY_RDEV] = str(meta.rdev)
     for key, ns in (
         (KEY_MTIME, meta.mtime_ns),
         (KEY_CTIME, meta.ctime_ns),
@@ -460,6 +502,7 @@ def decode_meta(metadata: Mapping[str, str]) -> ObjectMeta:
     ctime = _first(md, (KEY_CTIME,), parse_time_ns)
     atime = _first(md, (KEY_ATIME,), parse_time_ns)
     xattrs = decode_xattrs(md[KEY_XATTR]) if KEY_XATTR in md else {}
+    rdev = _first(md, (KEY_RDEV,), parse_rdev)
     cid = md.get(KEY_CID, "").strip()
     cid_ok = 0 < len(cid) <= 256 and cid.isascii() and cid.isalnum()
     extra = {k: v for k, v in md.items() if k not in _CONSUMED_KEYS}
@@ -471,6 +514,7 @@ def decode_meta(metadata: Mapping[str, str]) -> ObjectMeta:
         ctime_ns=ctime,
         atime_ns=atime,
         xattrs=xattrs,
+        rdev=rdev,
         cid=cid if cid_ok else None,
         extra=extra,
     )
@@ -543,8 +587,9 @@ def looks_like_dir_object(content_type: str | None, mode: int | None, size: int)
 def valid_name(segment: str) -> bool:
     """Can `segment` be one path component, both as a file name and inside an S3 key?
 
-    False for "", ".", "..", anything with "/" or NUL, more than 255 bytes of UTF-8, or
-    text that is not encodable as UTF-8 (lone surrogates: S3 keys are UTF-8).
+    False for "", ".", "..", anything with "/" or NUL, more than :data:`NAME_MAX` (1,024)
+    bytes of UTF-8, or text that is not encodable as UTF-8 (lone surrogates: S3 keys are
+    UTF-8). Whether the whole key fits is :func:`key_fits`'s question.
     """
     if not isinstance(segment, str) or segment in ("", ".", "..") or "/" in segment:
         return False
@@ -552,6 +597,14 @@ def valid_name(segment: str) -> bool:
         return False
     try:
         return len(segment.encode("utf-8")) <= NAME_MAX
+    except UnicodeEncodeError:
+        return False
+
+
+def key_fits(key: str) -> bool:
+    """Is `key` short enough to be an S3 key (:data:`KEY_MAX` bytes of UTF-8)?"""
+    try:
+        return len(key.encode("utf-8")) <= KEY_MAX
     except UnicodeEncodeError:
         return False
 

@@ -115,7 +115,7 @@ def statfs_data() -> pyfuse3.StatvfsData:
     s.f_bsize = s.f_frsize = 1 << 20
     s.f_blocks = s.f_bfree = s.f_bavail = 1 << 30  # 1 PiB: S3 has no meaningful limit
     s.f_files = s.f_ffree = s.f_favail = 1 << 30
-    s.f_namemax = 255
+    s.f_namemax = fmt.NAME_MAX  # FUSE passes longer names than 255; S3 keys hold 1,024
     return s
 
 
@@ -181,12 +181,19 @@ class Filesystem(pyfuse3.Operations):
         if self.cfg.read_only:
             raise FsError(errno.EROFS, "mounted read-only")
 
-    def _new_name(self, parent_inode: int, name: bytes) -> tuple[Node, str]:
-        """Parent and decoded name for an entry about to be created (or renamed to)."""
+    def _new_name(self, parent_inode: int, name: bytes, kind: Kind = Kind.FILE) -> tuple[Node, str]:
+        """Parent and decoded name for an entry about to be created (or renamed to).
+
+        ENAMETOOLONG for a name over NAME_MAX or whose key (a directory's with its '/')
+        would exceed S3's 1,024 bytes."""
         parent = self._node(parent_inode)
+        if len(name) > fmt.NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
         sname = decode_name(name)
         if not fmt.valid_name(sname):
-            raise FsError(errno.ENAMETOOLONG if len(name) > 255 else errno.EINVAL)
+            raise FsError(errno.EINVAL, f"not a valid name: {sname!r}")
+        if not fmt.key_fits(self.ns.child_key(parent, sname, kind)):
+            raise FsError(errno.ENAMETOOLONG, f"the key of {sname!r} would exceed 1,024 bytes")
         return parent, sname
 
     def _new_fh(self) -> int:
@@ -205,7 +212,7 @@ class Filesystem(pyfuse3.Operations):
         a.st_mode = node.mode
         a.st_nlink = 2 if node.kind is Kind.DIR else 1
         a.st_uid, a.st_gid = node.uid, node.gid
-        a.st_rdev = 0
+        a.st_rdev = node.rdev
         size = node.size
         if node.staged is not None and node.staged.has_data:
             size = node.size = node.staged.size()
@@ -225,6 +232,7 @@ class Filesystem(pyfuse3.Operations):
             ctime_ns=node.ctime_ns,
             atime_ns=node.atime_ns,
             xattrs=dict(node.xattrs),
+            rdev=node.rdev if stat.S_IFMT(node.mode) in (stat.S_IFCHR, stat.S_IFBLK) else None,
             cid=node.cid,
         )
         headers = fmt.encode_meta(meta)
@@ -432,6 +440,8 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         parent = self._node(parent_inode)
+        if len(name) > fmt.NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
         sname = decode_name(name)
         if sname == ".":
             node = parent
@@ -862,7 +872,7 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         self._writable()
-        parent, sname = self._new_name(parent_inode, name)
+        parent, sname = self._new_name(parent_inode, name, Kind.DIR)
         if await self.resolve(parent, sname) is not None:
             raise FsError(errno.EEXIST)
         node = self.ns.add(parent, sname, Kind.DIR)
@@ -984,7 +994,49 @@ class Filesystem(pyfuse3.Operations):
 
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        raise FsError(errno.EPERM, "device nodes, FIFOs and sockets cannot be stored in S3")
+        """A regular file (as create + close would make it), or a FIFO, socket or device:
+        an empty object whose mode carries the type, as s3fs's mknod writes it, plus
+        `rdev` for devices. Opening a FIFO or device is the kernel's business, not ours."""
+        self._writable()
+        ftype = stat.S_IFMT(mode)
+        if ftype in (0, stat.S_IFREG):
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            fi, _ = await self.create(parent_inode, name, stat.S_IMODE(mode), flags, ctx)
+            node = self.handles[fi.fh].node
+            try:
+                await self.flush(fi.fh)  # the journal record close() would write
+            finally:
+                await self.release(fi.fh)
+            return self.attrs(node)
+        if ftype not in fmt.SPECIAL_TYPES:
+            raise FsError(errno.EINVAL, f"mknod of file type {ftype:o}")
+        parent, sname = self._new_name(parent_inode, name)
+        if await self.resolve(parent, sname) is not None:
+            raise FsError(errno.EEXIST)
+        node = self.ns.add(parent, sname, Kind.FILE)
+        node.remote = False  # until stored: a concurrent re-list must keep it
+        node.mode = ftype | (stat.S_IMODE(mode) & ~ctx.umask)
+        node.rdev = rdev if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        node.uid, node.gid = ctx.uid, ctx.gid
+        node.size = 0
+        node.mtime_ns = node.ctime_ns = node.atime_ns = time.time_ns()
+        headers, ctype = self.headers_for(node)
+        key = self.ns.key(node)
+        try:
+            self.uploader.cancel_delete(key)
+            await self.uploader.wait_not_deleting(key)
+            node.etag = await self.store.put(key, b"", headers, ctype)
+        except BaseException:
+            self.ns.unlink(node)
+            raise
+        self.index.put(key, node.etag, headers)
+        node.remote = node.meta_known = True
+        node.fresh_until = time.monotonic() + self.cfg.attr_ttl
+        listing = self.ns.listings.get(parent.ino)
+        if listing is not None:
+            listing[sname] = self.ns.entry_of(node)
+        node.lookups += 1
+        return self.attrs(node)
 
     # ===== rename =======================================================================
     @fuse_errors
@@ -1001,7 +1053,7 @@ class Filesystem(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         _, src, _ = await self._must_resolve(parent_inode_old, name_old)
-        new_parent, new_name = self._new_name(parent_inode_new, name_new)
+        new_parent, new_name = self._new_name(parent_inode_new, name_new, src.kind)
         dst = await self.resolve(new_parent, new_name)
         if dst is src:
             return
@@ -1014,6 +1066,9 @@ class Filesystem(pyfuse3.Operations):
                 raise FsError(errno.EISDIR)
             if dst.kind is Kind.DIR and not await self.dir_is_empty(dst):
                 raise FsError(errno.ENOTEMPTY)
+        # POSIX: a rename changes the moved inode's ctime. Set before the move, so that a
+        # staged file's upload and a directory's new marker carry it.
+        src.ctime_ns = time.time_ns()
         if src.kind is Kind.DIR:
             await self._rename_dir(src, new_parent, new_name, dst)
         else:
@@ -1250,7 +1305,6 @@ class Filesystem(pyfuse3.Operations):
 
         Never fails the mount (a crash loop under systemd): what cannot be uploaded now
         stays staged for the next mount, and a bug here is logged, not raised."""
-        await guarded("aborting the streams left by the last run", self.eager.abort_leftovers)
         assert self.store.upload_notes is not None
         await guarded(
             "aborting the multipart uploads left by the last run",
@@ -1297,7 +1351,7 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         sname = name.decode("utf-8", "surrogateescape")
-        if not sname.startswith("user."):
+        if not fmt.user_xattr(sname):
             # ls -l asks for system.posix_acl_* and security.* of every file: answer
             # without a HEAD, or a listing would cost one request per file.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -1360,15 +1414,27 @@ class Filesystem(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        """Exactly the names getxattr answers, so that `getfattr -d` prints no error."""
         node = await self._meta_node(inode)
-        names = [n.encode() for n in node.xattrs]
+        names = [
+            n.encode("utf-8", "surrogateescape")
+            for n in node.xattrs
+            if fmt.user_xattr(n) and not n.startswith(XATTR_PREFIX)
+        ]
         if self._is_bucket_root(inode):
             for name in BUCKET_XATTRS:
                 if await self._bucket_xattr(name) is not None:
                     names.append((XATTR_PREFIX + name).encode())
         for name in ("etag", "cid", "content_type", "storage_class", "url"):
-            if self._fbmount_xattr(node, name) is not None if name != "url" else node.remote:
+            if name == "url":  # presigning only when asked for
+                shown = node.kind is not Kind.DIR and node.remote
+            else:
+                shown = self._fbmount_xattr(node, name) is not None
+            if shown:
                 names.append((XATTR_PREFIX + name).encode())
+        if node.kind is Kind.LINK or stat.S_IFMT(node.mode) in fmt.SPECIAL_TYPES:
+            # The kernel keeps user.* to regular files and directories (ENODATA otherwise).
+            names = [n for n in names if not n.startswith(b"user.")]
         return names
 
     @fuse_errors
@@ -1377,8 +1443,8 @@ class Filesystem(pyfuse3.Operations):
         sname = name.decode("utf-8", "surrogateescape")
         if sname.startswith(XATTR_PREFIX):
             raise FsError(errno.EPERM, f"{sname} is read-only")
-        if not sname.startswith("user."):
-            raise FsError(errno.ENOTSUP, "only user.* extended attributes can be stored")
+        if not fmt.user_xattr(sname):
+            raise FsError(errno.ENOTSUP, f"{sname}: security.*, system.* and trusted.* not stored")
         if not fmt.valid_xattr_name(sname):
             raise FsError(errno.ENOTSUP, f"{sname!r}: s3fs's xattr header cannot hold this name")
         node = await self._meta_node(inode)
@@ -1397,8 +1463,10 @@ class Filesystem(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         self._writable()
         sname = name.decode("utf-8", "surrogateescape")
-        if sname.startswith(XATTR_PREFIX):  # read-only, as for setxattr
+        if sname.startswith(XATTR_PREFIX):
             raise FsError(errno.EPERM, f"{sname} is read-only")
+        if not fmt.user_xattr(sname):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = await self._meta_node(inode)
         if sname not in node.xattrs:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -7,8 +7,10 @@ S3 is consulted by fs.py, which feeds the answers in through `apply_listing` and
 
 Rules for keys (the README "Semantics" section repeats them):
 - directory D ↔ prefix "D/"; file F ↔ object "F"; the mount's PREFIX is prepended.
-- a key segment that cannot be a file name (empty, ".", "..", longer than 255 bytes,
+- a key segment that cannot be a file name (empty, ".", "..", longer than 1,024 bytes,
   or containing NUL) is skipped, never followed.
+- a FILE node may be a FIFO, socket or device: its type is in `mode` (s3fs's mknod), its
+  object is empty, and the kernel, not fbmount, does what opening it means.
 - a key that is both an object and a prefix ("a" and "a/b") shows as the directory; the
   object is hidden (it is still in the bucket, untouched).
 """
@@ -69,6 +71,7 @@ class Node:
     linked: bool = True  # still has a name (False after unlink/replace)
     staged: Staged | None = None
     link_target: str | None = None
+    rdev: int = 0  # st_rdev of a character or block device
     xattrs: dict[str, bytes] = field(default_factory=dict)
     cid: str | None = None
     content_type: str | None = None
@@ -266,7 +269,15 @@ class Namespace:
         if headers is None:
             return
         meta = fmt.decode_meta(headers)
-        if meta.mode is not None and stat.S_IFMT(meta.mode) in (0, stat.S_IFMT(node.mode)):
+        if node.kind is Kind.FILE:
+            # The header decides between a regular file and a FIFO, socket or device.
+            if meta.mode is not None:
+                node.mode = fmt.resolve_mode(meta.mode, "file", self.umask)
+            elif stat.S_IFMT(node.mode) in fmt.SPECIAL_TYPES:
+                node.mode = self.default_mode(Kind.FILE)
+            devices = (stat.S_IFCHR, stat.S_IFBLK)
+            node.rdev = (meta.rdev or 0) if stat.S_IFMT(node.mode) in devices else 0
+        elif meta.mode is not None and stat.S_IFMT(meta.mode) in (0, stat.S_IFMT(node.mode)):
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(meta.mode)
         if meta.uid is not None:
             node.uid = meta.uid

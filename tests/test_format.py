@@ -190,6 +190,60 @@ def test_decode_s3fs_fifo_and_symlink() -> None:
     assert fmt.is_symlink_meta(link)
 
 
+# s3fs's mknod writes mode, uid, gid and times only (create_file_object): no device number.
+S3FS_CHAR_DEVICE = {"atime": "1795616491", "gid": "0", "mode": "8612", "uid": "0"}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "mode", "rdev"),
+    [
+        (S3FS_FIFO, stat.S_IFIFO | 0o644, None),
+        (S3FS_CHAR_DEVICE, stat.S_IFCHR | 0o644, None),
+        ({"mode": "24992", "rdev": "2049"}, stat.S_IFBLK | 0o640, 2049),  # fbmount/GeeseFS
+        ({"mode": "49645"}, stat.S_IFSOCK | 0o755, None),  # s3fs: bound Unix socket
+        ({"mode": "10644"}, stat.S_IFIFO | 0o644, None),  # rclone octal
+        ({"mode": "20600", "rdev": "259"}, stat.S_IFCHR | 0o600, 259),  # octal mode
+        ({"mode": "8612", "rdev": "4294967295"}, stat.S_IFCHR | 0o644, 0xFFFFFFFF),
+        ({"mode": "8612", "rdev": "4294967296"}, stat.S_IFCHR | 0o644, None),  # > 32 bits
+        ({"mode": "8612", "rdev": "-1"}, stat.S_IFCHR | 0o644, None),
+        ({"mode": "8612", "rdev": "0x103"}, stat.S_IFCHR | 0o644, None),
+    ],
+)
+def test_decode_special_files(metadata: dict[str, str], mode: int, rdev: int | None) -> None:
+    meta = fmt.decode_meta(metadata)
+    assert (meta.mode, meta.rdev) == (mode, rdev)
+    assert "rdev" not in meta.extra  # owned: never written back twice
+    assert fmt.resolve_mode(meta.mode, "file") == mode
+
+
+def test_encode_device_writes_rdev_in_decimal() -> None:
+    meta = ObjectMeta(mode=stat.S_IFCHR | 0o620, uid=0, gid=5, rdev=(4 << 8) | 1)
+    assert fmt.encode_meta(meta) == {"mode": "8592", "uid": "0", "gid": "5", "rdev": "1025"}
+    assert fmt.decode_meta(fmt.encode_meta(meta)) == meta
+    assert "rdev" not in fmt.encode_meta(ObjectMeta(mode=stat.S_IFIFO | 0o644))
+    for bad in (-1, 1 << 32, True):
+        with pytest.raises(ValueError):
+            fmt.encode_meta(ObjectMeta(rdev=bad))
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("user.color", True),
+        ("user.fbmount.etag", True),  # read-only, but a user name (fs.py guards it)
+        ("key1", True),  # set by s3fs's own tests through its API: no namespace
+        ("os2.name", True),
+        ("security.selinux", False),
+        ("security.capability", False),  # would grant capabilities on exec
+        ("system.posix_acl_access", False),
+        ("trusted.overlay.opaque", False),
+        ("securityx", True),  # a prefix match needs the dot
+    ],
+)
+def test_user_xattr_excludes_the_kernel_namespaces(name: str, shown: bool) -> None:
+    assert fmt.user_xattr(name) is shown
+
+
 def test_decode_s3fs_pre_epoch_fraction_is_a_timespec() -> None:
     # s3fs wrote tv_sec=-315619200, tv_nsec=250000000 for 1960-01-01 00:00:00.25
     assert fmt.decode_meta(S3FS_PRE_EPOCH).mtime_ns == -315_619_199_750_000_000
@@ -620,8 +674,11 @@ def test_metadata_size_counts_utf8_of_keys_and_values() -> None:
         ("x_$folder$", True),  # a valid name; its key is what means "folder"
         ("é" * 127, True),  # 254 bytes
         ("a" * 255, True),
-        ("a" * 256, False),
-        ("é" * 128, False),  # 256 bytes
+        ("a" * 256, True),  # FUSE passes it, S3 holds it: no reason to hide it
+        ("é" * 128, True),  # 256 bytes
+        ("a" * 1024, True),
+        ("a" * 1025, False),  # longer than any S3 key
+        ("é" * 513, False),  # 1,026 bytes
         ("", False),
         (".", False),
         ("..", False),
@@ -633,6 +690,14 @@ def test_metadata_size_counts_utf8_of_keys_and_values() -> None:
 )
 def test_valid_name(name: str, ok: bool) -> None:
     assert fmt.valid_name(name) is ok
+
+
+def test_key_fits_counts_utf8_bytes() -> None:
+    assert fmt.NAME_MAX == fmt.KEY_MAX == 1024
+    assert fmt.key_fits("a/" + "b" * 1022)
+    assert not fmt.key_fits("a/" + "b" * 1023)
+    assert fmt.key_fits("é" * 512) and not fmt.key_fits("é" * 512 + "x")
+    assert not fmt.key_fits("bad\udcff")
 
 
 def test_normalize_prefix() -> None:
@@ -672,8 +737,9 @@ def test_make_key() -> None:
         ("", "a//", None),
         ("", "//", None),
         ("", "_$folder$", None),
-        ("", "x" * 256, None),
-        ("", "a/" + "é" * 128 + "/b", None),
+        ("", "x" * 256, (("x" * 256,), "object")),
+        ("", "a/" + "é" * 128 + "/b", (("a", "é" * 128, "b"), "object")),
+        ("", "x" * 1025, None),
     ],
 )
 def test_split_key(prefix: str, key: str, expected: tuple | None) -> None:
@@ -701,7 +767,8 @@ def test_split_key_inverts_make_key() -> None:
         ("d/", "d/.", None),
         ("d/", "e/x", None),
         ("d/", "d/a/b", None),  # nested: not a child
-        ("d/", "d/" + "x" * 256, None),
+        ("d/", "d/" + "x" * 256, ("x" * 256, "file")),
+        ("d/", "d/" + "x" * 1025, None),
     ],
 )
 def test_classify_child(dir_prefix: str, entry: str, expected: tuple | None) -> None:

@@ -30,7 +30,7 @@ from fbmount.errors import CopyNotSupported, FsError
 from fbmount.metaindex import MetaIndex
 from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node
 from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
-from fbmount.staging import Staged, StagingArea
+from fbmount.staging import Staged, StagingArea, State
 from fbmount.store import S3Store
 from fbmount.tasks import open_nursery
 from fbmount.uploader import WriteBack, stream_copy
@@ -524,9 +524,9 @@ class Filesystem(pyfuse3.Operations):
                 with_data=False,
                 source_key=self.ns.key(node),
                 source_etag=node.etag,
+                state=State.CLEAN,
             )
             staged.node, node.staged = node, staged
-            staged.uploaded_generation = staged.generation
         staged.touch()
         await self.journal_durable(staged)
         self.uploader.kick()
@@ -539,26 +539,25 @@ class Filesystem(pyfuse3.Operations):
             return staged
         key = self.ns.key(node)
         if staged is None:
-            staged = self.staging.new(key)
+            staged = self.staging.new(
+                key, source_key=key, source_etag=node.etag, state=State.LOADING
+            )
             staged.node, node.staged = node, staged
-            clean = True
         else:
             async with staged.lock:
                 if node.staged is not staged:  # its upload finished while we waited
                     return await self.ensure_data(node, keep)
-                self.staging.add_data(staged)
-            clean = False  # a metadata change is still pending
+                self.staging.begin_load(staged)  # a pending metadata change stays pending
         want = node.size if keep is None else min(keep, node.size)
-        if node.remote and want > 0:
-            staged.seq_end = -1  # existing bytes: not a fresh front-to-back write
-            try:
+        try:
+            if node.remote and want > 0:
+                staged.seq_end = -1  # existing bytes: not a fresh front-to-back write
                 await self._download(key, node.etag, want, staged.fd)
-            except BaseException:
+        except BaseException:
+            if self.staging.load_failed(staged) and node.staged is staged:
                 node.staged = None
-                self.staging.remove(staged)
-                raise
-        if clean:
-            staged.uploaded_generation = staged.generation
+            raise
+        staged.loaded()
         return staged
 
     async def _download(self, key: str, etag: str, size: int, fd: int) -> None:
@@ -576,20 +575,23 @@ class Filesystem(pyfuse3.Operations):
         staged = node.staged
         if staged is None:
             return
-        staged.discarded = True
+        staged.discard()
         self.eager.abandon(staged, "unlinked")
         if node.opens == 0:
             self.staging.remove(staged)
             node.staged = None
 
     def finished_upload(self, staged: Staged) -> None:
-        """Called by the uploader when `staged` is clean in S3."""
+        """Called when `staged` may be CLEAN (in S3): retire it unless still open."""
+        if staged.state is not State.CLEAN:
+            return  # LOADING, DIRTY, UPLOADING: still needed; DISCARDED: its owner removes it
         node = staged.node
-        if node is not None and staged.handles == 0 and not staged.dirty:
-            node.staged = None
+        if node is not None and staged.handles == 0:
+            if node.staged is staged:
+                node.staged = None
             self.staging.remove(staged)
             self.ns._maybe_drop(node)
-        elif not staged.dirty:
+        else:
             for suffix in (".json",):  # clean but open: nothing left to recover
                 (self.staging.root / f"{staged.id}{suffix}").unlink(missing_ok=True)
 

@@ -592,8 +592,7 @@ class Filesystem(pyfuse3.Operations):
             self.staging.remove(staged)
             self.ns._maybe_drop(node)
         else:
-            for suffix in (".json",):  # clean but open: nothing left to recover
-                (self.staging.root / f"{staged.id}{suffix}").unlink(missing_ok=True)
+            self.staging.drop_record(staged)  # clean but open: nothing left to recover
 
     # ===== files ========================================================================
     @fuse_errors

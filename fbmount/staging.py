@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,9 @@ class Staged:
     times_set: bool = False  # utime/touch set times explicitly (a stream then needs a copy)
     pending: bool = False  # LOADING: a change is waiting for the load to finish
     upload_generation: int = -1  # UPLOADING: the generation the upload sends
+    journal_seq: int = 0  # sequence number of the newest journal record built
+    journal_on_disk: int = 0  # ... and of the one in `<id>.json` (guarded by the journal lock)
+    journal_closed: bool = False  # removed: no journal write may create `<id>.json` again
 
     # ----- what the state says --------------------------------------------------------
     @property
@@ -183,6 +187,9 @@ class StagingArea:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)
         self.entries: dict[str, Staged] = {}
+        # Journal writes run in worker threads; their final rename (and remove()) is
+        # decided under this lock, so an older record can never land after a newer one.
+        self._journal_lock = threading.Lock()
 
     # ----- creation ---------------------------------------------------------------------
     def new(
@@ -247,8 +254,12 @@ class StagingArea:
 
     # ----- journal ----------------------------------------------------------------------
     def journal_record(self, staged: Staged, headers: dict[str, str], content_type: str) -> dict:
+        """The record describing `staged` now, numbered: built in the trio thread, so a later
+        record always describes a later state."""
+        staged.journal_seq += 1
         return {
             "version": 1,
+            "seq": staged.journal_seq,
             "key": staged.key,
             "headers": headers,
             "content_type": content_type,
@@ -259,49 +270,89 @@ class StagingArea:
             "written": time.time(),
         }
 
-    def write_journal(self, staged: Staged, record: dict, durable: bool) -> None:
-        """Atomically replace the journal record; durable=True also fsyncs data and dir."""
-        staged.record = record
+    def write_journal(self, staged: Staged, record: dict, durable: bool) -> bool:
+        """Replace `<id>.json` by `record` atomically; durable=True also fsyncs the data,
+        the record and the directory. Safe to run in several worker threads at once: each
+        writes a temp file of its own, and the rename is skipped when a newer record is
+        already in place or the entry was removed meanwhile. Returns whether it was put."""
+        seq = record["seq"]
         path = self.root / f"{staged.id}.json"
-        tmp = self.root / f"{staged.id}.json.tmp"
-        if durable and staged.fd >= 0:
-            os.fsync(staged.fd)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = self.root / f"{staged.id}.json.{seq}-{secrets.token_hex(4)}.tmp"
+        if durable and record["has_data"] and staged.data_path is not None:
+            try:
+                _fsync_path(staged.data_path)  # its own fd: the shared one may be closed
+            except FileNotFoundError:
+                return False  # removed meanwhile (uploaded and retired, or discarded)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, json.dumps(record).encode())
             if durable:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        with self._journal_lock:
+            put = not staged.journal_closed and seq > staged.journal_on_disk
+            if put:
+                os.replace(tmp, path)
+                staged.journal_on_disk = seq
+                staged.record = record
+            else:
+                tmp.unlink(missing_ok=True)
         if durable:
-            dfd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            # Also when superseded: the newer record's rename must be durable before we
+            # report ours as on disk.
+            _fsync_path(self.root)
+        return put
+
+    def drop_record(self, staged: Staged) -> None:
+        """Delete the journal record of an entry that stays (clean but still open): a
+        journal write already under way, built before now, must not bring it back."""
+        with self._journal_lock:
+            staged.journal_on_disk = max(staged.journal_on_disk, staged.journal_seq)
+            (self.root / f"{staged.id}.json").unlink(missing_ok=True)
 
     def remove(self, staged: Staged) -> None:
         """Forget an entry: its upload is done or it was discarded."""
+        with self._journal_lock:
+            staged.journal_closed = True
         self.close_fd(staged)
-        for suffix in (".json", ".json.tmp", ".data"):
+        for suffix in (".json", ".data"):
             try:
                 (self.root / f"{staged.id}{suffix}").unlink()
             except FileNotFoundError:
                 pass
+        for tmp in self.root.glob(f"{staged.id}.json.*.tmp"):
+            tmp.unlink(missing_ok=True)
         self.entries.pop(staged.id, None)
+
+    def quarantine(self, sid: str, why: str) -> None:
+        """Move an entry's files aside (never delete what may be someone's only copy) and
+        say where in the log."""
+        qdir = self.root / "quarantine"
+        qdir.mkdir(exist_ok=True, mode=0o700)
+        moved = []
+        for suffix in (".json", ".data"):
+            src = self.root / f"{sid}{suffix}"
+            if src.exists():
+                os.replace(src, qdir / src.name)
+                moved.append(src.name)
+        log.error("%s: %s; moved %s to %s, not uploaded", sid, why, ", ".join(moved), qdir)
 
     def recover(self) -> list[tuple[Staged, dict]]:
         """Entries left by an earlier run of this mount (crash or failed uploads)."""
+        for tmp in self.root.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)  # never renamed into place: the record before stands
         found = []
+        quarantined = set()
         for path in sorted(self.root.glob("*.json")):
+            sid = path.stem
             try:
                 record = json.loads(path.read_text())
-                sid = path.stem
                 data_path = self.root / f"{sid}.data"
                 if record.get("has_data") and not data_path.exists():
                     log.error("staged %s has lost its data file; skipping", record.get("key"))
                     continue
+                seq = int(record.get("seq", 0))
                 staged = Staged(
                     sid,
                     record["key"],
@@ -311,16 +362,28 @@ class StagingArea:
                     state=State.DIRTY,
                     generation=1,
                     record=record,
+                    journal_seq=seq,
+                    journal_on_disk=seq,
                 )
-            except (OSError, ValueError, KeyError) as e:
-                log.error("unreadable journal record %s: %s", path.name, e)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                self.quarantine(sid, f"unreadable journal record ({e})")
+                quarantined.add(sid)
                 continue
             self.entries[sid] = staged
             found.append((staged, record))
         for orphan in self.root.glob("*.data"):
-            if orphan.stem not in self.entries:
+            if orphan.stem not in self.entries and orphan.stem not in quarantined:
                 orphan.unlink(missing_ok=True)  # never closed/journaled: nothing acknowledged
         return found
 
     def usage_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*.data"))
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or directory through a descriptor of our own."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -63,6 +63,7 @@ class FileHandle:
     writable: bool
     append: bool
     reader: RemoteReader | None = None
+    staged: Staged | None = None  # the staged copy this handle is counted in (handles)
 
 
 def fuse_errors(fn: Any) -> Any:
@@ -191,7 +192,7 @@ class Filesystem(pyfuse3.Operations):
         a.st_uid, a.st_gid = node.uid, node.gid
         a.st_rdev = 0
         size = node.size
-        if node.staged is not None and node.staged.has_data:
+        if node.staged is not None and node.staged.local:  # never a partial download's size
             size = node.size = node.staged.size()
         a.st_size = size
         a.st_blksize = 1 << 20
@@ -467,7 +468,8 @@ class Filesystem(pyfuse3.Operations):
             # Dirty *before* the await: an upload of the old bytes that ends meanwhile would
             # otherwise retire the staged file, and the truncate would be lost.
             staged.touch()
-            await trio.to_thread.run_sync(os.ftruncate, self.staging.open_fd(staged), attr.st_size)
+            # By path: a worker thread must not use a descriptor a release() may close.
+            await trio.to_thread.run_sync(os.truncate, staged.data_path, attr.st_size)
             node.size = attr.st_size
             node.mtime_ns = node.ctime_ns = now
             staged.touch()
@@ -533,10 +535,22 @@ class Filesystem(pyfuse3.Operations):
 
     # ===== staging ======================================================================
     async def ensure_data(self, node: Node, keep: int | None = None) -> Staged:
-        """A staged copy with local data: new, or downloaded (only the first `keep` bytes)."""
-        staged = node.staged
-        if staged is not None and staged.has_data:
-            return staged
+        """A staged copy whose local file is complete: new, or downloaded (only the first
+        `keep` bytes).
+
+        The download keeps the entry LOADING with its lock held, so a second open or
+        truncate, an upload, an unlink or a rename waits for it: the uploader never sends a
+        partial copy, and no write can be overwritten by download bytes arriving later. A
+        failed download leaves S3 untouched and raises (EIO) to the caller."""
+        while True:
+            staged = node.staged
+            if staged is not None and staged.local:
+                return staged
+            if staged is None or not staged.lock.locked():
+                break
+            async with staged.lock:  # a download (or an upload) in flight: wait, look again
+                pass
+        # From here to acquire_nowait() nothing yields: the entry is LOADING and locked at once.
         key = self.ns.key(node)
         if staged is None:
             staged = self.staging.new(
@@ -544,31 +558,40 @@ class Filesystem(pyfuse3.Operations):
             )
             staged.node, node.staged = node, staged
         else:
-            async with staged.lock:
-                if node.staged is not staged:  # its upload finished while we waited
-                    return await self.ensure_data(node, keep)
-                self.staging.begin_load(staged)  # a pending metadata change stays pending
-        want = node.size if keep is None else min(keep, node.size)
+            self.staging.begin_load(staged)  # a pending metadata change stays pending
+        staged.lock.acquire_nowait()
         try:
+            want = node.size if keep is None else min(keep, node.size)
             if node.remote and want > 0:
                 staged.seq_end = -1  # existing bytes: not a fresh front-to-back write
-                await self._download(key, node.etag, want, staged.fd)
+                await self._download(key, node.etag, want, staged)
         except BaseException:
             if self.staging.load_failed(staged) and node.staged is staged:
                 node.staged = None
             raise
-        staged.loaded()
+        else:
+            staged.loaded()
+        finally:
+            staged.lock.release()
         return staged
 
-    async def _download(self, key: str, etag: str, size: int, fd: int) -> None:
+    async def _download(self, key: str, etag: str, size: int, staged: Staged) -> None:
+        """Fill the LOADING copy through a descriptor of its own, closed only once every
+        worker thread is done (a release() may close the staged file's shared fd)."""
+        assert staged.data_path is not None
+        fd = os.open(staged.data_path, os.O_WRONLY)
+
         async def fetch(start: int) -> None:
             async with self.get_limiter:
                 data = await self.store.get_range(key, start, min(start + CHUNK, size), etag)
             await trio.to_thread.run_sync(os.pwrite, fd, data, start)
 
-        async with open_nursery() as nursery:
-            for start in range(0, size, CHUNK):
-                nursery.start_soon(fetch, start)
+        try:
+            async with open_nursery() as nursery:
+                for start in range(0, size, CHUNK):
+                    nursery.start_soon(fetch, start)
+        finally:
+            os.close(fd)
 
     def discard(self, node: Node) -> None:
         """Drop a staged file that must never be uploaded (its name is gone)."""
@@ -623,7 +646,8 @@ class Filesystem(pyfuse3.Operations):
             node.cached_etag = node.etag
         if node.staged is not None:
             node.staged.handles += 1
-            self.staging.open_fd(node.staged) if node.staged.has_data else None
+            handle.staged = node.staged
+            self.staging.open_fd(node.staged) if node.staged.local else None
         node.opens += 1
         fi.fh = self._new_fh()
         self.handles[fi.fh] = handle
@@ -660,7 +684,7 @@ class Filesystem(pyfuse3.Operations):
         node.opens += 1
         node.lookups += 1
         fi = pyfuse3.FileInfo(fh=self._new_fh())
-        self.handles[fi.fh] = FileHandle(node, True, bool(flags & os.O_APPEND))
+        self.handles[fi.fh] = FileHandle(node, True, bool(flags & os.O_APPEND), staged=staged)
         return fi, self.attrs(node)
 
     @fuse_errors
@@ -668,8 +692,13 @@ class Filesystem(pyfuse3.Operations):
         handle = self.handles[fh]
         node = handle.node
         staged = node.staged
-        if staged is not None and staged.has_data:
-            return await trio.to_thread.run_sync(os.pread, self.staging.open_fd(staged), size, off)
+        if staged is not None and staged.local:  # LOADING: read the remote object instead
+            # A descriptor of our own: a release() may close the shared one meanwhile.
+            fd = os.dup(self.staging.open_fd(staged))
+            try:
+                return await trio.to_thread.run_sync(os.pread, fd, size, off)
+            finally:
+                os.close(fd)
         if handle.reader is None or handle.reader.etag != node.etag:
             if handle.reader is not None:
                 handle.reader.close()
@@ -696,7 +725,7 @@ class Filesystem(pyfuse3.Operations):
         handle = self.handles[fh]
         node = handle.node
         staged = node.staged
-        if staged is None or not staged.has_data:
+        if staged is None or not staged.local:
             staged = await self.ensure_data(node)
         fd = self.staging.open_fd(staged)
         if handle.append:
@@ -734,21 +763,24 @@ class Filesystem(pyfuse3.Operations):
         node.opens -= 1
         if handle.reader is not None:
             handle.reader.close()
-        staged = node.staged
-        if staged is not None:
-            staged.handles -= 1
+        counted = handle.staged  # a handle opened before the file was staged counts in none
+        if counted is not None:
+            counted.handles -= 1
             if handle.writable:
-                staged.writers -= 1
-                staged.last_change = time.monotonic()
-            if staged.handles == 0:
-                self.staging.close_fd(staged)
-                if staged.discarded:
+                counted.writers -= 1
+                counted.last_change = time.monotonic()
+            if counted.handles == 0:
+                self.staging.close_fd(counted)
+        staged = node.staged
+        if staged is not None and staged.handles == 0:
+            if staged.discarded:
+                if node.opens == 0:  # nobody reads the unlinked file's local copy any more
                     self.staging.remove(staged)
                     node.staged = None
-                elif not staged.dirty:
-                    self.finished_upload(staged)
-                else:
-                    self.uploader.kick()
+            elif staged.state is State.CLEAN:
+                self.finished_upload(staged)
+            elif counted is staged:
+                self.uploader.kick()
         self.ns._maybe_drop(node)
 
     # ===== directories ==================================================================

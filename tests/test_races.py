@@ -11,6 +11,7 @@ The journal (staging.py) is pure enough to be tested without FUSE: those tests a
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from conftest import Mount, MountFactory
 from faultproxy import FaultProxy, RequestInfo
 from helpers import body, exists, read_file, sync_path
 
+from fbmount.reader import CHUNK
 from fbmount.staging import Staged, StagingArea, State
 
 MIB = 1 << 20
@@ -139,6 +141,105 @@ def dd_slices_at_once(path: Path, tmp_path: Path, tag: str, want: bytearray) -> 
         results = list(pool.map(dd, sources, range(n)))
     failed = [(r.returncode, r.stderr) for r in results if r.returncode]
     assert not failed, f"{tag}: {failed}"
+
+
+# --------------------------------------------------------------------------- race 1
+@pytest.mark.parametrize("first", ["append", "truncate"])
+def test_open_for_write_during_download(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, first: str
+) -> None:
+    """Race 1: a remote file opened for writing is downloaded into staging first. While a
+    GET of that download is held: nothing of the file is uploaded (S3 keeps the original,
+    the reported symptom was a 152 MiB object left of a 600 MiB log), and a second writer
+    waits for the download, so download bytes never overwrite its write."""
+    original = data_of(CHUNK + MIB, "big")
+    s3.put_object(Bucket=bucket, Key="big.log", Body=original)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint, "--upload-delay", "0.2")
+        path = m.path / "big.log"
+        held = proxy.add_rule("GetObject", "hold", key="/big.log", where=range_from(CHUNK), times=1)
+        if first == "append":
+            want = original + b"line\n"
+            opener = Worker(lambda: append(path, b"line\n"))
+        else:
+            want = original + bytes(100)
+            opener = Worker(lambda: os.truncate(path, len(original) + 100))
+        assert held.wait_held(30), "the download's second GET never came"
+        let_uploader_scan(m, s3, bucket, "marker")
+        assert uploads_of(proxy, "big.log") == [], "a partial download was uploaded"
+        assert body(s3, bucket, "big.log") == original
+
+        patch, at = b"MIDDLE", CHUNK + 10  # inside the range still held
+        second = Worker(lambda: pwrite(path, patch, at))
+        want = want[:at] + patch + want[at + len(patch) :]
+        let_uploader_scan(m, s3, bucket, "again")  # the second writer is in fbmount by now
+        assert uploads_of(proxy, "big.log") == [], "a partial download was uploaded"
+        assert body(s3, bucket, "big.log") == original
+
+        held.release()
+        assert opener.join() is None
+        assert second.join() is None
+        assert read_file(path) == want
+        sync_path(path)
+        assert body(s3, bucket, "big.log") == want
+        assert "Traceback" not in m.log_text(), m.log_text()
+        assert m.unmount() == 0
+    assert body(s3, bucket, "big.log") == want
+
+
+@pytest.mark.parametrize("status", [412, 500])
+def test_failed_download_leaves_the_object_untouched(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, status: int
+) -> None:
+    """Race 1, failing: the download's GET is held (the upload delay passes meanwhile), then
+    answered with an error. The writer gets EIO, S3 keeps the original object, nothing is
+    left staged, and the same append works once the server answers again."""
+    original = data_of(CHUNK + MIB, "fail")
+    s3.put_object(Bucket=bucket, Key="big.log", Body=original)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint, "--upload-delay", "0.2", "-o", "retries=1")
+        path = m.path / "big.log"
+        held = proxy.add_rule("GetObject", "hold", key="/big.log", where=range_from(CHUNK))
+        failing = proxy.add_rule(
+            "GetObject", "status", key="/big.log", where=range_from(CHUNK), status=status
+        )
+        opener = Worker(lambda: append(path, b"line\n"))
+        assert held.wait_held(30), "the download's second GET never came"
+        let_uploader_scan(m, s3, bucket, "marker")
+        assert uploads_of(proxy, "big.log") == []
+        held.release()
+        result = opener.join()
+        assert isinstance(result, OSError) and result.errno == errno.EIO, result
+        assert body(s3, bucket, "big.log") == original
+        assert wait_for(lambda: not list(staging_dir(m).glob("*.data")), "the partial copy to go")
+        proxy.remove_rule(failing)
+        proxy.remove_rule(held)
+        append(path, b"line\n")
+        sync_path(path)
+        assert body(s3, bucket, "big.log") == original + b"line\n"
+        assert m.unmount() == 0
+
+
+def test_ten_writers_open_a_remote_file_at_once(
+    s3: Any, bucket: str, mount: MountFactory, tmp_path: Path
+) -> None:
+    """Race 1 with ten openers: ten `dd conv=notrunc` of an object that is only in S3 at
+    once. The first open downloads it; the nine others wait for that download instead of
+    writing into a copy that is still being filled (their slices were overwritten by
+    download bytes). After each round is uploaded the staged copy is retired, so every
+    round downloads again."""
+    want = bytearray(data_of(4 * MIB, "remote"))
+    s3.put_object(Bucket=bucket, Key="shared.bin", Body=bytes(want))
+    m = mount(bucket, "--upload-delay", "0.2")
+    path = m.path / "shared.bin"
+    for rnd in range(3):
+        dd_slices_at_once(path, tmp_path, f"round{rnd}", want)
+        assert read_file(path) == want, f"round {rnd}"
+        sync_path(path)
+        assert body(s3, bucket, "shared.bin") == want, f"round {rnd}"
+        wait_for(lambda: not list(staging_dir(m).glob("*.data")), "the staged copy to retire")
+    assert "Traceback" not in m.log_text(), m.log_text()
+    assert m.unmount() == 0
 
 
 # --------------------------------------------------------------------------- race 10

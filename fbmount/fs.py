@@ -658,10 +658,15 @@ class Filesystem(pyfuse3.Operations):
         self._writable()
         parent, sname = self._new_name(parent_inode, name)
         existing = await self.resolve(parent, sname)
+        if existing is None and not flags & (os.O_TRUNC | os.O_EXCL):
+            # The kernel believed the name absent, and our caches may too; but O_CREAT
+            # without O_TRUNC (`>>`, dd conv=notrunc) must keep an object that another
+            # client created meanwhile, so ask S3 itself before making a new, empty file.
+            existing = await self._probe(parent, sname)
         if existing is not None:
             if flags & os.O_EXCL:
                 raise FsError(errno.EEXIST)
-            fi = await self.open(existing.ino, flags | os.O_TRUNC, ctx)
+            fi = await self.open(existing.ino, flags, ctx)  # O_TRUNC only if the caller asked
             existing.lookups += 1
             return fi, self.attrs(existing)
         node = self.ns.add(parent, sname, Kind.FILE)

@@ -242,6 +242,36 @@ def test_ten_writers_open_a_remote_file_at_once(
     assert m.unmount() == 0
 
 
+# --------------------------------------------------------------------------- race 3
+def test_create_over_an_object_the_kernel_believes_absent(
+    s3: Any, bucket: str, mount: MountFactory
+) -> None:
+    """Race 3: the mount has cached "no such name" (kernel and fbmount), then another client
+    creates the object. open(O_CREAT|O_WRONLY) without O_TRUNC reaches fbmount as create():
+    it must open the object that is there (not truncate or replace it), so writing one byte
+    at offset 0 keeps the rest of it."""
+    m = mount(bucket, "--upload-delay", "0")
+    path = m.path / "late.bin"
+    assert not path.exists()  # negative lookup cached, a listing of the root too
+    original = data_of(MIB + 7, "late")
+    s3.put_object(Bucket=bucket, Key="late.bin", Body=original)
+
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.pwrite(fd, b"X", 0)
+    finally:
+        os.close(fd)
+    want = b"X" + original[1:]
+    assert body(s3, bucket, "late.bin") == want
+    assert read_file(path) == want
+    # `echo >> name` (O_CREAT|O_APPEND) on such a name appends instead of replacing.
+    (m.path / "late.log").exists()
+    s3.put_object(Bucket=bucket, Key="late.log", Body=b"first\n")
+    append(m.path / "late.log", b"second\n")
+    assert body(s3, bucket, "late.log") == b"first\nsecond\n"
+    assert m.unmount() == 0
+
+
 # --------------------------------------------------------------------------- race 10
 def test_ten_dd_notrunc_writers_of_one_staged_file(
     s3: Any, bucket: str, mount: MountFactory, tmp_path: Path

@@ -598,7 +598,7 @@ class Filesystem(pyfuse3.Operations):
         staged = node.staged
         if staged is None:
             return
-        staged.discard()
+        self.staging.discard(staged)  # its journal record goes now, open or not
         self.eager.abandon(staged, "unlinked")
         if node.opens == 0:
             self.staging.remove(staged)

@@ -304,6 +304,15 @@ class StagingArea:
             _fsync_path(self.root)
         return put
 
+    def discard(self, staged: Staged) -> None:
+        """Any state → DISCARDED (its name is gone: unlinked or renamed over), and its
+        journal record goes at once, even while handles keep the local copy open: after a
+        crash a removed file must not come back. No later journal write may recreate it."""
+        staged.discard()
+        with self._journal_lock:
+            staged.journal_closed = True
+            (self.root / f"{staged.id}.json").unlink(missing_ok=True)
+
     def drop_record(self, staged: Staged) -> None:
         """Delete the journal record of an entry that stays (clean but still open): a
         journal write already under way, built before now, must not bring it back."""

@@ -272,6 +272,49 @@ def test_create_over_an_object_the_kernel_believes_absent(
     assert m.unmount() == 0
 
 
+# --------------------------------------------------------------------------- race 4
+@pytest.mark.parametrize("how", ["unlink", "rename-over"])
+def test_file_removed_while_open_does_not_come_back_after_kill9(
+    s3: Any, bucket: str, mount: MountFactory, how: str
+) -> None:
+    """Race 4: a staged file, journaled at close, is opened again and, while that fd is
+    held, unlinked (or another file is renamed over it). Its journal record must go at that
+    moment: after kill -9 and a remount it must not come back, in S3 or on the mount."""
+    m = mount(bucket, "--upload-delay", "60")  # nothing is uploaded before the crash
+    victim = m.path / "victim.txt"
+    victim.write_bytes(b"removed while open\n")
+    records = wait_for(lambda: list(staging_dir(m).glob("*.json")), "the journal record")
+    assert len(records) == 1
+    if how == "rename-over":
+        (m.path / "other.txt").write_bytes(b"renamed over it\n")
+    fd = os.open(victim, os.O_RDONLY)
+    try:
+        if how == "unlink":
+            os.unlink(victim)
+        else:
+            os.rename(m.path / "other.txt", victim)
+        assert os.pread(fd, 100, 0) == b"removed while open\n"  # still readable: POSIX
+        m.kill9()
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the daemon is dead: ENOTCONN
+    assert not exists(s3, bucket, "victim.txt")
+
+    m2 = mount(bucket, "--upload-delay", "60", cache_dir=m.cache_dir, mountpoint=m.path)
+    # Recovery uploads what was journaled before the mount serves.
+    if how == "unlink":
+        assert not exists(s3, bucket, "victim.txt")
+        assert not (m2.path / "victim.txt").exists()
+    else:
+        assert body(s3, bucket, "victim.txt") == b"renamed over it\n"
+        assert (m2.path / "victim.txt").read_bytes() == b"renamed over it\n"
+        assert not exists(s3, bucket, "other.txt")
+    assert not list(staging_dir(m2).glob("*.json"))
+    assert m2.unmount() == 0
+
+
 # --------------------------------------------------------------------------- race 10
 def test_ten_dd_notrunc_writers_of_one_staged_file(
     s3: Any, bucket: str, mount: MountFactory, tmp_path: Path
@@ -351,6 +394,20 @@ def test_journal_write_after_remove_does_not_resurrect(tmp_path: Path) -> None:
     assert not (area.root / f"{kept.id}.json").exists()
     newer = area.journal_record(kept, {}, "text/plain")  # changed again afterwards: kept
     assert area.write_journal(kept, newer, durable=False)
+
+
+def test_discard_drops_the_record_while_the_copy_stays_open(tmp_path: Path) -> None:
+    """Race 4 without FUSE: an unlinked (or renamed-over) file still open keeps its local
+    copy for its readers, but its journal record goes at once and stays gone."""
+    area = StagingArea(tmp_path / "staging")
+    staged = staged_file(area)
+    assert area.write_journal(staged, area.journal_record(staged, {}, "text/plain"), True)
+    late = area.journal_record(staged, {}, "text/plain")  # a close() journaling meanwhile
+    area.discard(staged)
+    assert staged.state is State.DISCARDED and not staged.dirty
+    assert not area.write_journal(staged, late, durable=True)
+    assert [p.name for p in area.root.iterdir()] == [f"{staged.id}.data"]
+    assert os.pread(staged.fd, 10, 0) == b"data"
 
 
 def test_recover_quarantines_unreadable_records(

@@ -3,8 +3,9 @@
 Every file that is written (or whose metadata changes) through the mount becomes a Staged
 entry: `<id>.data` holds its bytes (absent for a metadata-only change, whose bytes are still
 the remote object) and `<id>.json` the journal record: target key, headers, state. The
-journal is replaced atomically (write temp, fsync, rename, fsync dir), so after a crash the
-next mount finds every entry whose close() returned and uploads it. Files are 0600 inside
+journal is replaced atomically (write a temp of its own, fsync, rename, fsync dir), so after
+a crash the next mount finds every entry whose close() returned and uploads it; a `.data`
+whose record cannot be read is moved to `quarantine/`, never deleted. Files are 0600 inside
 a 0700 directory; their names are random, never derived from keys, so no key can make us
 write outside the staging directory.
 

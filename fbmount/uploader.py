@@ -20,7 +20,7 @@ import trio
 
 from fbmount.config import MIB
 from fbmount.errors import FsError
-from fbmount.staging import Staged
+from fbmount.staging import Staged, State
 from fbmount.store import S3Store
 from fbmount.tasks import describe, guarded, open_nursery
 
@@ -244,7 +244,9 @@ class WriteBack:
         )
 
     def due(self, staged: Staged, now: float, force: bool) -> bool:
-        if not staged.dirty or staged.writers or staged.lock.locked():
+        """Only a DIRTY file nobody has open for writing: never one LOADING (a partial copy)
+        or UPLOADING, nor one a writer is still changing."""
+        if staged.state is not State.DIRTY or staged.writers or staged.lock.locked():
             return False
         if force:
             return True
@@ -316,9 +318,9 @@ class WriteBack:
     async def upload(self, staged: Staged) -> None:
         """Upload `staged` now (waiting for an upload in flight); FsError on failure."""
         async with staged.lock:
-            if not staged.dirty:
-                return
-            generation = staged.generation
+            if staged.state is not State.DIRTY:
+                return  # CLEAN (a concurrent upload did it) or DISCARDED
+            staged.begin_upload()
             key = staged.key
             node = staged.node
             if node is not None:
@@ -375,12 +377,14 @@ class WriteBack:
                         )
                     )
                     size = info_size
-            except Exception as e:
-                staged.last_error = describe(e)
+            except BaseException as e:
+                staged.upload_failed()
+                if isinstance(e, Exception):
+                    staged.last_error = describe(e)
                 raise
             finally:
                 self.in_flight.pop(staged.id, None)
-            staged.uploaded_generation = generation
+            staged.upload_done()
             staged.failures, staged.last_error = 0, None
             self.uploads_done += 1
             self.fs.index.put(key, etag, headers)
@@ -396,7 +400,7 @@ class WriteBack:
                     # must not take it for the truth about the uploaded object.
                     listing[node.name] = self.fs.ns.entry_of(node)
             log.debug("uploaded %s (%d bytes)", key, size)
-        if not staged.dirty:
+        if staged.state is State.CLEAN:
             if node is None:
                 self.fs.staging.remove(staged)
             else:

@@ -1329,10 +1329,14 @@ class Filesystem(pyfuse3.Operations):
 
     # ===== life cycle ===================================================================
     async def recover(self) -> None:
-        """Upload what a crashed earlier run left staged, before serving anything of it.
+        """Take back what a crashed earlier run left staged: each file becomes part of the
+        namespace again, served from its staged copy, and the write-back uploads it once
+        the mount is up (`fbmount sync` waits for it).
 
-        Never fails the mount (a crash loop under systemd): what cannot be uploaded now
-        stays staged for the next mount, and a bug here is logged, not raised."""
+        Nothing is uploaded before the mount answers (systemd's start timeout), a later
+        write changes the same staged copy (an old record is never replayed over newer
+        data), and a failed upload is retried like any other. Never fails the mount: a bug
+        here is logged, not raised."""
         assert self.store.upload_notes is not None
         await guarded(
             "aborting the multipart uploads left by the last run",
@@ -1348,16 +1352,47 @@ class Filesystem(pyfuse3.Operations):
         if not found:
             return
         log.info("recovering %d staged file(s) from an earlier run", len(found))
-        left = await self.uploader.flush_all([staged for staged, _ in found])
-        if left:
+        # Oldest first: a newer record of the same key supersedes an older one.
+        for staged, record in sorted(found, key=lambda f: f[1].get("written", 0)):
+            await guarded(f"recovering {staged.key}", self._adopt_recovered, staged, record)
+        self.uploader.kick()
+
+    async def _adopt_recovered(self, staged: Staged, record: dict) -> None:
+        """Give a recovered staged file its node (and its directories' nodes)."""
+        where = fmt.split_key(self.cfg.prefix, staged.key)
+        if where is None or where.kind != "object" or not where.parts:
             log.error(
-                "%d recovered item(s) could not be uploaded yet; kept in %s",
-                len(left),
-                self.staging.root,
+                "recovered %s is not a file name here; kept in %s", staged.key, self.staging.root
             )
-            for staged, _ in found:  # not part of this mount's view; next mount retries
-                if staged.dirty:
-                    self.staging.entries.pop(staged.id, None)
+            self.staging.entries.pop(staged.id, None)
+            return
+        parent = self.ns.get(self.ns.root_ino)
+        assert parent is not None
+        for name in where.parts[:-1]:
+            child = self.ns.child(parent.ino, name)
+            if child is None or child.kind is not Kind.DIR:
+                child = self.ns.add(parent, name, Kind.DIR)
+                child.remote = False  # not known in S3 yet: a re-list must keep it
+            parent = child
+        name = where.parts[-1]
+        headers = record.get("headers") or {}
+        older = self.ns.child(parent.ino, name)
+        if older is not None and older.staged is not None:
+            self.discard(older)  # an older record of the same key: superseded
+        node = self.ns.add(parent, name, self.ns.kind_from_headers(headers))
+        if not staged.has_data:  # metadata only: the bytes are the remote object's
+            info = await self.store.head(staged.source_key or staged.key)
+            if info is None:
+                log.error("recovered metadata change of %s: the object is gone", staged.key)
+                self.staging.discard(staged)
+                self.staging.remove(staged)
+                return
+            node.size, node.etag = info.size, info.etag
+        self.ns.apply_meta(node, headers)
+        node.content_type = record.get("content_type") or node.content_type
+        node.remote = True  # may exist in S3: an unlink must delete the key
+        node.meta_known = True
+        node.staged, staged.node = staged, node
 
     async def adopt_bucket_acl(self) -> None:
         """Without -o umask, objects that carry no mode show the bucket's ACL (see

@@ -303,7 +303,7 @@ def test_file_removed_while_open_does_not_come_back_after_kill9(
     assert not exists(s3, bucket, "victim.txt")
 
     m2 = mount(bucket, "--upload-delay", "60", cache_dir=m.cache_dir, mountpoint=m.path)
-    # Recovery uploads what was journaled before the mount serves.
+    m2.sync()  # recovery: what was journaled is served and uploaded in the background
     if how == "unlink":
         assert not exists(s3, bucket, "victim.txt")
         assert not (m2.path / "victim.txt").exists()

@@ -289,6 +289,9 @@ class StagingArea:
             os.write(fd, json.dumps(record).encode())
             if durable:
                 os.fsync(fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: leave no temp behind
+            raise
         finally:
             os.close(fd)
         with self._journal_lock:
@@ -331,8 +334,8 @@ class StagingArea:
                 (self.root / f"{staged.id}{suffix}").unlink()
             except FileNotFoundError:
                 pass
-        for tmp in self.root.glob(f"{staged.id}.json.*.tmp"):
-            tmp.unlink(missing_ok=True)
+        # (No glob for temps: write_journal removes its own; a crash's go at recovery. A
+        # scan of the directory per retired file made rsync of many files quadratic.)
         self.entries.pop(staged.id, None)
 
     def quarantine(self, sid: str, why: str) -> None:

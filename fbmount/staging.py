@@ -100,6 +100,7 @@ class Staged:
     times_set: bool = False  # utime/touch set times explicitly (a stream then needs a copy)
     pending: bool = False  # LOADING: a change is waiting for the load to finish
     upload_generation: int = -1  # UPLOADING: the generation the upload sends
+    stored_generation: int = -1  # the newest generation an upload has put in S3
     journal_seq: int = 0  # sequence number of the newest journal record built
     journal_on_disk: int = 0  # ... and of the one in `<id>.json` (guarded by the journal lock)
     journal_closed: bool = False  # removed: no journal write may create `<id>.json` again
@@ -157,6 +158,7 @@ class Staged:
         if self.state is State.DISCARDED:
             return
         self._expect(State.UPLOADING)
+        self.stored_generation = self.upload_generation
         changed = self.generation != self.upload_generation
         self.state = State.DIRTY if changed else State.CLEAN
 

@@ -429,10 +429,13 @@ class WriteBack:
         """The one flush behind `fbmount sync`, unmount/SIGTERM and crash recovery:
         directory markers, queued deletes, then staged files (`targets`, or all dirty).
 
-        Returns (what, why) for everything still not in S3, deletes included, so that no
-        caller can report success over a refused delete."""
+        Returns (what, why) for what was written or deleted *before* the call and is
+        still not in S3, deletes included, so that no caller reports success over a
+        refused delete, and a change made meanwhile by another writer is no failure."""
         if targets is None:
             targets = [s for s in self.fs.staging.entries.values() if s.dirty]
+        wanted = [(s, s.generation) for s in targets]
+        deletes = self.pending_deletes | self.deleting
         with trio.move_on_after(deadline):
             await self.flush_markers()
             try:
@@ -442,10 +445,15 @@ class WriteBack:
                 n = len(self.pending_deletes)
                 log.error("sending %d deletion(s) failed: %s", n, describe(e))
             await self.flush(targets)
-        left = [(s.key, s.last_error or "not uploaded in time") for s in targets if s.dirty]
-        if self.pending_deletes or self.deleting:
-            n = len(self.pending_deletes) + len(self.deleting)
-            left.append((f"{n} deletion(s)", self.last_delete_error or "not sent in time"))
+        left = [
+            (s.key, s.last_error or "not uploaded in time")
+            for s, generation in wanted
+            if not s.discarded and s.stored_generation < generation and s.dirty
+        ]
+        unsent = deletes & (self.pending_deletes | self.deleting)
+        if unsent:
+            why = self.last_delete_error or "not sent in time"
+            left.append((f"{len(unsent)} deletion(s)", why))
         if self.dirty_markers:
             left.append((f"{len(self.dirty_markers)} directory marker(s)", "not stored"))
         return left

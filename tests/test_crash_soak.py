@@ -48,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ from test_soak import Mismatch, Worker, tree_of
 
 CRASH_SOAK_SEED = 20251202
 WORKERS = 3
-ROUNDS = 4  # kill -9 ends every round but the last, which ends with a clean unmount
+ROUNDS = 5  # kill -9 ends every round but the last, which ends with a clean unmount
 KILL_WINDOW = (1.5, 6.0)  # seconds after a round starts
 FINAL_SECONDS = 4.0
 MIB = 1024 * 1024
@@ -452,7 +453,9 @@ class CrashWorker(Worker):
                         self.verify(rel)
         except OSError as e:
             if e.errno not in LOST:
-                self.emit(e="fail", n=self.ops, msg=repr(e), history=list(self.history))
+                where = traceback.format_exc(limit=-3).strip().splitlines()[-4:]
+                msg = f"{e!r} in {' / '.join(x.strip() for x in where[:-1])}"
+                self.emit(e="fail", n=self.ops, msg=msg, history=list(self.history))
                 reason = "error"
             else:
                 reason = "lost"

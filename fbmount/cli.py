@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 from fbmount import __version__
-from fbmount.config import DEFAULT_ENDPOINT, Config, apply_o_options, parse_size_mib
+from fbmount.config import (
+    DEFAULT_ENDPOINT,
+    Config,
+    apply_consistency,
+    apply_o_options,
+    parse_size_mib,
+)
 from fbmount.errors import StartupError
 
 
@@ -60,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="upload a closed file after it has been left alone this long "
         "(default 2; 0 = upload at close)",
     )
+    p.add_argument(
+        "--consistency",
+        choices=("default", "strict"),
+        help="strict: s3fs's contract (upload at close, attributes asked at every stat)",
+    )
     p.add_argument("--attr-ttl", type=float, metavar="SECS", help="attribute cache (default 10)")
     p.add_argument("--dir-ttl", type=float, metavar="SECS", help="listing cache (default 10)")
     p.add_argument("--part-size", metavar="MIB", help="multipart part size (default 8)")
@@ -78,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--provider",
         choices=["filebase", "aws", "minio", "seaweedfs", "other"],
-        help="S3 service quirks (default: detected from the endpoint)",
+        help="S3 service quirks (default: detected from the endpoint; seaweedfs with --local)",
     )
     p.add_argument(
         "--max-rps",
@@ -157,6 +168,9 @@ def config_from_args(argv: list[str]) -> Config:
     for name in ("part_size", "read_ahead", "memory_limit"):
         if getattr(args, name) is not None:
             values[name] = parse_size_mib(getattr(args, name))
+    if args.consistency is not None:
+        values["consistency"] = args.consistency
+    apply_consistency(values)
     all_buckets = bool(args.all_buckets or values.pop("all_buckets", False))
     if args.local is not None:
         values["local_dir"] = args.local.absolute()

@@ -82,6 +82,26 @@ IGNORED_MOUNT_OPTIONS = {
 }
 
 
+# `--consistency strict` is s3fs's contract in one switch: close() returns once the object
+# is in S3, and a change made elsewhere shows at the next stat (attributes are always asked
+# again; a listing answers "no such name" for at most a second, so rsync's stat of each
+# new name stays one LIST per directory and second instead of a request per name). Options
+# given explicitly win over the preset.
+CONSISTENCY_PRESETS: dict[str, dict[str, float]] = {
+    "default": {},
+    "strict": {"upload_delay": 0.0, "attr_ttl": 0.0, "dir_ttl": 1.0},
+}
+
+
+def apply_consistency(values: dict) -> None:
+    """Fill the preset of `values["consistency"]` under the options given explicitly."""
+    mode = values.get("consistency", "default")
+    if mode not in CONSISTENCY_PRESETS:
+        raise StartupError(f"--consistency must be default or strict, not {mode!r}")
+    for key, value in CONSISTENCY_PRESETS[mode].items():
+        values.setdefault(key, value)
+
+
 @dataclass
 class Config:
     bucket: str | None
@@ -98,6 +118,7 @@ class Config:
     read_only: bool = False
     debug: bool = False
     cache_dir: Path | None = None
+    consistency: str = "default"  # default | strict (CONSISTENCY_PRESETS)
     upload_delay: float = 2.0
     attr_ttl: float = 10.0
     dir_ttl: float = 10.0
@@ -118,6 +139,9 @@ class Config:
     umask: int | None = None  # None: from the bucket ACL
     fsname: str = ""
     extra_fuse_options: list[str] = field(default_factory=list)
+    # Which of the bucket's cache directories this mount took (daemon.claim_state_dir):
+    # 1 is NAME-DIGEST, n > 1 is NAME-DIGEST-n, used while another mount holds the first.
+    state_instance: int = field(default=1, init=False, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -128,6 +152,10 @@ class Config:
             raise StartupError(f"--copy must be auto, yes or no, not {self.copy!r}")
         if self.part_size < 5 * MIB:
             raise StartupError("--part-size must be at least 5 MiB (the S3 minimum part size)")
+        if not self.provider and self.local_dir is not None:
+            # --local serves our own SeaweedFS: its endpoint is not known until it starts
+            # (cfg.endpoint still holds the Filebase default here), and it needs no rate limit.
+            self.provider = "seaweedfs"
         self.provider = self.provider or detect_provider(self.endpoint)
         if self.provider not in PROVIDERS:
             raise StartupError(
@@ -162,7 +190,8 @@ class Config:
         ident = f"{where}|{self.bucket}|{self.prefix}"
         digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
         name = "account" if self.bucket is None else _safe(self.bucket)
-        return base / f"{name}-{digest}"
+        suffix = f"-{self.state_instance}" if self.state_instance > 1 else ""
+        return base / f"{name}-{digest}{suffix}"
 
     def bucket_state_dir(self, bucket: str) -> Path:
         return self.state_dir() / "buckets" / _safe(bucket)
@@ -195,7 +224,7 @@ def parse_size_mib(text: str) -> int:
 
 def apply_o_options(values: dict, opts: list[str]) -> None:
     """Fold `-o a,b=c` items into the keyword dict used to build Config."""
-    names = {f.name for f in fields(Config)}
+    names = {f.name for f in fields(Config) if f.init}
     for raw in opts:
         for item in filter(None, (s.strip() for s in raw.split(","))):
             key, has_value, value = item.partition("=")

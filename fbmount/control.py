@@ -4,6 +4,10 @@ Each mount serves a Unix socket (mode 0600, in a 0700 runtime directory of its u
 after a hash of its mountpoint, so no network port is opened and only the mount's owner
 (or root) can ask. Requests and answers are single JSON lines; `sync` streams progress
 lines and ends with a result line.
+
+Next to the socket each daemon keeps a small record (pid, state dir, where it logs), so that
+when the daemon is gone and nothing answers, `fbmount status MOUNTPOINT` can still find its
+state dir and the `last-exit` note it left there (LAST_EXIT) and say why it died.
 """
 
 from __future__ import annotations
@@ -34,9 +38,61 @@ def runtime_dir() -> Path:
     return Path(base) / "fbmount" if base else Path(f"/tmp/fbmount-{os.getuid()}")
 
 
+def _mount_id(mountpoint: Path) -> str:
+    return hashlib.sha256(str(Path(mountpoint).absolute()).encode()).hexdigest()[:16]
+
+
 def socket_path(mountpoint: Path) -> Path:
-    digest = hashlib.sha256(str(Path(mountpoint).absolute()).encode()).hexdigest()[:16]
-    return runtime_dir() / f"{digest}.sock"
+    return runtime_dir() / f"{_mount_id(mountpoint)}.sock"
+
+
+# The note a daemon leaves in its state dir when it dies of an unexpected error (daemon.py).
+LAST_EXIT = "last-exit"
+
+
+def record_path(mountpoint: Path) -> Path:
+    """Where the daemon serving `mountpoint` says who it is: survives the daemon's death."""
+    return runtime_dir() / f"{_mount_id(mountpoint)}.json"
+
+
+def write_record(mountpoint: Path, record: dict[str, Any]) -> None:
+    """Atomically replace the mount's record (a reader never sees half of one)."""
+    path = record_path(mountpoint)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def read_record(mountpoint: Path) -> dict[str, Any] | None:
+    return _read_json(record_path(mountpoint))
+
+
+def remove_record(mountpoint: Path, pid: int) -> None:
+    """Forget the record, unless another daemon has since taken over the mountpoint."""
+    record = read_record(mountpoint)
+    if record is not None and record.get("pid") == pid:
+        record_path(mountpoint).unlink(missing_ok=True)
+
+
+def all_records() -> list[dict[str, Any]]:
+    folder = runtime_dir()
+    found = (_read_json(p) for p in sorted(folder.glob("*.json"))) if folder.is_dir() else ()
+    return [r for r in found if r is not None and "mountpoint" in r]
+
+
+def read_last_exit(state_dir: Path) -> dict[str, Any] | None:
+    return _read_json(Path(state_dir) / LAST_EXIT)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class Throughput:
@@ -69,6 +125,7 @@ def status_of(daemon: Daemon) -> dict[str, Any]:
     disk = os.statvfs(state_dir)
     return {
         "mountpoint": str(cfg.mountpoint),
+        "running": True,  # a dead mount's entry (tools.DeadDaemon) says False
         "source": cfg.source,
         "endpoint": cfg.endpoint,
         "pid": os.getpid(),
@@ -187,7 +244,16 @@ async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
                 syncs.start_soon(sync_one, fs, dirty)
         nursery.cancel_scope.cancel()
     await _send(
-        stream, {"result": "ok" if not failures else "failed", "total": total, "failed": failures}
+        stream,
+        {
+            "result": "ok" if not failures else "failed",
+            "total": total,
+            "failed": failures,
+            # `fbmount umount` waits for this process to exit (its final flush, a --local
+            # server's shutdown), bounded by how long that flush may take.
+            "pid": os.getpid(),
+            "flush_timeout_s": daemon.cfg.flush_timeout,
+        },
     )
 
 

@@ -8,7 +8,9 @@ line of error and exits 1, so `fbmount ... && ls MOUNTPOINT` and mount(8) behave
 from __future__ import annotations
 
 import errno
+import faulthandler
 import fcntl
+import json
 import logging
 import logging.handlers
 import os
@@ -17,6 +19,7 @@ import ssl
 import stat
 import sys
 import time
+import traceback
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,26 +34,38 @@ from fbmount.fs import Filesystem
 from fbmount.metaindex import MetaIndex
 from fbmount.staging import StagingArea
 from fbmount.store import S3Store
-from fbmount.tasks import open_nursery
+from fbmount.tasks import collapse, open_nursery
 
 log = logging.getLogger("fbmount")
 
 
-def setup_logging(cfg: Config, daemon: bool) -> None:
+def setup_logging(cfg: Config, daemon: bool) -> str:
+    """Send the log to syslog, the state dir's fbmount.log (a daemon) or stderr (-f).
+
+    Returns where it goes ("syslog", the file's path, or "stderr"), for the mount's record:
+    `fbmount status` points there when the daemon is gone.
+    """
     level = logging.DEBUG if cfg.debug else logging.INFO
     root = logging.getLogger()
     root.handlers.clear()
+    where = "stderr"
     if daemon and Path("/dev/log").exists():
         handler: logging.Handler = logging.handlers.SysLogHandler("/dev/log")
         handler.setFormatter(logging.Formatter("fbmount[%(process)d]: %(message)s"))
+        where = "syslog"
     elif daemon:
         old_umask = os.umask(0o077)  # parents too (e.g. a --local DIR holding the data): 0700
         try:
             cfg.state_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
         finally:
             os.umask(old_umask)
-        handler = logging.FileHandler(cfg.state_dir() / "fbmount.log")
+        file_handler = logging.FileHandler(cfg.state_dir() / "fbmount.log")
+        # A crash below Python (libfuse, a C extension) leaves no exception to log: let
+        # the interpreter write its stack to the same file.
+        faulthandler.enable(file_handler.stream)
+        handler = file_handler
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        where = str(cfg.state_dir() / "fbmount.log")
     else:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(message)s" if os.environ.get("INVOCATION_ID") else "%(asctime)s %(message)s"
@@ -61,6 +76,7 @@ def setup_logging(cfg: Config, daemon: bool) -> None:
     # never enable them. --debug traces each request from store.py instead.
     for noisy in ("botocore", "aiobotocore", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return where
 
 
 def check_mountpoint(path: Path) -> None:
@@ -79,23 +95,81 @@ def check_mountpoint(path: Path) -> None:
         raise StartupError(f"{path} is already a mount point")
 
 
-def lock_state_dir(state_dir: Path) -> int:
-    """One mount per cache directory: staged files must have exactly one uploader."""
-    # A --cache-dir we create is private too (mkdir's mode only applies to the last part).
-    state_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(state_dir, 0o700)
-    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+def try_lock_state_dir(state_dir: Path) -> int | None:
+    """Lock a cache directory (creating it) for this process: staged files must have exactly
+    one uploader. Returns the lock's fd, or None when another mount holds it."""
+    old_umask = os.umask(0o077)  # every directory we create is private, parents too
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(state_dir, 0o700)
+        fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise StartupError(f"cannot use the cache directory {state_dir}: {e.strerror}") from None
+    finally:
+        os.umask(old_umask)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StartupError(
-            f"the cache directory {state_dir} is in use by another fbmount of the same bucket; "
-            "give this mount its own --cache-dir"
-        ) from None
-    os.write(fd, f"{os.getpid()}\n".encode())
+        return None
+    os.ftruncate(fd, 0)  # the holder's pid alone: `fbmount status` reads it (tools.py)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def holds_staged_files(state_dir: Path) -> bool:
+    """Did a mount that used this directory leave files to upload (a bucket's, or one of an
+    account's buckets)?"""
+    return any(state_dir.glob("staging/*.json")) or any(state_dir.glob("buckets/*/staging/*.json"))
+
+
+def claim_state_dir(cfg: Config) -> tuple[int, list[Path]]:
+    """Take a cache directory of this bucket for this mount and point cfg.state_dir() at it.
+
+    One mount per directory, not per bucket: when the bucket's directory is in use, a second
+    mount takes a sibling of its own (NAME-2, NAME-3, ...). Among the free ones, one holding
+    files staged by an earlier mount comes first, so that crash recovery, which is per
+    directory, uploads them now. Returns the lock's fd and the directories found in use.
+    --local refuses instead: its directory belongs to a SeaweedFS that cannot run twice.
+    """
+    cfg.state_instance = 1
+    first = cfg.state_dir()
+    instances = {1}
+    if first.parent.is_dir():
+        for sibling in first.parent.glob(f"{first.name}-*"):
+            suffix = sibling.name[len(first.name) + 1 :]
+            if suffix.isdigit() and int(suffix) >= 2:
+                instances.add(int(suffix))
+    busy: list[Path] = []
+    free: tuple[int, int] | None = None  # (instance, fd) of the first free, empty one
+    for instance in sorted(instances):
+        cfg.state_instance = instance
+        fd = try_lock_state_dir(cfg.state_dir())
+        if fd is None:
+            busy.append(cfg.state_dir())
+            if cfg.local_dir is not None:
+                raise StartupError(
+                    f"{cfg.local_dir} is in use by another fbmount --local; unmount that "
+                    "first (fbmount umount MOUNTPOINT)"
+                )
+        elif holds_staged_files(cfg.state_dir()):
+            if free is not None:
+                os.close(free[1])
+            return fd, busy
+        elif free is None:
+            free = (instance, fd)
+        else:
+            os.close(fd)
+    if free is not None:
+        cfg.state_instance = free[0]
+        return free[1], busy
+    for instance in range(max(instances) + 1, max(instances) + 100):
+        cfg.state_instance = instance
+        fd = try_lock_state_dir(cfg.state_dir())  # a new one, unless a racing mount won it
+        if fd is not None:
+            return fd, busy
+        busy.append(cfg.state_dir())
+    raise StartupError(f"no free cache directory next to {first} (100 mounts of this bucket?)")
 
 
 def fuse_options(cfg: Config) -> set[str]:
@@ -129,19 +203,35 @@ class Daemon:
         self.started = time.monotonic()
         self.throughput = control.Throughput()
         self.local_server = None
+        self.lock_fd: int | None = None
+        self.busy_state_dirs: list[Path] = []
+
+    def claim_state_dir(self) -> None:
+        """Check the mountpoint, then take a cache directory: before logging is set up,
+        because a daemon's log file lives in the directory it takes."""
+        check_mountpoint(self.cfg.mountpoint)
+        self.lock_fd, self.busy_state_dirs = claim_state_dir(self.cfg)
 
     def prepare(self) -> None:
-        """Everything that can fail before mounting, with a clear message."""
+        """Everything else that can fail before mounting, with a clear message."""
         cfg = self.cfg
-        check_mountpoint(cfg.mountpoint)
+        if self.lock_fd is None:
+            self.claim_state_dir()
+        state_dir = cfg.state_dir()
+        if self.busy_state_dirs:
+            log.info(
+                "cache directory %s; in use by other mounts of this bucket: %s",
+                state_dir,
+                ", ".join(map(str, self.busy_state_dirs)),
+            )
+        elif holds_staged_files(state_dir):
+            log.info("cache directory %s (holds files staged by an earlier mount)", state_dir)
         if cfg.local_dir is not None:
             creds = self.start_local_server()
         else:
             creds = credentials.resolve(cfg.passwd_file, cfg.profile, cfg.bucket)
         if cfg.ca_bundle and not cfg.ca_bundle.is_file():
             raise StartupError(f"CA bundle {cfg.ca_bundle} does not exist")
-        state_dir = cfg.state_dir()
-        self.lock_fd = lock_state_dir(state_dir)
         self.store = S3Store(
             cfg.bucket,
             cfg.endpoint,
@@ -350,6 +440,44 @@ class Daemon:
         )
         on_ready()
         notify.ready(f"mounted {self.cfg.source} at {self.cfg.mountpoint}")
+        if os.environ.get("FBMOUNT_TEST_CRASH_AFTER_MOUNT"):  # test hook: a bug once mounted
+            raise RuntimeError("FBMOUNT_TEST_CRASH_AFTER_MOUNT: a background task failed")
+
+    def record(self, log_target: str) -> dict:
+        """Who serves this mountpoint, kept next to its control socket (control.py) so
+        that `fbmount status` can explain the mount after this process is gone."""
+        return {
+            "pid": os.getpid(),
+            "mountpoint": str(self.cfg.mountpoint),
+            "source": self.cfg.source,
+            "state_dir": str(self.cfg.state_dir()),
+            "log": log_target,
+            "started": time.time(),
+        }
+
+    def leave_last_words(self, raised: BaseException, error: BaseException) -> None:
+        """Log an unexpected, fatal error with its traceback and note it in the state dir's
+        last-exit file: a background daemon has no terminal to print it on."""
+        log.critical(
+            "fbmount stops: unexpected error (a bug): %s", describe(error), exc_info=raised
+        )
+        tail = "".join(traceback.format_exception(raised)).splitlines()[-40:]
+        note = {
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "pid": os.getpid(),
+            "mountpoint": str(self.cfg.mountpoint),
+            "error": describe(error),
+            "traceback": tail,
+        }
+        path = self.cfg.state_dir() / control.LAST_EXIT
+        try:
+            tmp = path.with_name(f"{path.name}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(note, f, indent=1)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.error("cannot write %s: %s", path, e)
 
     def close(self) -> None:
         for fs in self.filesystems():
@@ -429,23 +557,45 @@ def run(cfg: Config) -> int:
             os.close(ready_w)
             ready_w = -1
 
+    recorded = False
     try:
-        setup_logging(cfg, daemon=not cfg.foreground)
+        daemon.claim_state_dir()
+        log_target = setup_logging(cfg, daemon=not cfg.foreground)
         daemon.prepare()
+        try:
+            control.write_record(cfg.mountpoint, daemon.record(log_target))
+            recorded = True
+        except OSError as e:  # status can still ask the socket; only a post-mortem is lost
+            log.warning("cannot write %s: %s", control.record_path(cfg.mountpoint), e)
         if ready_w >= 0:
             os.dup2(os.open(os.devnull, os.O_RDWR), 2)
         trio.run(daemon.serve, lambda: report("OK"))
-    except StartupError as e:
-        if ready_w >= 0:
-            report(f"ERR {e}")  # the waiting parent prints it: one line, not two
-        else:
-            print(f"fbmount: {e}", file=sys.stderr)
+    except BaseException as raised:  # noqa: BLE001 - each kind is handled or re-raised below
+        error = collapse(raised) if isinstance(raised, BaseExceptionGroup) else raised
+        if isinstance(error, StartupError):
+            if ready_w >= 0:
+                report(f"ERR {error}")  # the waiting parent prints it: one line, not two
+            else:
+                print(f"fbmount: {error}", file=sys.stderr)
+            return 1
+        if isinstance(error, KeyboardInterrupt):
+            return 0
+        if not isinstance(error, Exception):  # SystemExit and the like: not a crash
+            raise
+        daemon.leave_last_words(raised, error)
+        recorded = False  # keep the record: `fbmount status` reads the last words through it
+        report(f"ERR unexpected error: {describe(error)} (see the log)")
         return 1
-    except KeyboardInterrupt:
-        return 0
     finally:
         daemon.close()
+        if recorded:
+            control.remove_record(cfg.mountpoint, os.getpid())
     return 1 if daemon.failed_uploads else 0
+
+
+def describe(error: BaseException) -> str:
+    """One line naming an unexpected error: its type and message."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _wait_for_child(read_fd: int, pid: int) -> int:

@@ -6,22 +6,23 @@ written front to back, a multipart upload starts and each further full part is s
 the background; close/fsync then only sends the tail and completes it.
 
 It is an optimisation that must never cost correctness:
-- a write below what was already sent, a truncate or an unlink abandons the stream (the
-  multipart upload is aborted) and the normal whole-file upload takes over;
-- if the file's key or metadata changed before the upload (rename, chmod, utime after
-  close), the finished object is copied server-side with the final key and metadata; so
-  streaming is used only while the server accepts CopyObject, and never for dot-files
-  (rsync's `.name.XXXXXX` temp files, always renamed at the end);
-- every stream is noted in `<id>.eager` in the staging directory, so a crash leaves no
-  multipart upload behind: the next mount aborts what the notes name.
+- a write below what was already sent, a truncate, an unlink or a rename abandons the
+  stream (the multipart upload is aborted) and the normal whole-file upload takes over.
+  A multipart upload is bound to the key it began under, and after a rename that key
+  may belong to another file at any moment (`mv a b; echo hi > a`): a stream therefore
+  never completes, copies or deletes anything under a name its file no longer has;
+- if the file's metadata changed before the upload (chmod, utime after close), the
+  finished object is copied onto itself with the final metadata; so streaming is used
+  only while the server accepts CopyObject, and never for dot-files (rsync's
+  `.name.XXXXXX` temp files, always renamed at the end);
+- like every multipart upload, a stream is noted by the store (uploadnotes.py), so a
+  crash leaves no multipart upload behind: the next mount aborts what the notes name.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -111,11 +112,9 @@ class EagerUploads:
     # ----- background work ------------------------------------------------------------
     async def _create(self, staged: Staged, stream: Stream) -> None:
         try:
-            self._note(staged, stream)  # before the upload exists: a crash can't hide it
             stream.upload_id = await self.fs.store.create_multipart(
                 stream.key, stream.headers, stream.content_type
             )
-            self._note(staged, stream)
         except Exception as e:  # noqa: BLE001 - a stream is an optimisation: fall back
             self._failed(stream, "starting the stream", e)
         finally:
@@ -167,10 +166,8 @@ class EagerUploads:
         if stream.upload_id is not None:
             try:
                 await self.fs.store.abort_multipart(stream.key, stream.upload_id)
-            except FsError as e:
+            except FsError as e:  # its crash note stays: the next mount aborts it
                 log.error("could not abort the stream of %s: %s", stream.key, e.message)
-                return  # the note stays: the next mount aborts it
-        self._unnote(staged)
 
     # ----- the upload ---------------------------------------------------------------------
     async def finish(
@@ -178,12 +175,17 @@ class EagerUploads:
     ) -> tuple[str, int, dict[str, str]] | None:
         """Complete the stream as the object `key`: (etag, size, headers stored).
 
-        None: upload the file normally. The stream's object carries no times: its
-        Last-Modified (the completion) stands for the mtime of a file written and closed,
-        unless times were set explicitly (utime), which takes a server-side copy.
+        `key` is the key the stream began under (a rename abandons the stream); should it
+        differ, the stream is abandoned here. None: upload the file normally. The stream's
+        object carries no times: its Last-Modified (the completion) stands for the mtime
+        of a file written and closed, unless times were set explicitly (utime), which
+        takes a server-side copy.
         """
         stream = staged.eager
         if stream is None:
+            return None
+        if stream.key != key:  # renames abandon streams; never complete under an old name
+            self.abandon(staged, "the file's key changed")
             return None
         staged.eager = None
         await stream.created.wait()
@@ -214,75 +216,14 @@ class EagerUploads:
             with trio.CancelScope(shield=True):
                 await self._abort(staged, stream)
             raise
-        self._unnote(staged)
-        if (stream.key, stream.headers, stream.content_type) == (
-            key,
+        if (stream.headers, stream.content_type) == (
             without_times(headers),
             content_type,
         ) and not staged.times_set:
             return etag, size, stream.headers
-        # Renamed or re-described after the stream began: one server-side copy fixes it.
+        # Re-described after the stream began (chmod, utime): one copy onto itself fixes it.
         try:
-            etag = await store.copy(stream.key, key, headers, content_type)
+            etag = await store.copy(key, key, headers, content_type)
         except CopyNotSupported:
-            if stream.key != key:
-                await self._drop_leftover(stream.key)
-            return None
-        if stream.key != key:
-            await self._drop_leftover(stream.key)
+            return None  # the whole-file upload replaces it, with the right metadata
         return etag, size, headers
-
-    async def _drop_leftover(self, key: str) -> None:
-        """Delete the object the stream finished under its old name, unless reused."""
-        if any(s.key == key for s in self.fs.staging.entries.values()):
-            return  # a new file of that name will overwrite it
-        try:
-            await self.fs.store.delete(key)
-        except FsError as e:
-            log.error("could not delete %s after its stream was renamed: %s", key, e.message)
-
-    # ----- crash notes --------------------------------------------------------------------
-    def _note(self, staged: Staged, stream: Stream) -> None:
-        path = self.fs.staging.root / f"{staged.id}.eager"
-        note = {"key": stream.key, "upload_id": stream.upload_id, "since": time.time() - 300}
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(note).encode())
-        finally:
-            os.close(fd)
-
-    def _unnote(self, staged: Staged) -> None:
-        (self.fs.staging.root / f"{staged.id}.eager").unlink(missing_ok=True)
-
-    async def abort_leftovers(self) -> None:
-        """At mount: abort the multipart uploads that a crashed run left streaming."""
-        for path in self.fs.staging.root.glob("*.eager"):
-            try:
-                note = json.loads(path.read_text())
-                ids = (
-                    [note["upload_id"]]
-                    if note.get("upload_id")
-                    else [
-                        u["UploadId"]
-                        for u in (
-                            await self.fs.store.bucket_call(
-                                "list_multipart_uploads",
-                                "ListMultipartUploads",
-                                Bucket=self.fs.store.bucket,
-                                Prefix=note["key"],
-                            )
-                        ).get("Uploads", [])
-                        if u.get("Key") == note["key"]
-                        and u["Initiated"].timestamp() >= note.get("since", 0)
-                    ]
-                )  # crashed between creating the upload and noting its id
-                for upload_id in ids:
-                    await self.fs.store.abort_multipart(note["key"], upload_id)
-            except (ValueError, KeyError, OSError, FsError) as e:
-                log.error(
-                    "could not abort a stream left by the last run (%s): %s",
-                    path.name,
-                    getattr(e, "message", e),
-                )
-                continue
-            path.unlink(missing_ok=True)

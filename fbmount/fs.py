@@ -56,6 +56,11 @@ EXPECTED_ERRNOS = {
     errno.ELOOP,
 }
 HEAD_ON_LIST_LIMIT = 256  # readdir HEADs unknown entries only in directories this small
+# `ls` (opendir) re-lists a small directory whose cached listing is older than this, so a file
+# another mount uploaded shows within a second of its upload, not after --dir-ttl; name
+# lookups (rsync's stat of each file) keep using the listing for the whole --dir-ttl.
+RELIST_ON_OPENDIR_AFTER = 1.0
+LIST_PAGE = 1000  # a bigger directory costs several LIST pages: it waits for --dir-ttl
 
 
 @dataclass(eq=False)
@@ -64,6 +69,12 @@ class FileHandle:
     writable: bool
     append: bool
     reader: RemoteReader | None = None
+    # (ETag, size) of the object version this handle reads, pinned at open: the cache may
+    # learn a newer ETag meanwhile (ls -l, another open), and following it would mix
+    # bytes of two versions; with the pin, a change behind the mount fails If-Match (EIO).
+    # None: follow the node at the next remote read (opened on a staged file, or the
+    # mount itself replaced the object since).
+    version: tuple[str, int] | None = None
 
 
 def fuse_errors(fn: Any) -> Any:
@@ -135,7 +146,7 @@ class Filesystem(pyfuse3.Operations):
         self.cfg, self.store, self.staging, self.index = cfg, store, staging, index
         # Every multipart upload of this bucket (writes, streams, copies) is noted here,
         # so that the next mount aborts what a kill -9 left open.
-        store.upload_notes = UploadNotes(staging.root)
+        store.upload_notes = UploadNotes(staging.root.parent / "multipart")
         self.ns = Namespace(
             cfg.prefix,
             cfg.uid,
@@ -153,6 +164,7 @@ class Filesystem(pyfuse3.Operations):
         self.big_dirs: cachetools.TTLCache[int, bool] = cachetools.TTLCache(
             4096, cfg.dir_ttl, timer=time.monotonic
         )
+        self.listed_at: cachetools.LRUCache[int, float] = cachetools.LRUCache(4096)
         self.nursery: trio.Nursery | None = None
         self.uploader = WriteBack(self)
         self.eager = EagerUploads(self)
@@ -203,8 +215,8 @@ class Filesystem(pyfuse3.Operations):
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
         return a
 
-    def headers_for(self, node: Node) -> tuple[dict[str, str], str]:
-        """x-amz-meta-* and Content-Type that an upload of `node` must carry."""
+    def headers_for(self, node: Node, name: str | None = None) -> tuple[dict[str, str], str]:
+        """x-amz-meta-* and Content-Type that an upload of `node` (named `name`) must carry."""
         meta = fmt.ObjectMeta(
             mode=node.mode,
             uid=node.uid,
@@ -218,7 +230,7 @@ class Filesystem(pyfuse3.Operations):
         headers = fmt.encode_meta(meta)
         if node.kind is Kind.DIR:
             return headers, fmt.DIR_CONTENT_TYPE
-        return headers, node.content_type or fmt.guess_content_type(node.name)
+        return headers, node.content_type or fmt.guess_content_type(name or node.name)
 
     def journal(self, staged: Staged, durable: bool) -> None:
         node = staged.node
@@ -413,6 +425,7 @@ class Filesystem(pyfuse3.Operations):
             elif child.kind is not Kind.DIR or child.fresh_until < time.monotonic():
                 self.ns.unlink(child)  # gone from the bucket
         self.ns.listings[node.ino] = listing
+        self.listed_at[node.ino] = time.monotonic()
         return listing
 
     # ===== attributes ===================================================================
@@ -451,6 +464,8 @@ class Filesystem(pyfuse3.Operations):
             and node.fresh_until < time.monotonic()
             and not node.opens
         ):
+            if self.cfg.attr_ttl <= 0 and await self._head_into(node):
+                return self.attrs(node)  # strict: every stat asks S3, a listing is not enough
             parent = self.ns.get(node.parent)
             if parent is not None:
                 fresh = await self.resolve(parent, node.name)
@@ -589,6 +604,7 @@ class Filesystem(pyfuse3.Operations):
     def finished_upload(self, staged: Staged) -> None:
         """Called by the uploader when `staged` is clean in S3."""
         node = staged.node
+        self._readers_follow(node)
         if node is not None and staged.handles == 0 and not staged.dirty:
             node.staged = None
             self.staging.remove(staged)
@@ -622,8 +638,7 @@ class Filesystem(pyfuse3.Operations):
         elif node.staged is None and node.remote:
             if node.fresh_until < time.monotonic():
                 await self._head_into(node)  # close-to-open: see changes made elsewhere
-            fi.keep_cache = node.cached_etag == node.etag
-            node.cached_etag = node.etag
+            self._pin(handle, fi)
         if node.staged is not None:
             node.staged.handles += 1
             self.staging.open_fd(node.staged) if node.staged.has_data else None
@@ -666,6 +681,24 @@ class Filesystem(pyfuse3.Operations):
         self.handles[fi.fh] = FileHandle(node, True, bool(flags & os.O_APPEND))
         return fi, self.attrs(node)
 
+    def _pin(self, handle: FileHandle, fi: pyfuse3.FileInfo) -> None:
+        """Pin the version a read-only open of a remote object reads, and guard the page
+        cache: the kernel keeps one per inode, so an open pinning another version than an
+        open handle of the same inode bypasses it (direct_io); else each fd would read
+        the pages the other fetched, bytes of two versions."""
+        node = handle.node
+        handle.version = (node.etag, node.size)
+        fi.keep_cache = node.cached_etag == node.etag
+        others = node.opens and any(
+            h.node is node and h.version is not None and h.version != handle.version
+            for h in self.handles.values()
+        )
+        if others:
+            fi.direct_io = True
+            node.cached_etag = None  # the next open drops whatever the others cached
+        else:
+            node.cached_etag = node.etag
+
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
@@ -673,15 +706,21 @@ class Filesystem(pyfuse3.Operations):
         staged = node.staged
         if staged is not None and staged.has_data:
             return await trio.to_thread.run_sync(os.pread, self.staging.open_fd(staged), size, off)
-        if handle.reader is None or handle.reader.etag != node.etag:
-            if handle.reader is not None:
-                handle.reader.close()
+        if staged is not None or handle.version is None:
+            # A metadata change of this mount is pending: the node's ETag is changed only
+            # by the mount itself until it is uploaded, so it is the version to read.
+            handle.version = (node.etag, node.size)
+        etag, known_size = handle.version
+        reader = handle.reader
+        if reader is None or (reader.etag, reader.size) != (etag or None, known_size):
+            if reader is not None:
+                reader.close()
             assert self.nursery is not None
             handle.reader = RemoteReader(
                 self.store,
                 self.ns.key(node),
-                node.size,
-                node.etag or None,
+                known_size,
+                etag or None,
                 self.cfg.read_ahead,
                 self.nursery.start_soon,
                 self.get_limiter,
@@ -760,6 +799,13 @@ class Filesystem(pyfuse3.Operations):
         node = self._node(inode)
         if node.kind is not Kind.DIR:
             raise FsError(errno.ENOTDIR)
+        cached = self.ns.listings.get(node.ino)
+        if (
+            cached is not None
+            and len(cached) < LIST_PAGE
+            and time.monotonic() - self.listed_at.get(node.ino, 0.0) > RELIST_ON_OPENDIR_AFTER
+        ):
+            self.ns.listings.pop(node.ino, None)  # one LIST sees what other clients did
         listing = await self.list_dir(node)
         names = sorted(listing)
         unknown = []
@@ -823,6 +869,7 @@ class Filesystem(pyfuse3.Operations):
         node.remote = node.meta_known = True
         node.fresh_until = float("inf")
         self.ns.listings[node.ino] = {}  # known empty: creating files inside needs no LIST
+        self.listed_at[node.ino] = time.monotonic()
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
             listing[sname] = Entry(Kind.DIR)
@@ -967,48 +1014,120 @@ class Filesystem(pyfuse3.Operations):
     ) -> None:
         old_key = self.ns.key(src)
         new_key = self.ns.child_key(new_parent, new_name, src.kind)
+        old_etag = src.etag
         dst_remote = dst is not None and dst.remote
         if dst is not None and dst.staged is not None:
             async with dst.staged.lock:
                 # Read it under the lock: an upload of dst in flight makes the key exist.
                 dst_remote = dst.remote
                 self.discard(dst)
-        staged = src.staged
-        if staged is not None and staged.has_data:
-            async with staged.lock:  # wait for an upload in flight: once it is done it may
-                pass  # have released the staged copy (then the object is in S3: copy it)
-            staged = src.staged  # (re-acquired below without a checkpoint in between)
-        if staged is not None and staged.has_data:
-            async with staged.lock:
-                if src.remote:
-                    await self.store.delete(old_key)
-                staged.key = new_key
-                # A cancelled delete leaves the old object there: unlink must remove it.
-                src.remote = self.uploader.cancel_delete(new_key) or dst_remote
-                self.ns.move(src, new_parent, new_name)
-                staged.touch()
-                await self.journal_durable(staged)
-        else:
-            headers = None
-            if staged is not None:  # metadata-only change pending: carry it along
-                headers = self.headers_for(src)
-            # A streamed copy has a new ETag (multipart); reads pin it with If-Match.
-            new_etag = await self.copy_object(old_key, new_key, src, headers)
-            await self.store.delete(old_key)
-            if staged is not None:
-                async with staged.lock:
+        while True:
+            staged = src.staged
+            if staged is None:
+                await self._rename_object(src, new_parent, new_name, old_key, new_key, None)
+                break
+            async with staged.lock:  # waits for an upload in flight, which may retire it
+                if src.staged is not staged:
+                    continue  # retired or replaced while we waited: look again
+                if staged.has_data:
+                    await self._rename_staged(
+                        src, new_parent, new_name, old_key, new_key, dst_remote
+                    )
+                else:  # metadata-only change pending: carry it along (the lock keeps its
+                    # upload and a write turning it into a data copy out meanwhile)
+                    headers = self.headers_for(src)
+                    await self._rename_object(src, new_parent, new_name, old_key, new_key, headers)
                     self.staging.remove(staged)
                     src.staged = None
-            self.ns.move(src, new_parent, new_name)
-            src.remote = True
-            src.etag = new_etag or src.etag
+                break
         if dst is not None and dst.kind is Kind.DIR:
             await self.store.delete(self.ns.key(dst))
         self.index.rename_prefix(old_key, new_key)
-        for handle in self.handles.values():
-            if handle.node is src and handle.reader is not None:
-                handle.reader.key = new_key
+        self._readers_follow(src, old_etag)
         self.uploader.kick()
+
+    async def _rename_staged(
+        self,
+        src: Node,
+        new_parent: Node,
+        new_name: str,
+        old_key: str,
+        new_key: str,
+        dst_remote: bool,
+    ) -> None:
+        """Rename a file staged with local data (its lock held): no copy, the upload goes
+        to the new key; an old object in S3 is deleted.
+
+        The journal names the new key durably before the old key's delete can be sent: a
+        kill -9 in between leaves two copies (recovery uploads the new name), never none.
+        """
+        staged = src.staged
+        if staged.eager is not None:  # bound to the old key, which may be reused
+            self.eager.abandon(staged, "renamed")
+        headers, ctype = self.headers_for(src, name=new_name)
+        previous, staged.key = staged.key, new_key
+        staged.touch()
+        record = self.staging.journal_record(staged, headers, ctype)
+        try:
+            await trio.to_thread.run_sync(self.staging.write_journal, staged, record, True)
+        except BaseException:
+            staged.key = previous
+            raise
+        # No await from here on: the name moves and the old key's delete is queued in one
+        # step, so a new file taking the old name cancels that delete (create →
+        # cancel_delete) instead of having its own object deleted by it.
+        was_remote = src.remote
+        # A cancelled delete leaves the old object there: unlink must remove it.
+        src.remote = self.uploader.cancel_delete(new_key) or dst_remote
+        self.ns.move(src, new_parent, new_name)
+        if was_remote:
+            self.uploader.queue_delete(old_key)
+            if self.cfg.upload_delay <= 0:  # strict mode: gone before rename returns
+                try:
+                    await self.uploader.flush_deletes(old_key)
+                except FsError as e:  # the rename stands; the delete stays queued
+                    log.warning("%s renamed, old key not deleted yet: %s", old_key, e.message)
+
+    async def _rename_object(
+        self,
+        src: Node,
+        new_parent: Node,
+        new_name: str,
+        old_key: str,
+        new_key: str,
+        headers: tuple[dict[str, str], str] | None,
+    ) -> None:
+        """Rename a file whose bytes are only in S3: copy, then delete the old key (a crash
+        in between leaves two copies), then move the name."""
+        # A streamed copy has a new ETag (multipart); reads pin it with If-Match.
+        new_etag = await self.copy_object(old_key, new_key, src, headers)
+        await self.store.delete(old_key)
+        self.ns.move(src, new_parent, new_name)
+        src.remote = True
+        src.etag = new_etag or src.etag
+
+    def _readers_follow(self, node: Node | None, copied_etag: str | None = None) -> None:
+        """The mount itself moved or replaced `node`'s object: its open handles follow.
+
+        After an upload (copied_etag None) every handle reads the version this mount
+        stored (it read the staged bytes meanwhile). After a rename (copied_etag: the
+        version that was copied, same bytes under a new key and maybe a new ETag) the
+        handles pinned to that version follow it; others keep their pin and get EIO.
+        """
+        if node is None or not node.opens:
+            return
+        key = self.ns.key(node)
+        for handle in self.handles.values():
+            if handle.node is not node:
+                continue
+            if copied_etag is None:
+                handle.version = None
+            elif handle.version is not None and handle.version[0] == copied_etag:
+                handle.version = (node.etag, handle.version[1])
+                if handle.reader is not None:
+                    handle.reader.etag = node.etag or None  # keeps the chunks it fetched
+            if handle.reader is not None:
+                handle.reader.key = key
 
     async def copy_object(
         self, src_key: str, dst_key: str, node: Node, headers: tuple[dict[str, str], str] | None
@@ -1096,6 +1215,8 @@ class Filesystem(pyfuse3.Operations):
             await self.store.delete_many(keys)
             self.ns.move(src, new_parent, new_name)
             for n in staged_nodes:
+                if n.staged.eager is not None:  # bound to the old key, which may be reused
+                    self.eager.abandon(n.staged, "renamed with its directory")
                 n.staged.key = self.ns.key(n)
                 if not n.staged.has_data:  # metadata-only: its body was copied above
                     n.staged.source_key, n.staged.source_etag = n.staged.key, None
@@ -1105,8 +1226,11 @@ class Filesystem(pyfuse3.Operations):
                 await self.journal_durable(n.staged)
         for n in self.ns.descendants(src):
             self.ns.listings.pop(n.ino, None)
+            old_etag = n.etag
             if n.staged is None and new_etags.get(self.ns.key(n)):
                 n.etag = new_etags[self.ns.key(n)]
+            if n.opens:
+                self._readers_follow(n, old_etag)
         self.index.rename_prefix(old_prefix, new_prefix)
         self.uploader.kick()
 
@@ -1116,7 +1240,6 @@ class Filesystem(pyfuse3.Operations):
 
         Never fails the mount (a crash loop under systemd): what cannot be uploaded now
         stays staged for the next mount, and a bug here is logged, not raised."""
-        await guarded("aborting the streams left by the last run", self.eager.abort_leftovers)
         assert self.store.upload_notes is not None
         await guarded(
             "aborting the multipart uploads left by the last run",

@@ -2,6 +2,8 @@
 
 status and sync talk to the running daemon over its control socket (control.py);
 doctor checks a setup piece by piece and prints a one-line fix for each failure.
+When a daemon is gone, status and doctor explain it from the record it left next to its
+socket and the last-exit note in its state dir (see DeadDaemon).
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ import argparse
 import errno
 import json
 import os
+import re
 import secrets
+import select
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -52,10 +58,175 @@ def human(n: float) -> str:
 def _socket_for(mountpoint: str) -> Path:
     path = control.socket_path(Path(mountpoint).absolute())
     if not path.exists():
+        dead = DeadDaemon.find(Path(mountpoint).absolute())
+        if dead is not None:
+            raise StartupError(f"{dead.summary()}; fix: {dead.fix}")
         raise StartupError(
             f"{mountpoint} is not an fbmount mount of this user (no control socket {path})"
         )
     return path
+
+
+# ----- a daemon that is gone -------------------------------------------------------------
+def fbmount_mounts() -> list[str]:
+    """Mountpoints of fbmount filesystems, from the mount table (never touching them)."""
+    found = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "fuse.fbmount":
+            found.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
+    return found
+
+
+def not_connected(mountpoint: str, timeout: float = 5.0) -> bool:
+    """Does the mount answer ENOTCONN (its daemon is gone)? Asked in a helper thread, so a
+    daemon that is alive but stuck cannot hang the command."""
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(mountpoint)  # stat() may answer from the kernel's attr cache
+            answer.append(False)
+        except OSError as e:
+            answer.append(e.errno == errno.ENOTCONN)
+
+    worker = threading.Thread(target=probe, daemon=True, name="statvfs")
+    worker.start()
+    worker.join(timeout)
+    return bool(answer and answer[0])
+
+
+def daemon_alive(pid: int) -> bool:
+    """Is `pid` a live (not zombie) fbmount process? A reused pid does not count."""
+    proc = Path("/proc") / str(pid)
+    try:
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = (proc / "cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and b"fbmount" in cmdline
+
+
+@dataclass
+class DeadDaemon:
+    """What is known about a mount whose daemon has gone: from the record it kept next to
+    its control socket, the last-exit note it wrote on an unexpected error, and its log."""
+
+    mountpoint: str
+    pid: int | None  # None: no record (an older fbmount, or the runtime dir was cleared)
+    reason: str | None  # None: it left no last words (SIGKILL, the OOM killer, a hard crash)
+    died_at: str | None
+    log: str | None  # "syslog", a file, or None
+    last_log_line: str | None
+    still_mounted: bool
+
+    @classmethod
+    def find(cls, mountpoint: Path) -> DeadDaemon | None:
+        """The dead daemon of `mountpoint`, or None when it is alive or never was fbmount."""
+        mnt = str(mountpoint)
+        record = control.read_record(mountpoint)
+        mounted = mnt in fbmount_mounts()
+        if record is None:
+            if mounted and not_connected(mnt):
+                return cls(mnt, None, None, None, None, None, True)
+            return None
+        pid = int(record.get("pid", 0))
+        if daemon_alive(pid):
+            return None
+        state_dir = Path(record.get("state_dir", "/nonexistent"))
+        note = control.read_last_exit(state_dir)
+        if note is None or note.get("pid") != pid:
+            note = None
+        log_target = record.get("log")
+        last_line = None
+        if log_target not in (None, "syslog", "stderr") and _lock_holder(state_dir) == pid:
+            last_line = _last_line(Path(log_target))  # not after another daemon's lines
+        return cls(
+            mnt,
+            pid,
+            note["error"] if note else None,
+            note.get("time") if note else None,
+            log_target if log_target != "stderr" else None,
+            last_line,
+            mounted,
+        )
+
+    @property
+    def fix(self) -> str:
+        if self.still_mounted:
+            return f"fusermount3 -uz {self.mountpoint}, then mount it again"
+        return "mount it again (it is no longer mounted)"
+
+    @property
+    def cause(self) -> str:
+        if self.reason:
+            return f"died at {self.died_at}: {self.reason}"
+        return "left no reason (killed by a signal such as SIGKILL or the OOM killer?)"
+
+    def summary(self) -> str:
+        """One line: which daemon, and why it is gone as far as anyone knows."""
+        who = f"its fbmount daemon (pid {self.pid})" if self.pid else "its fbmount daemon"
+        return f"{self.mountpoint}: {who} is gone; it {self.cause}"
+
+    def report(self) -> list[str]:
+        lines = [self.summary()]
+        if self.last_log_line and not self.reason:  # a crash's last line is its reason
+            lines.append(f"last log line: {self.last_log_line}")
+        if self.log == "syslog":
+            lines.append("its log: journalctl -t fbmount")
+        elif self.log:
+            lines.append(f"its log: {self.log}")
+        lines.append(f"fix: {self.fix}")
+        return lines
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "mountpoint": self.mountpoint,
+            "running": False,
+            "pid": self.pid,
+            "reason": self.reason,
+            "died_at": self.died_at,
+            "log": self.log,
+            "last_log_line": self.last_log_line,
+            "still_mounted": self.still_mounted,
+            "fix": self.fix,
+        }
+
+
+def _lock_holder(state_dir: Path) -> int | None:
+    """The pid that last locked the state dir (daemon.lock_state_dir writes it)."""
+    try:
+        return int((state_dir / "lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _last_line(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    return next((line for line in reversed(lines) if line.strip()), None)
+
+
+def dead_daemons() -> list[DeadDaemon]:
+    """Every mount of this user whose daemon is gone: those still in the mount table (they
+    answer ENOTCONN until detached) and those whose daemon left a record."""
+    found: dict[str, DeadDaemon] = {}
+    for record in control.all_records():
+        mnt = str(record["mountpoint"])
+        if not os.path.isdir(os.path.dirname(mnt)):
+            control.record_path(Path(mnt)).unlink(missing_ok=True)  # long gone (a tmp dir)
+            continue
+        dead = DeadDaemon.find(Path(mnt))
+        if dead is not None:
+            found[mnt] = dead
+    for mnt in fbmount_mounts():
+        if mnt not in found and not_connected(mnt):
+            found[mnt] = DeadDaemon(mnt, None, None, None, None, None, True)
+    return list(found.values())
 
 
 # ----- status -----------------------------------------------------------------------------
@@ -64,32 +235,61 @@ def cmd_status(argv: list[str]) -> int:
     p.add_argument("mountpoint", nargs="?")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
-    paths = [_socket_for(args.mountpoint)] if args.mountpoint else control.live_sockets()
+    if args.mountpoint:
+        return _status_of_one(Path(args.mountpoint).absolute(), args.json)
     results = []
-    for path in paths:
+    for path in control.live_sockets():
         try:
             results.extend(control.request(path, "status"))
         except (ConnectionRefusedError, FileNotFoundError):
             path.unlink(missing_ok=True)  # a mount that died: its socket is stale
-            continue
         except OSError as e:
             print(f"fbmount: {path}: {e}", file=sys.stderr)
+    # Only the dead mounts that still need a hand: those left in the mount table.
+    dead = [d for d in dead_daemons() if d.still_mounted]
     if args.json:
-        print(json.dumps(results if not args.mountpoint else (results or [{}])[0], indent=2))
-        return 0 if results else 1
-    if not results and args.mountpoint:
-        print(
-            f"fbmount: the mount at {args.mountpoint} is not running; if ls says "
-            f"'Transport endpoint is not connected', run: fusermount3 -uz {args.mountpoint}",
-            file=sys.stderr,
-        )
-        return 1
+        print(json.dumps(results + [d.as_json() for d in dead], indent=2))
+        return 1 if dead else 0
+    for d in dead:
+        print("\n".join(f"fbmount: {line}" for line in d.report()), file=sys.stderr)
     if not results:
         print("no fbmount mounts running for this user")
-        return 0
     for st in results:
         print(format_status(st))
-    return 0
+    return 1 if dead else 0
+
+
+def _status_of_one(mnt: Path, as_json: bool) -> int:
+    path = control.socket_path(mnt)
+    had_socket = path.exists()
+    results: list[dict] = []
+    if had_socket:
+        try:
+            results = list(control.request(path, "status"))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # its daemon died: the socket is stale
+        except OSError as e:
+            print(f"fbmount: {mnt}: its daemon does not answer: {e}", file=sys.stderr)
+            return 1
+    if results:
+        print(json.dumps(results[0], indent=2) if as_json else format_status(results[0]))
+        return 0
+    dead = DeadDaemon.find(mnt)
+    if dead is not None:
+        if as_json:
+            print(json.dumps(dead.as_json(), indent=2))
+        print("\n".join(f"fbmount: {line}" for line in dead.report()), file=sys.stderr)
+        return 1
+    if not had_socket:
+        raise StartupError(f"{mnt} is not an fbmount mount of this user (no control socket {path})")
+    if as_json:
+        print(json.dumps({}))
+    print(
+        f"fbmount: the mount at {mnt} is not running; if ls says "
+        f"'Transport endpoint is not connected', run: fusermount3 -uz {mnt}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def format_status(st: dict) -> str:
@@ -151,6 +351,9 @@ def cmd_sync(argv: list[str], unmount: bool) -> int:
             elif "result" in msg:
                 result = msg
     except OSError as e:
+        dead = DeadDaemon.find(Path(args.mountpoint).absolute())
+        if dead is not None:
+            raise StartupError(f"{dead.summary()}; fix: {dead.fix}") from None
         raise StartupError(f"lost the mount's control socket: {e}") from None
     if tty:
         print(file=sys.stderr)
@@ -169,7 +372,39 @@ def cmd_sync(argv: list[str], unmount: bool) -> int:
         if r.returncode:
             print(f"fbmount: {r.stderr.strip()}", file=sys.stderr)
             return 1
+        # Return only once the daemon is gone (its cache dir unlocked, a --local server
+        # stopped), so that mounting the same thing again at once just works.
+        pid = result.get("pid")
+        limit = float(result.get("flush_timeout_s", 600)) + 60
+        if isinstance(pid, int) and not wait_for_exit(pid, limit):
+            print(
+                f"fbmount: unmounted, but its daemon (pid {pid}) is still running after "
+                f"{limit:.0f}s; see its log",
+                file=sys.stderr,
+            )
+            return 1
     return 0
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Block until process `pid` (not our child) has exited; False after `timeout` s."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:  # no pidfd (Linux < 5.3): look every 50 ms
+        deadline = time.monotonic() + timeout
+        while daemon_alive(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)  # readable once the process has exited
+        return bool(poller.poll(int(timeout * 1000)))
+    finally:
+        os.close(fd)
 
 
 # ----- doctor -----------------------------------------------------------------------------
@@ -235,21 +470,20 @@ def check_fuse(rep: Report, allow_other: bool) -> None:
 
 
 def check_stale_mounts(rep: Report) -> None:
-    stale = []
-    for line in Path("/proc/mounts").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == "fuse.fbmount":
-            mnt = fields[1].replace("\\040", " ")
-            try:
-                os.statvfs(mnt)  # stat() may answer from the kernel's attr cache
-            except OSError as e:
-                if e.errno == errno.ENOTCONN:
-                    stale.append(mnt)
-    for mnt in stale:
-        rep.fail(
-            "stale mount", f"{mnt}: Transport endpoint is not connected", f"fusermount3 -uz {mnt}"
-        )
-    if not stale:
+    """Mounts whose daemon is gone: a failure while still mounted (ENOTCONN to every
+    program), a warning with the reason when it died of an error and the mount is gone."""
+    dead = dead_daemons()
+    for d in dead:
+        if d.still_mounted:
+            rep.fail(
+                "stale mount",
+                f"{d.mountpoint}: Transport endpoint is not connected; "
+                f"its daemon{f' (pid {d.pid})' if d.pid else ''} {d.cause}",
+                d.fix,
+            )
+        elif d.reason:
+            rep.warn("dead daemon", f"{d.mountpoint}: its daemon (pid {d.pid}) {d.cause}")
+    if not any(d.still_mounted for d in dead):
         rep.ok("no stale fbmount mounts")
 
 

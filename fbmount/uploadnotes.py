@@ -2,7 +2,7 @@
 
 An open multipart upload is invisible in listings but its parts are stored (and billed)
 until someone aborts it. Every CreateMultipartUpload the store sends is noted first in
-`<staging>/uploads/<random>.json` (key, time, and the UploadId once known) and the note is
+`<state dir>/multipart/<random>.json` (key, time, and the UploadId once known) and the note is
 removed when the upload is completed or aborted. The next mount of the bucket aborts what
 the notes name; a note without an UploadId (the crash came while the create was in
 flight) aborts the uploads of that key begun since the note was written.
@@ -25,8 +25,8 @@ CLOCK_SLACK = 300.0  # seconds: a server clock behind ours must not hide an uplo
 
 
 class UploadNotes:
-    def __init__(self, staging_root: Path) -> None:
-        self.dir = staging_root / "uploads"
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self._by_upload: dict[str, Path] = {}
 

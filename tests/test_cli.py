@@ -33,6 +33,7 @@ from conftest import (
 from helpers import wait_gone
 
 from fbmount import __version__
+from fbmount.cli import config_from_args
 from fbmount.localserver import LocalS3Server
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -125,6 +126,22 @@ def closed_port() -> int:
 
 
 # --------------------------------------------------------------------------- info
+@pytest.mark.parametrize(
+    ("extra", "provider", "max_rps"),
+    [
+        ([], "seaweedfs", 0.0),
+        (["--max-rps", "50"], "seaweedfs", 50.0),
+        (["--provider", "filebase"], "filebase", 100.0),
+    ],
+)
+def test_local_is_seaweedfs_without_a_rate_limit(
+    extra: list[str], provider: str, max_rps: float
+) -> None:
+    """--local is our own SeaweedFS, not the Filebase default endpoint it starts out with."""
+    cfg = config_from_args(["--local", "/d", "/m", *extra])
+    assert (cfg.provider, cfg.max_rps) == (provider, max_rps)
+
+
 def test_version(run_fbmount: Run) -> None:
     proc = run_fbmount("--version", timeout=30)
     assert proc.returncode == 0, proc.stderr

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mount, MountFactory, is_mounted
+from conftest import Mount, MountFactory
 from faultproxy import FaultProxy
+from helpers import status_json
 
 MIB = 1024 * 1024
 FIXED_NS = 1_500_000_000_123_456_789  # 2017-07-14, an mtime no clock would produce
@@ -292,28 +293,52 @@ def test_two_mounts_see_each_others_changes_after_ttl(
     assert b.unmount() == 0
 
 
-@pytest.mark.parametrize("foreground", [True, False], ids=["foreground", "daemon"])
-def test_second_mount_with_same_cache_dir_is_refused(
-    s3_endpoint: str,
-    bucket: str,
-    mount: MountFactory,
-    run_fbmount: Any,
-    tmp_path: Path,
-    foreground: bool,
+def test_two_mounts_of_one_bucket_share_a_cache_dir(
+    s3: Any, bucket: str, mount: MountFactory, run_fbmount: Any
 ) -> None:
-    first = mount(bucket)
-    other = tmp_path / "other-mnt"
-    other.mkdir()
-    args = [bucket, str(other), "--endpoint", s3_endpoint, "--cache-dir", str(first.cache_dir)]
-    proc = run_fbmount(*args, *(["-f"] if foreground else []), timeout=60)
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fbmount: "), proc.stderr
-    assert "cache" in lines[0] and str(first.cache_dir) in lines[0], lines[0]
-    assert not is_mounted(other)
-    # The first mount is unharmed.
-    (first.path / "still-works.txt").write_bytes(b"ok\n")
-    assert first.unmount() == 0
+    """A second mount of the same bucket with the same --cache-dir takes a cache directory
+    of its own (NAME-2) instead of being refused; `fbmount status`/`sync` find each mount's
+    own, what is written through each is in S3, and both unmount cleanly."""
+    a = mount(bucket)
+    b = mount(bucket, cache_dir=a.cache_dir)
+    dir_a = status_json(run_fbmount, a.path)["cache_dir"]
+    dir_b = status_json(run_fbmount, b.path)["cache_dir"]
+    assert dir_b == f"{dir_a}-2", (dir_a, dir_b)
+    assert f"cache directory {dir_b}; in use by other mounts of this bucket: {dir_a}" in (
+        b.log_text()
+    )
+    (a.path / "from-a.txt").write_bytes(b"written through the first mount\n")
+    (b.path / "from-b.txt").write_bytes(b"written through the second mount\n")
+    for m in (a, b):
+        r = run_fbmount("sync", str(m.path), timeout=60)
+        assert r.returncode == 0, r.stderr
+    assert s3_body(s3, bucket, "from-a.txt") == b"written through the first mount\n"
+    assert s3_body(s3, bucket, "from-b.txt") == b"written through the second mount\n"
+    assert b.unmount() == 0
+    assert a.unmount() == 0
+
+
+def test_files_staged_in_a_second_cache_dir_are_recovered(
+    s3: Any, bucket: str, mount: MountFactory, run_fbmount: Any
+) -> None:
+    """Crash recovery is per cache directory: what a killed second mount staged in NAME-2
+    is uploaded by the next mount, which takes NAME-2 for it although the bucket's first
+    directory is free again by then."""
+    a = mount(bucket)
+    b = mount(bucket, "--upload-delay", "60", cache_dir=a.cache_dir)
+    dir_b = status_json(run_fbmount, b.path)["cache_dir"]
+    data = content("staged-in-second.bin", 300_000)
+    (b.path / "staged.bin").write_bytes(data)
+    b.kill9()
+    assert s3_body(s3, bucket, "staged.bin") is None  # only staged, in NAME-2
+    assert a.unmount() == 0
+
+    c = mount(bucket, cache_dir=a.cache_dir)
+    assert status_json(run_fbmount, c.path)["cache_dir"] == dir_b
+    assert f"cache directory {dir_b} (holds files staged by an earlier mount)" in c.log_text()
+    assert s3_body(s3, bucket, "staged.bin") == data  # recovered before the mount served
+    assert (c.path / "staged.bin").read_bytes() == data
+    assert c.unmount() == 0
 
 
 # --------------------------------------------------------------------------- coalescing

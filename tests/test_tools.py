@@ -35,6 +35,7 @@ from conftest import (
 from faultproxy import FaultProxy
 from helpers import body, pid_alive, status_json, wait_gone, write_file
 
+from fbmount import control
 from fbmount.localserver import LocalS3Server
 
 MIB = 1024 * 1024
@@ -252,6 +253,63 @@ def test_local_daemon_killed_leaves_no_server_and_next_mount_recovers(
         assert wait_gone(daemons + weeds, 30) == []
 
 
+def test_local_is_seaweedfs_and_umount_waits_for_its_server(
+    run_fbmount: Run, tmp_path: Path
+) -> None:
+    """A --local mount gets the seaweedfs profile and no rate limit (not Filebase's 100/s,
+    picked from the default endpoint before the local one is known) unless --max-rps says
+    so; `fbmount umount` returns only once the daemon and its weed have exited, so the same
+    DIR mounts again at once."""
+    name = f"fbm-local-{uuid.uuid4().hex[:10]}"
+    local_dir, mnt = tmp_path / name, tmp_path / "mnt"
+    mnt.mkdir()
+    with reap_local(mnt, name):
+        r = run_fbmount("--local", str(local_dir), str(mnt), timeout=120)
+        assert r.returncode == 0, r.stderr + local_log(local_dir)
+        st = status_json(run_fbmount, mnt)
+        assert (st["provider"], st["max_rps"]) == ("seaweedfs", 0), st
+        write_file(mnt / "first.txt", b"first run\n")
+        r = run_fbmount("umount", str(mnt), timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert split_local_pids(name) == ([], []), pids_naming(name)  # no waiting needed
+
+        r = run_fbmount("--local", str(local_dir), str(mnt), "--max-rps", "50", timeout=120)
+        assert r.returncode == 0, r.stderr + local_log(local_dir)
+        st = status_json(run_fbmount, mnt)
+        assert (st["provider"], st["max_rps"]) == ("seaweedfs", 50), st
+        data = data_of(200_000, "again")
+        write_file(mnt / "again.bin", data)
+        assert (mnt / "again.bin").read_bytes() == data
+        assert (mnt / "first.txt").read_bytes() == b"first run\n"
+        r = run_fbmount("umount", str(mnt), timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert split_local_pids(name) == ([], []), pids_naming(name)
+        assert not is_mounted(mnt)
+
+
+def test_second_local_mount_of_one_dir_is_refused(run_fbmount: Run, tmp_path: Path) -> None:
+    """Two mounts of one bucket each get a cache dir, but a --local DIR is also its
+    server's data: a second `--local DIR` is refused in one line, before it starts a weed."""
+    name = f"fbm-local-{uuid.uuid4().hex[:10]}"
+    local_dir, mnt, other = tmp_path / name, tmp_path / "mnt", tmp_path / "other"
+    mnt.mkdir()
+    other.mkdir()
+    with reap_local(mnt, name), reap_local(other, name):
+        r = run_fbmount("--local", str(local_dir), str(mnt), timeout=120)
+        assert r.returncode == 0, r.stderr + local_log(local_dir)
+        daemons, weeds = split_local_pids(name)
+        r = run_fbmount("--local", str(local_dir), str(other), timeout=120)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert r.stderr == (
+            f"fbmount: {local_dir} is in use by another fbmount --local; unmount that first "
+            "(fbmount umount MOUNTPOINT)\n"
+        ), r.stderr
+        assert not is_mounted(other)
+        assert split_local_pids(name) == (daemons, weeds), pids_naming(name)
+        r = run_fbmount("umount", str(mnt), timeout=120)
+        assert r.returncode == 0, r.stderr
+
+
 # --------------------------------------------------------------------------- status
 def test_status_shows_upload_progress(
     s3: Any,
@@ -326,6 +384,82 @@ def test_status_shows_upload_progress(
         assert m.unmount() == 0
     obj = s3.get_object(Bucket=bucket, Key="big.bin")["Body"].read()
     assert hashlib.sha256(obj).digest() == hashlib.sha256(data).digest()
+
+
+def stderr_line(r: subprocess.CompletedProcess[str], start: str) -> str:
+    """The one stderr line of `r` that starts with `start`."""
+    found = [line for line in r.stderr.splitlines() if line.startswith(start)]
+    assert len(found) == 1, (start, r.stderr)
+    return found[0]
+
+
+def test_dead_daemon_says_why_crash_then_kill(
+    run_fbmount: Run, s3_endpoint: str, bucket: str, tmp_path: Path
+) -> None:
+    """A background daemon that dies of an unexpected exception logs the traceback and
+    leaves a last-exit note; `fbmount status MNT` names the dead daemon and the error.
+    The next mount there works; SIGKILLed, status says it left no reason (not the old
+    crash's) and gives the fix, and the fix works."""
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    args = [bucket, str(mnt), "--endpoint", s3_endpoint, "--cache-dir", str(cache)]
+    with reap_local(mnt, str(mnt)):
+        r = run_fbmount(*args, env={"FBMOUNT_TEST_CRASH_AFTER_MOUNT": "1"}, timeout=60)
+        assert r.returncode == 0, r.stderr  # the crash comes once the mount was ready
+        record = control.read_record(mnt)
+        assert record is not None
+        pid, state_dir = record["pid"], Path(record["state_dir"])
+        assert wait_gone([pid], 30) == [], "the daemon did not die of the injected error"
+
+        log_text = (state_dir / "fbmount.log").read_text()
+        assert "Traceback (most recent call last)" in log_text, log_text
+        assert "RuntimeError: FBMOUNT_TEST_CRASH_AFTER_MOUNT" in log_text, log_text
+        note = json.loads((state_dir / "last-exit").read_text())
+        assert note["pid"] == pid and note["mountpoint"] == str(mnt), note
+        assert note["error"].startswith("RuntimeError: FBMOUNT_TEST_CRASH_AFTER_MOUNT"), note
+
+        r = run_fbmount("status", str(mnt), timeout=30)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        gone = stderr_line(r, f"fbmount: {mnt}: its fbmount daemon (pid {pid}) is gone; it died")
+        assert "RuntimeError: FBMOUNT_TEST_CRASH_AFTER_MOUNT" in gone, gone
+        assert not is_mounted(mnt)  # it unmounted on its way out
+        assert (
+            stderr_line(r, "fbmount: fix: ")
+            == "fbmount: fix: mount it again (it is no longer mounted)"
+        )
+        r = run_fbmount("status", str(mnt), "--json", timeout=30)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        dead = json.loads(r.stdout)
+        assert dead["running"] is False and dead["pid"] == pid, dead
+        assert dead["reason"].startswith("RuntimeError: FBMOUNT_TEST_CRASH_AFTER_MOUNT"), dead
+
+        # Mounted again, then killed: no last words this time, and not the old ones.
+        r = run_fbmount(*args, timeout=60)
+        assert r.returncode == 0, r.stderr
+        pid = status_json(run_fbmount, mnt)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone([pid], 10) == []
+        assert is_mounted(mnt)  # dead: every access is ENOTCONN until detached
+        r = run_fbmount("status", str(mnt), timeout=30)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        gone = stderr_line(r, f"fbmount: {mnt}: its fbmount daemon (pid {pid}) is gone; it ")
+        assert "left no reason" in gone and "RuntimeError" not in gone, gone
+        assert stderr_line(r, "fbmount: last log line: ").endswith(
+            f"at {mnt} (endpoint {s3_endpoint})"
+        )
+        fix = stderr_line(r, "fbmount: fix: ")
+        assert fix == f"fbmount: fix: fusermount3 -uz {mnt}, then mount it again", fix
+        r = run_fbmount("status", timeout=30)  # all mounts: the dead one needs a hand
+        assert r.returncode == 1 and str(mnt) in r.stderr, (r.stdout, r.stderr)
+
+        subprocess.run(["fusermount3", "-uz", str(mnt)], check=True, timeout=30)
+        r = run_fbmount(*args, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert status_json(run_fbmount, mnt)["pid"] != pid
+        r = run_fbmount("umount", str(mnt), timeout=60)
+        assert r.returncode == 0, r.stderr
 
 
 def test_status_of_a_path_that_is_not_mounted(run_fbmount: Run, tmp_path: Path) -> None:
@@ -412,10 +546,10 @@ def test_sigterm_flush_timeout_keeps_files_staged_for_next_mount(
         log = m.log_text()
         assert rc != 0, log  # files were not uploaded: not a clean exit
         assert "Traceback" not in log, log
-        assert "2 file(s) could not be uploaded" in log, log
+        assert "2 item(s) could not be stored in S3" in log, log
         assert "next mount" in log, log
         for name in files:  # each file left behind is named
-            assert f"not uploaded: {name}" in log, log
+            assert f"not stored: {name}" in log, log
         assert not is_mounted(m.path)
         for name in files:
             assert body(s3, bucket, name) is None
@@ -509,7 +643,7 @@ def test_doctor_reports_stale_mount(
         assert "Traceback" not in r.stderr + r.stdout, r.stderr
         prefix = f"FAIL  stale mount: {m.path}: "
         assert any(line.startswith(prefix) for line in r.stdout.splitlines()), r.stdout
-        assert fix_after(r.stdout, prefix) == f"fix: fusermount3 -uz {m.path}"
+        assert fix_after(r.stdout, prefix) == f"fix: fusermount3 -uz {m.path}, then mount it again"
         assert "ok    bucket" in r.stdout, r.stdout  # the other checks still ran
 
         st = run_fbmount("status", str(m.path), timeout=30)

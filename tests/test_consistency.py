@@ -1,0 +1,60 @@
+"""The two consistency contracts (README, Semantics): `--consistency strict` is s3fs's
+(an object in S3 when close() returns, a change made elsewhere seen at the next stat);
+the default is write-back, and a second mount sees a new file in a listing within about
+a second of its upload instead of after the listing TTL."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from helpers import body
+
+
+def wait_until(predicate: Any, timeout: float) -> bool:
+    """Poll a condition with a bound: the contracts below promise visibility within one."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_strict_uploads_at_close_and_sees_changes_at_the_next_stat(
+    s3: Any, bucket: str, mount: Any
+) -> None:
+    s3.put_object(Bucket=bucket, Key="other.txt", Body=b"12345")
+    m = mount(bucket, "--consistency", "strict")
+    assert os.stat(m.path / "other.txt").st_size == 5
+
+    with open(m.path / "mine.txt", "wb") as f:
+        f.write(b"written here")
+    assert body(s3, bucket, "mine.txt") == b"written here"  # close() returned: in S3
+
+    s3.put_object(Bucket=bucket, Key="other.txt", Body=b"changed elsewhere, longer")
+    assert os.stat(m.path / "other.txt").st_size == 25  # the very next stat
+    assert (m.path / "other.txt").read_bytes() == b"changed elsewhere, longer"
+
+    assert "new.txt" not in os.listdir(m.path)
+    s3.put_object(Bucket=bucket, Key="new.txt", Body=b"n")
+    assert wait_until(lambda: (m.path / "new.txt").exists(), 3.0)  # a listing: <= 1 s
+    assert m.unmount() == 0
+
+
+def test_second_mount_lists_a_new_file_within_seconds(s3: Any, bucket: str, mount: Any) -> None:
+    """Default mode: the writer's upload after 2 s, then the reader's next `ls` re-lists a
+    directory whose listing is older than a second (--dir-ttl is 10 s)."""
+    writer = mount(bucket)
+    reader = mount(bucket)
+    os.mkdir(writer.path / "shared")
+    assert wait_until(lambda: os.path.isdir(reader.path / "shared"), 5.0)
+    assert os.listdir(reader.path / "shared") == []  # the reader caches this listing
+    start = time.monotonic()
+    (writer.path / "shared" / "hello.txt").write_bytes(b"hello")
+    assert wait_until(lambda: "hello.txt" in os.listdir(reader.path / "shared"), 5.0)
+    print(f"listed on the second mount after {time.monotonic() - start:.1f} s")
+    assert (reader.path / "shared" / "hello.txt").read_bytes() == b"hello"
+    assert writer.unmount() == 0
+    assert reader.unmount() == 0

@@ -1,0 +1,244 @@
+"""Races around rename and open readers (issue #15), each forced into its bad interleaving.
+
+The fault proxy's `hold` action keeps one chosen request (or its answer) until the test
+lets it go, so the mount is caught exactly between two steps: parts of a stream in flight
+while the file is renamed and its old name reused; the old key's DELETE of a rename in
+flight when the daemon is killed; a reader half-way through an object that changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MountFactory
+from faultproxy import FaultProxy
+from helpers import body, open_uploads, write_file
+
+MIB = 1 << 20
+PART = ("--part-size", "5")
+
+
+def data_of(n: int, seed: int) -> bytes:
+    """`n` bytes that differ for each seed (and from one MiB to the next)."""
+    block = bytes((i * 7 + seed) % 251 for i in range(65536 + seed))
+    return (block * (n // len(block) + 1))[:n]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll until `predicate()` holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def sync(run_fbmount: Callable[..., Any], mnt: Path) -> None:
+    """`fbmount sync`: returns once everything written so far is in S3."""
+    r = run_fbmount("sync", str(mnt), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- race 2
+@pytest.mark.parametrize(
+    ("old", "new"), [("a", "b"), ("d/a", "e/a")], ids=["file-renamed", "dir-renamed"]
+)
+def test_streamed_file_renamed_while_parts_fly_and_old_name_reused(
+    s3: Any,
+    bucket: str,
+    mount: MountFactory,
+    s3_endpoint: str,
+    run_fbmount: Callable,
+    old: str,
+    new: str,
+) -> None:
+    """dd into `a` (streamed), `mv a b`, `echo hi > a`: both files must survive.
+
+    A stream is a multipart upload bound to the key it began under. Held here: one part
+    (so parts are in flight during the mv and the new write) and any completion under the
+    old name until the new `a` is stored, the order in which a stream completing under
+    its old name would overwrite (and its cleanup delete) the new file. The same holds
+    when the file moves with its directory (`mv d e; mkdir d; echo hi > d/a`).
+    """
+    data = data_of(16 * MIB, 1)
+    with FaultProxy(s3_endpoint) as proxy:
+        part = proxy.add_rule(kind="UploadPart", action="hold", times=1)
+        old_name_done = proxy.add_rule(
+            kind="CompleteMultipartUpload",
+            action="hold",
+            where=lambda info: info.key == old,
+        )
+        m = mount(bucket, *PART, "--upload-delay", "60", endpoint=proxy.endpoint)
+        if "/" in old:
+            (m.path / old).parent.mkdir()
+        write_file(m.path / old, data)
+        assert part.wait_held(), "no part of the stream was sent"
+        if "/" in old:
+            os.rename((m.path / old).parent, (m.path / new).parent)
+            (m.path / old).parent.mkdir()
+        else:
+            os.rename(m.path / old, m.path / new)
+        (m.path / old).write_bytes(b"hi\n")
+        part.release()
+
+        with ThreadPoolExecutor(1) as pool:
+            syncing = pool.submit(sync, run_fbmount, m.path)
+            wait_for(
+                lambda: f"/{bucket}/{old}" in proxy.paths("PutObject") or syncing.done(),
+                60,
+                f"the new `{old}` to be stored",
+            )
+            old_name_done.release()
+            syncing.result(timeout=120)
+        assert (m.path / new).read_bytes() == data
+        assert m.unmount() == 0
+    assert body(s3, bucket, old) == b"hi\n"
+    assert body(s3, bucket, new) == data
+    assert open_uploads(s3, bucket) == []
+
+
+# --------------------------------------------------------------------------- race 9
+@pytest.mark.parametrize(
+    ("case", "phase"),
+    [("dirty", "request"), ("clean-open", "response")],
+    ids=["dirty-delete-unsent", "clean-open-delete-done"],
+)
+def test_kill9_during_rename_of_staged_file_already_in_s3(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, case: str, phase: str
+) -> None:
+    """A staged file whose object is in S3 is renamed; the daemon dies while the old key's
+    DELETE is held. The file must come back under the new name after a remount.
+
+    dirty: changed since its upload, DELETE not yet forwarded. clean-open: uploaded and
+    still open (so its journal record was retired), DELETE done by the server, answer
+    held. The old name may keep an older copy, but the file is never lost.
+    """
+    first, second = data_of(3 * MIB, 2), data_of(2 * MIB + 7, 3)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--upload-delay", "60", endpoint=proxy.endpoint)
+        fd = os.open(m.path / "a", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, first)
+            os.fsync(fd)  # in S3 now: the rename must delete the old key
+            if case == "dirty":
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, second, 0)
+                os.close(fd)  # journaled on local disk, upload not yet due
+                fd = -1
+            assert body(s3, bucket, "a") == first
+            delete = proxy.add_rule(
+                kind=("DeleteObject", "DeleteObjects"), action="hold", phase=phase, times=1
+            )
+            errors: list[OSError] = []
+
+            def rename() -> None:
+                try:
+                    os.rename(m.path / "a", m.path / "b")
+                except OSError as e:  # the daemon died under it
+                    errors.append(e)
+
+            mover = threading.Thread(target=rename, daemon=True)
+            mover.start()
+            assert delete.wait_held(20), "the rename sent no delete of the old key"
+            m.kill9()
+            mover.join(10)
+            assert not mover.is_alive()
+        finally:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # its mount died with the daemon
+        # At the crash the old name still held the first upload where the DELETE was not
+        # forwarded yet, and nothing where the server had done it.
+        assert body(s3, bucket, "a") == (first if phase == "request" else None)
+        proxy.clear_rules()
+        delete.release()  # the dead daemon's request goes on (and may delete the old key)
+        # Same endpoint, same cache dir: the staging directory of that mount.
+        again = mount(bucket, cache_dir=m.cache_dir, mountpoint=m.path, endpoint=proxy.endpoint)
+        expected = second if case == "dirty" else first
+        assert (again.path / "b").read_bytes() == expected
+        assert body(s3, bucket, "b") == expected  # recovery uploaded it before serving
+        assert body(s3, bucket, "a") in (None, first)  # never a copy that is not the file's
+        assert again.unmount() == 0
+    assert body(s3, bucket, "b") == expected
+
+
+# --------------------------------------------------------------------------- race 5
+KERNEL_READ = 128 * 1024
+
+
+@pytest.mark.parametrize("learn", ["second-open", "ls-l"])
+def test_open_reader_never_mixes_versions(
+    s3: Any, bucket: str, mount: MountFactory, learn: str
+) -> None:
+    """An object changes behind the mount while a reader is half-way through it, and the
+    mount learns the new ETag (a second open that reads it, or `ls -l` after the TTLs).
+    The first reader keeps its version: every read gives the old bytes or EIO, never
+    bytes of the new version.
+
+    --read-ahead 8 keeps at most two 8 MiB chunks fetched ahead, so the last of three
+    is fetched after the change: its If-Match must fail.
+    """
+    old, new = os.urandom(24 * MIB), os.urandom(24 * MIB)
+    s3.put_object(Bucket=bucket, Key="obj", Body=old)
+    m = mount(bucket, "--attr-ttl", "1", "--dir-ttl", "1", "--read-ahead", "8")
+    path = m.path / "obj"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, KERNEL_READ, 0) == old[:KERNEL_READ]
+        new_etag = s3.put_object(Bucket=bucket, Key="obj", Body=new)["ETag"].strip('"')
+
+        def mount_learnt() -> bool:
+            if learn == "second-open":
+                with open(path, "rb", buffering=0) as f:  # open after --attr-ttl: HEAD
+                    return f.read(KERNEL_READ) == new[:KERNEL_READ]
+            os.listdir(m.path)  # ls -l: a fresh listing once --dir-ttl has passed
+            os.stat(path)
+            return os.getxattr(path, "user.fbmount.etag").decode() == new_etag
+
+        wait_for(mount_learnt, 30, "the mount to learn the new ETag")
+        eio = 0
+        for off in range(KERNEL_READ, len(old), KERNEL_READ):
+            try:
+                got = os.pread(fd, KERNEL_READ, off)
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+                eio += 1
+                continue
+            assert got == old[off : off + KERNEL_READ], f"bytes of another version at {off}"
+        assert eio > 0, "every chunk was fetched before the change: If-Match never tested"
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == new  # a new open reads the new version whole
+    assert m.unmount() == 0
+
+
+def test_open_reader_follows_renames_made_through_the_mount(
+    s3: Any, bucket: str, mount: MountFactory
+) -> None:
+    """The mount's own renames (of the file, of its directory) move the object under an
+    open reader: it goes on reading the same bytes under the new key."""
+    data = os.urandom(24 * MIB)
+    s3.put_object(Bucket=bucket, Key="d/obj", Body=data)
+    m = mount(bucket, "--read-ahead", "8")
+    fd = os.open(m.path / "d" / "obj", os.O_RDONLY)
+    try:
+        assert os.pread(fd, KERNEL_READ, 0) == data[:KERNEL_READ]
+        os.rename(m.path / "d" / "obj", m.path / "d" / "moved")
+        assert os.pread(fd, KERNEL_READ, 12 * MIB) == data[12 * MIB : 12 * MIB + KERNEL_READ]
+        os.rename(m.path / "d", m.path / "e")
+        rest = os.pread(fd, len(data), 20 * MIB)
+        assert rest == data[20 * MIB :]
+    finally:
+        os.close(fd)
+    assert body(s3, bucket, "e/moved") == data
+    assert m.unmount() == 0

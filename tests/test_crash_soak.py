@@ -592,6 +592,7 @@ class Soak:
             m = self.mount_factory(
                 self.bucket, *MOUNT_ARGS, cache_dir=prev.cache_dir, mountpoint=prev.path
             )
+            m.sync()  # recovery serves the staged files at once and uploads them meanwhile
         self.mounts.append(m)
         return m
 
@@ -877,7 +878,8 @@ class Soak:
         t: float,
     ) -> None:
         """What the new mount shows (`obs`, and its bytes if a cut-short write allows
-        mixes) and what S3 holds, right after recovery, before anything else touched it."""
+        mixes) and what S3 holds, right after recovery and its upload (`fbmount sync`),
+        before anything else touched it."""
         pm = self.models[path]
         s3_st = s3[0]
         if not pm.allowed(obs, obs_bytes):

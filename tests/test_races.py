@@ -441,3 +441,41 @@ def test_recover_quarantines_unreadable_records(
     assert sorted(p.name for p in root.iterdir()) == sorted(
         [f"{good.id}.data", f"{good.id}.json", "quarantine"]
     )
+
+
+def test_sync_during_the_download_of_a_file_opened_for_writing(
+    s3: Any, s3_endpoint: str, bucket: str, mount: Any, run_fbmount: Any
+) -> None:
+    """`fbmount sync` while an open-for-write downloads a stored file into staging must
+    not upload the partial local copy over the object (the crash soak found S3 left with
+    0 bytes of an fsync'ed 3 MiB file)."""
+    data = os.urandom(3 * MIB)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint, "--upload-delay", "0.3", "--part-size", "5")
+        with open(m.path / "f", "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        assert s3.get_object(Bucket=bucket, Key="f")["Body"].read() == data
+        held = proxy.add_rule("GetObject", "hold", key="f", times=1)
+        result: dict[str, Any] = {}
+
+        def writer() -> None:
+            try:
+                fd = os.open(m.path / "f", os.O_WRONLY)  # downloads the object first
+                os.pwrite(fd, b"X", 0)
+                os.close(fd)
+                result["ok"] = True
+            except OSError as e:
+                result["error"] = e
+
+        t = threading.Thread(target=writer)
+        t.start()
+        assert held.wait_held(30), m.log_text()
+        r = run_fbmount("sync", str(m.path), timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert s3.get_object(Bucket=bucket, Key="f")["Body"].read() == data  # untouched
+        held.release()
+        t.join(30)
+        assert result == {"ok": True}
+        assert m.unmount() == 0
+    assert s3.get_object(Bucket=bucket, Key="f")["Body"].read() == b"X" + data[1:]

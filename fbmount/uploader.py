@@ -45,11 +45,12 @@ async def multipart_upload(
     part_size: int,
     headers: dict[str, str],
     content_type: str,
-    read_part: Callable[[int, int], Awaitable[bytes]],
+    send_part: Callable[[str, int, int, int], Awaitable[str]],
     limiter: trio.CapacityLimiter,
     progress: Callable[[int], None] = lambda n: None,
 ) -> str:
-    """Upload `size` bytes as parallel parts; `read_part(offset, length)` supplies each.
+    """Upload `size` bytes as parallel parts; `send_part(upload_id, number, offset,
+    length)` sends each and returns its ETag.
 
     A failure (or cancellation) aborts the upload, so no multipart upload is left open.
     """
@@ -61,9 +62,9 @@ async def multipart_upload(
 
         async def send(i: int) -> None:
             async with limiter:
-                body = await read_part(i * part, min(part, size - i * part))
-                etags[i] = await store.upload_part(key, upload_id, i + 1, body)
-                progress(len(body))
+                length = min(part, size - i * part)
+                etags[i] = await send_part(upload_id, i + 1, i * part, length)
+                progress(length)
 
         async with open_nursery() as nursery:
             for i in range(count):
@@ -90,8 +91,9 @@ async def upload_file(
 ) -> tuple[str, int]:
     """Upload a local file to `key`; returns (etag, size). `progress(n)` after each part.
 
-    `limiter` is shared by every upload of the mount: each token is one body (a part or a
-    whole small file) in memory, so memory stays at tokens x part size under any load.
+    `limiter` is shared by every upload of the mount: each token is one body in flight.
+    A small file is one PUT of its bytes; a part is read from the file as it is sent, so
+    even the 525 MiB parts of a 5 TB file hold one chunk each in memory.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -101,11 +103,11 @@ async def upload_file(
                 body = await trio.to_thread.run_sync(os.pread, fd, size, 0)
                 return await store.put(key, body, headers, content_type), size
 
-        async def read_part(offset: int, length: int) -> bytes:
-            return await trio.to_thread.run_sync(os.pread, fd, length, offset)
+        async def send_part(upload_id: str, number: int, offset: int, length: int) -> str:
+            return await store.upload_part_from_file(key, upload_id, number, fd, offset, length)
 
         etag = await multipart_upload(
-            store, key, size, part_size, headers, content_type, read_part, limiter, progress
+            store, key, size, part_size, headers, content_type, send_part, limiter, progress
         )
         return etag, size
     finally:
@@ -128,8 +130,9 @@ async def stream_copy(
         body = bytes(await store.get_range(src, 0, size, etag)) if size else b""
         return await store.put(dst, body, headers, content_type)
 
-    async def read_part(offset: int, length: int) -> bytes:
-        return bytes(await store.get_range(src, offset, offset + length, etag))
+    async def send_part(upload_id: str, number: int, offset: int, length: int) -> str:
+        body = bytes(await store.get_range(src, offset, offset + length, etag))
+        return await store.upload_part(dst, upload_id, number, body)
 
     return await multipart_upload(
         store,
@@ -138,7 +141,7 @@ async def stream_copy(
         part_size,
         headers,
         content_type,
-        read_part,
+        send_part,
         trio.CapacityLimiter(parallel),
     )
 

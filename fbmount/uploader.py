@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fbmount.upload")
 MAX_PARTS = 10_000
+RACED_UPLOAD_RETRIES = 2  # uploads retried at once when the file changed under them
 
 
 def part_size_for(size: int, configured: int) -> int:
@@ -319,7 +320,21 @@ class WriteBack:
         )
 
     async def upload(self, staged: Staged) -> None:
-        """Upload `staged` now (waiting for an upload in flight); FsError on failure."""
+        """Upload `staged` now (waiting for an upload in flight); FsError on failure.
+
+        A failure that a change made during the upload may have caused (a truncate under a
+        part being sent) is no failure of the newer content: that goes up at once."""
+        for _ in range(RACED_UPLOAD_RETRIES):
+            generation = staged.generation
+            try:
+                return await self._upload_once(staged)
+            except FsError:
+                if staged.generation == generation or staged.state is not State.DIRTY:
+                    raise
+                log.debug("upload of %s raced a change; sending the new content", staged.key)
+        await self._upload_once(staged)
+
+    async def _upload_once(self, staged: Staged) -> None:
         async with staged.lock:
             if staged.state is not State.DIRTY:
                 return  # CLEAN (a concurrent upload did it) or DISCARDED

@@ -15,17 +15,20 @@ import base64
 import errno
 import hashlib
 import http.client
+import os
 import random
 import re
 import socket
 import ssl
 import threading
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from fbmount.errors import S3_CODE_ERRNO, FsError, PreconditionFailed
 
 RETRIES = 4
+FILE_CHUNK = 1 << 20  # what a part read from a file holds in memory at a time
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
 
 
@@ -49,6 +52,28 @@ def _s3_error(status: int, body: bytes, what: str, key: str) -> tuple[bool, FsEr
 def _target(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.path}?{parts.query}" if parts.query else parts.path
+
+
+class _FileSlice:
+    """A file-like view of bytes [offset, offset + length) of `fd`, for http.client to
+    send chunk by chunk (it calls read(blocksize) until b"")."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd, self.offset, self.length = fd, offset, length
+        self.pos = 0
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.length - self.pos
+        if n < 0 or n > left:
+            n = left
+        data = os.pread(self.fd, n, self.offset + self.pos) if n else b""
+        if len(data) < n:  # truncated meanwhile: fail the request, never stall the server
+            raise OSError(errno.EIO, "the staged file shrank while being sent")
+        self.pos += len(data)
+        return data
 
 
 class DataPlane:
@@ -91,15 +116,31 @@ class DataPlane:
 
     def put(self, url: str, body: bytes, what: str) -> str:
         """PUT `body` to pre-signed `url` (an UploadPart); returns the ETag. Blocking, retried."""
-        md5 = hashlib.md5(body, usedforsecurity=False)
+        return self._put(url, body, len(body), hashlib.md5(body, usedforsecurity=False), what)
+
+    def put_file(self, url: str, fd: int, offset: int, length: int, what: str) -> str:
+        """PUT bytes [offset, offset + length) of the file `fd`, read as they are sent: a
+        part of any size (a 5 TB file's parts are 525 MiB) costs one chunk of memory."""
+        md5 = hashlib.md5(usedforsecurity=False)
+        for start in range(offset, offset + length, FILE_CHUNK):
+            chunk = os.pread(fd, min(FILE_CHUNK, offset + length - start), start)
+            if not chunk:
+                raise FsError(errno.EIO, f"{what}: the staged file shrank while being sent")
+            md5.update(chunk)
+        return self._put(url, _FileSlice(fd, offset, length), length, md5, what)
+
+    def _put(self, url: str, body: bytes | _FileSlice, length: int, md5: Any, what: str) -> str:
         headers = {
-            "Content-Length": str(len(body)),
+            "Content-Length": str(length),
             "Content-MD5": base64.b64encode(md5.digest()).decode(),
         }
         last_error = ""
         for attempt in range(RETRIES):
             _backoff(attempt)
             conn = self._take()
+            if isinstance(body, _FileSlice):
+                body.rewind()
+                conn.blocksize = FILE_CHUNK
             try:
                 conn.request("PUT", _target(url), body=body, headers=headers)
                 resp = conn.getresponse()

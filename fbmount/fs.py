@@ -30,7 +30,7 @@ from fbmount.errors import CopyNotSupported, FsError
 from fbmount.metaindex import MetaIndex
 from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node
 from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
-from fbmount.staging import Staged, StagingArea
+from fbmount.staging import Staged, StagingArea, State
 from fbmount.store import S3Store
 from fbmount.tasks import guarded, open_nursery
 from fbmount.uploader import WriteBack, stream_copy
@@ -69,6 +69,7 @@ class FileHandle:
     writable: bool
     append: bool
     reader: RemoteReader | None = None
+    staged: Staged | None = None  # the staged copy this handle is counted in (handles)
     # (ETag, size) of the object version this handle reads, pinned at open: the cache may
     # learn a newer ETag meanwhile (ls -l, another open), and following it would mix
     # bytes of two versions; with the pin, a change behind the mount fails If-Match (EIO).
@@ -214,7 +215,7 @@ class Filesystem(pyfuse3.Operations):
         a.st_uid, a.st_gid = node.uid, node.gid
         a.st_rdev = node.rdev
         size = node.size
-        if node.staged is not None and node.staged.has_data:
+        if node.staged is not None and node.staged.local:  # never a partial download's size
             size = node.size = node.staged.size()
         a.st_size = size
         a.st_blksize = 1 << 20
@@ -496,7 +497,8 @@ class Filesystem(pyfuse3.Operations):
             # Dirty *before* the await: an upload of the old bytes that ends meanwhile would
             # otherwise retire the staged file, and the truncate would be lost.
             staged.touch()
-            await trio.to_thread.run_sync(os.ftruncate, self.staging.open_fd(staged), attr.st_size)
+            # By path: a worker thread must not use a descriptor a release() may close.
+            await trio.to_thread.run_sync(os.truncate, staged.data_path, attr.st_size)
             node.size = attr.st_size
             node.mtime_ns = node.ctime_ns = now
             staged.touch()
@@ -553,82 +555,97 @@ class Filesystem(pyfuse3.Operations):
                 with_data=False,
                 source_key=self.ns.key(node),
                 source_etag=node.etag,
+                state=State.CLEAN,
             )
             staged.node, node.staged = node, staged
-            staged.uploaded_generation = staged.generation
         staged.touch()
         await self.journal_durable(staged)
         self.uploader.kick()
 
     # ===== staging ======================================================================
     async def ensure_data(self, node: Node, keep: int | None = None) -> Staged:
-        """A staged copy with local data: new, or downloaded (only the first `keep` bytes)."""
-        staged = node.staged
-        if staged is not None and staged.has_data:
-            if staged.filling is not None:  # another open is downloading the old bytes:
-                await staged.filling.wait()  # writing before they are all in would lose
-                return await self.ensure_data(node, keep)  # the write (or its download failed)
-            return staged
+        """A staged copy whose local file is complete: new, or downloaded (only the first
+        `keep` bytes).
+
+        The download keeps the entry LOADING with its lock held, so a second open or
+        truncate, an upload, an unlink or a rename waits for it: the uploader never sends a
+        partial copy, and no write can be overwritten by download bytes arriving later. A
+        failed download leaves S3 untouched and raises (EIO) to the caller."""
+        while True:
+            staged = node.staged
+            if staged is not None and staged.local:
+                return staged
+            if staged is None or not staged.lock.locked():
+                break
+            async with staged.lock:  # a download (or an upload) in flight: wait, look again
+                pass
+        # From here to acquire_nowait() nothing yields: the entry is LOADING and locked at once.
         key = self.ns.key(node)
         if staged is None:
-            staged = self.staging.new(key)
+            staged = self.staging.new(
+                key, source_key=key, source_etag=node.etag, state=State.LOADING
+            )
             staged.node, node.staged = node, staged
-            clean = True
         else:
-            async with staged.lock:
-                if node.staged is not staged:  # its upload finished while we waited
-                    return await self.ensure_data(node, keep)
-                self.staging.add_data(staged)
-            clean = False  # a metadata change is still pending
-        want = node.size if keep is None else min(keep, node.size)
-        if node.remote and want > 0:
-            staged.seq_end = -1  # existing bytes: not a fresh front-to-back write
-            staged.filling = trio.Event()
-            try:
-                await self._download(key, node.etag, want, staged.fd)
-            except BaseException:
+            self.staging.begin_load(staged)  # a pending metadata change stays pending
+        staged.lock.acquire_nowait()
+        try:
+            want = node.size if keep is None else min(keep, node.size)
+            if node.remote and want > 0:
+                staged.seq_end = -1  # existing bytes: not a fresh front-to-back write
+                await self._download(key, node.etag, want, staged)
+        except BaseException:
+            if self.staging.load_failed(staged) and node.staged is staged:
                 node.staged = None
-                self.staging.remove(staged)
-                raise
-            finally:
-                staged.filling.set()
-                staged.filling = None
-        if clean:
-            staged.uploaded_generation = staged.generation
+            raise
+        else:
+            staged.loaded()
+        finally:
+            staged.lock.release()
         return staged
 
-    async def _download(self, key: str, etag: str, size: int, fd: int) -> None:
+    async def _download(self, key: str, etag: str, size: int, staged: Staged) -> None:
+        """Fill the LOADING copy through a descriptor of its own, closed only once every
+        worker thread is done (a release() may close the staged file's shared fd)."""
+        assert staged.data_path is not None
+        fd = os.open(staged.data_path, os.O_WRONLY)
+
         async def fetch(start: int) -> None:
             async with self.get_limiter:
                 data = await self.store.get_range(key, start, min(start + CHUNK, size), etag)
             await trio.to_thread.run_sync(os.pwrite, fd, data, start)
 
-        async with open_nursery() as nursery:
-            for start in range(0, size, CHUNK):
-                nursery.start_soon(fetch, start)
+        try:
+            async with open_nursery() as nursery:
+                for start in range(0, size, CHUNK):
+                    nursery.start_soon(fetch, start)
+        finally:
+            os.close(fd)
 
     def discard(self, node: Node) -> None:
         """Drop a staged file that must never be uploaded (its name is gone)."""
         staged = node.staged
         if staged is None:
             return
-        staged.discarded = True
+        self.staging.discard(staged)  # its journal record goes now, open or not
         self.eager.abandon(staged, "unlinked")
         if node.opens == 0:
             self.staging.remove(staged)
             node.staged = None
 
     def finished_upload(self, staged: Staged) -> None:
-        """Called by the uploader when `staged` is clean in S3."""
+        """Called when `staged` may be CLEAN (in S3): retire it unless still open."""
+        if staged.state is not State.CLEAN:
+            return  # LOADING, DIRTY, UPLOADING: still needed; DISCARDED: its owner removes it
         node = staged.node
         self._readers_follow(node)
-        if node is not None and staged.handles == 0 and not staged.dirty:
-            node.staged = None
+        if node is not None and staged.handles == 0:
+            if node.staged is staged:
+                node.staged = None
             self.staging.remove(staged)
             self.ns._maybe_drop(node)
-        elif not staged.dirty:
-            for suffix in (".json",):  # clean but open: nothing left to recover
-                (self.staging.root / f"{staged.id}{suffix}").unlink(missing_ok=True)
+        else:
+            self.staging.drop_record(staged)  # clean but open: nothing left to recover
 
     # ===== files ========================================================================
     @fuse_errors
@@ -658,7 +675,8 @@ class Filesystem(pyfuse3.Operations):
             self._pin(handle, fi)
         if node.staged is not None:
             node.staged.handles += 1
-            self.staging.open_fd(node.staged) if node.staged.has_data else None
+            handle.staged = node.staged
+            self.staging.open_fd(node.staged) if node.staged.local else None
         node.opens += 1
         fi.fh = self._new_fh()
         self.handles[fi.fh] = handle
@@ -669,10 +687,15 @@ class Filesystem(pyfuse3.Operations):
         self._writable()
         parent, sname = self._new_name(parent_inode, name)
         existing = await self.resolve(parent, sname)
+        if existing is None and not flags & (os.O_TRUNC | os.O_EXCL):
+            # The kernel believed the name absent, and our caches may too; but O_CREAT
+            # without O_TRUNC (`>>`, dd conv=notrunc) must keep an object that another
+            # client created meanwhile, so ask S3 itself before making a new, empty file.
+            existing = await self._probe(parent, sname)
         if existing is not None:
             if flags & os.O_EXCL:
                 raise FsError(errno.EEXIST)
-            fi = await self.open(existing.ino, flags | os.O_TRUNC, ctx)
+            fi = await self.open(existing.ino, flags, ctx)  # O_TRUNC only if the caller asked
             existing.lookups += 1
             return fi, self.attrs(existing)
         node = self.ns.add(parent, sname, Kind.FILE)
@@ -695,7 +718,7 @@ class Filesystem(pyfuse3.Operations):
         node.opens += 1
         node.lookups += 1
         fi = pyfuse3.FileInfo(fh=self._new_fh())
-        self.handles[fi.fh] = FileHandle(node, True, bool(flags & os.O_APPEND))
+        self.handles[fi.fh] = FileHandle(node, True, bool(flags & os.O_APPEND), staged=staged)
         return fi, self.attrs(node)
 
     def _pin(self, handle: FileHandle, fi: pyfuse3.FileInfo) -> None:
@@ -721,11 +744,13 @@ class Filesystem(pyfuse3.Operations):
         handle = self.handles[fh]
         node = handle.node
         staged = node.staged
-        if staged is not None and staged.filling is not None:
-            await staged.filling.wait()  # a writer's open is downloading the old bytes
-            staged = node.staged
-        if staged is not None and staged.has_data:
-            return await trio.to_thread.run_sync(os.pread, self.staging.open_fd(staged), size, off)
+        if staged is not None and staged.local:  # LOADING: read the remote object instead
+            # A descriptor of our own: a release() may close the shared one meanwhile.
+            fd = os.dup(self.staging.open_fd(staged))
+            try:
+                return await trio.to_thread.run_sync(os.pread, fd, size, off)
+            finally:
+                os.close(fd)
         if staged is not None or handle.version is None:
             # A metadata change of this mount is pending: the node's ETag is changed only
             # by the mount itself until it is uploaded, so it is the version to read.
@@ -758,7 +783,7 @@ class Filesystem(pyfuse3.Operations):
         handle = self.handles[fh]
         node = handle.node
         staged = node.staged
-        if staged is None or not staged.has_data or staged.filling is not None:
+        if staged is None or not staged.local:
             staged = await self.ensure_data(node)
         fd = self.staging.open_fd(staged)
         if handle.append:
@@ -796,21 +821,24 @@ class Filesystem(pyfuse3.Operations):
         node.opens -= 1
         if handle.reader is not None:
             handle.reader.close()
-        staged = node.staged
-        if staged is not None:
-            staged.handles -= 1
+        counted = handle.staged  # a handle opened before the file was staged counts in none
+        if counted is not None:
+            counted.handles -= 1
             if handle.writable:
-                staged.writers -= 1
-                staged.last_change = time.monotonic()
-            if staged.handles == 0:
-                self.staging.close_fd(staged)
-                if staged.discarded:
+                counted.writers -= 1
+                counted.last_change = time.monotonic()
+            if counted.handles == 0:
+                self.staging.close_fd(counted)
+        staged = node.staged
+        if staged is not None and staged.handles == 0:
+            if staged.discarded:
+                if node.opens == 0:  # nobody reads the unlinked file's local copy any more
                     self.staging.remove(staged)
                     node.staged = None
-                elif not staged.dirty:
-                    self.finished_upload(staged)
-                else:
-                    self.uploader.kick()
+            elif staged.state is State.CLEAN:
+                self.finished_upload(staged)
+            elif counted is staged:
+                self.uploader.kick()
         self.ns._maybe_drop(node)
 
     # ===== directories ==================================================================
@@ -1301,10 +1329,14 @@ class Filesystem(pyfuse3.Operations):
 
     # ===== life cycle ===================================================================
     async def recover(self) -> None:
-        """Upload what a crashed earlier run left staged, before serving anything of it.
+        """Take back what a crashed earlier run left staged: each file becomes part of the
+        namespace again, served from its staged copy, and the write-back uploads it once
+        the mount is up (`fbmount sync` waits for it).
 
-        Never fails the mount (a crash loop under systemd): what cannot be uploaded now
-        stays staged for the next mount, and a bug here is logged, not raised."""
+        Nothing is uploaded before the mount answers (systemd's start timeout), a later
+        write changes the same staged copy (an old record is never replayed over newer
+        data), and a failed upload is retried like any other. Never fails the mount: a bug
+        here is logged, not raised."""
         assert self.store.upload_notes is not None
         await guarded(
             "aborting the multipart uploads left by the last run",
@@ -1320,16 +1352,47 @@ class Filesystem(pyfuse3.Operations):
         if not found:
             return
         log.info("recovering %d staged file(s) from an earlier run", len(found))
-        left = await self.uploader.flush_all([staged for staged, _ in found])
-        if left:
+        # Oldest first: a newer record of the same key supersedes an older one.
+        for staged, record in sorted(found, key=lambda f: f[1].get("written", 0)):
+            await guarded(f"recovering {staged.key}", self._adopt_recovered, staged, record)
+        self.uploader.kick()
+
+    async def _adopt_recovered(self, staged: Staged, record: dict) -> None:
+        """Give a recovered staged file its node (and its directories' nodes)."""
+        where = fmt.split_key(self.cfg.prefix, staged.key)
+        if where is None or where.kind != "object" or not where.parts:
             log.error(
-                "%d recovered item(s) could not be uploaded yet; kept in %s",
-                len(left),
-                self.staging.root,
+                "recovered %s is not a file name here; kept in %s", staged.key, self.staging.root
             )
-            for staged, _ in found:  # not part of this mount's view; next mount retries
-                if staged.dirty:
-                    self.staging.entries.pop(staged.id, None)
+            self.staging.entries.pop(staged.id, None)
+            return
+        parent = self.ns.get(self.ns.root_ino)
+        assert parent is not None
+        for name in where.parts[:-1]:
+            child = self.ns.child(parent.ino, name)
+            if child is None or child.kind is not Kind.DIR:
+                child = self.ns.add(parent, name, Kind.DIR)
+                child.remote = False  # not known in S3 yet: a re-list must keep it
+            parent = child
+        name = where.parts[-1]
+        headers = record.get("headers") or {}
+        older = self.ns.child(parent.ino, name)
+        if older is not None and older.staged is not None:
+            self.discard(older)  # an older record of the same key: superseded
+        node = self.ns.add(parent, name, self.ns.kind_from_headers(headers))
+        if not staged.has_data:  # metadata only: the bytes are the remote object's
+            info = await self.store.head(staged.source_key or staged.key)
+            if info is None:
+                log.error("recovered metadata change of %s: the object is gone", staged.key)
+                self.staging.discard(staged)
+                self.staging.remove(staged)
+                return
+            node.size, node.etag = info.size, info.etag
+        self.ns.apply_meta(node, headers)
+        node.content_type = record.get("content_type") or node.content_type
+        node.remote = True  # may exist in S3: an unlink must delete the key
+        node.meta_known = True
+        node.staged, staged.node = staged, node
 
     async def adopt_bucket_acl(self) -> None:
         """Without -o umask, objects that carry no mode show the bucket's ACL (see

@@ -3,15 +3,47 @@
 Every file that is written (or whose metadata changes) through the mount becomes a Staged
 entry: `<id>.data` holds its bytes (absent for a metadata-only change, whose bytes are still
 the remote object) and `<id>.json` the journal record: target key, headers, state. The
-journal is replaced atomically (write temp, fsync, rename, fsync dir), so after a crash the
-next mount finds every entry whose close() returned and uploads it. Files are 0600 inside
+journal is replaced atomically (write a temp of its own, fsync, rename, fsync dir), so after
+a crash the next mount finds every entry whose close() returned and uploads it; a `.data`
+whose record cannot be read is moved to `quarantine/`, never deleted. Files are 0600 inside
 a 0700 directory; their names are random, never derived from keys, so no key can make us
 write outside the staging directory.
+
+This module owns the state of a staged file. Each Staged is in exactly one State, changed
+only by the plain synchronous methods below (trio is cooperative: code between two awaits
+is atomic, so a transition can never be seen half done):
+
+    new file (create)            ─▶ DIRTY
+    existing object to write     ─▶ LOADING           StagingArea.new(state=LOADING)
+    metadata-only change         ─▶ CLEAN ─touch()─▶ DIRTY
+    CLEAN | DIRTY (metadata only) ─begin_load()─▶ LOADING   (it gets a local copy)
+    LOADING   ─loaded()─▶        CLEAN, or DIRTY when a change is pending (a metadata change
+                                 made before or during the download)
+    LOADING   ─load_failed()─▶   DIRTY metadata-only again (if it was), else DISCARDED
+    CLEAN     ─touch()─▶         DIRTY          (LOADING/UPLOADING stay, the change is noted)
+    DIRTY     ─begin_upload()─▶  UPLOADING
+    UPLOADING ─upload_done(g)─▶  CLEAN, or DIRTY if touched since the upload took generation g
+    UPLOADING ─upload_failed()─▶ DIRTY
+    any       ─discard()─▶       DISCARDED      (terminal: the name is gone)
+
+Invariants:
+- LOADING: the download holds `Staged.lock` from begin to end, so every other user of the
+  file (a second open or truncate, an upload, an unlink, a rename) waits for it; only the
+  download writes the local file, nobody reads it (readers still read the remote object),
+  and a journal record written meanwhile describes the remote body (has_data false), so a
+  crash can never upload a partial copy.
+- Only a DIRTY file is ever picked by the write-back (uploader.WriteBack.due), and only
+  when no writer has it open; UPLOADING holds `Staged.lock` for the whole upload.
+- `dirty` (S3 is behind the local state) is true for DIRTY and UPLOADING, and for LOADING
+  with a pending change; never for CLEAN or DISCARDED.
+- DISCARDED: never uploaded, its journal record is removed by the transition itself and no
+  later journal write may bring it back; the entry is dropped once no handle has it open.
+- Journal records carry a sequence number: an older record never replaces a newer one.
 """
 
 from __future__ import annotations
 
-import itertools
+import enum
 import json
 import logging
 import os
@@ -27,6 +59,20 @@ import trio
 log = logging.getLogger("fbmount.staging")
 
 
+class State(enum.Enum):
+    """Where a staged file is in its life; see the transitions at the top of the module."""
+
+    LOADING = "loading"  # the remote object is being downloaded into the local copy
+    DIRTY = "dirty"  # S3 is behind: waiting to be uploaded
+    UPLOADING = "uploading"  # an upload is in flight (it holds Staged.lock)
+    CLEAN = "clean"  # S3 has what is staged
+    DISCARDED = "discarded"  # its name is gone: never uploaded
+
+
+class InvalidTransition(RuntimeError):
+    """A transition the state machine does not allow: a bug, never a user error."""
+
+
 @dataclass(eq=False)
 class Staged:
     """One file waiting to be uploaded (or being written). Mutated only from the trio thread."""
@@ -36,13 +82,12 @@ class Staged:
     data_path: Path | None  # None: metadata-only change, body = remote `source_key`
     source_key: str | None = None
     source_etag: str | None = None
+    state: State = State.DIRTY
     generation: int = 0  # bumped on every change
-    uploaded_generation: int = -1  # generation that is in S3 (-1: none yet)
     writers: int = 0
     handles: int = 0
     last_change: float = field(default_factory=time.monotonic)
     fd: int = -1
-    discarded: bool = False  # unlinked: never upload
     lock: trio.Lock = field(default_factory=trio.Lock)
     last_error: str | None = None
     failures: int = 0
@@ -53,27 +98,88 @@ class Staged:
     eager: Any = None  # eager.Stream: parts already going up while the file is written
     seq_end: int = 0  # written front to back up to here; -1 once not (or not new content)
     times_set: bool = False  # utime/touch set times explicitly (a stream then needs a copy)
-    # Journal writes of one entry run in worker threads too (close() of several handles at
-    # once): they take turns, and an older record never replaces a newer one.
-    journal_lock: threading.Lock = field(default_factory=threading.Lock)
-    filling: trio.Event | None = None  # set once the remote bytes are all downloaded
+    pending: bool = False  # LOADING: a change is waiting for the load to finish
+    upload_generation: int = -1  # UPLOADING: the generation the upload sends
+    stored_generation: int = -1  # the newest generation an upload has put in S3
+    journal_seq: int = 0  # sequence number of the newest journal record built
+    journal_on_disk: int = 0  # ... and of the one in `<id>.json` (guarded by the journal lock)
+    journal_closed: bool = False  # removed: no journal write may create `<id>.json` again
 
+    # ----- what the state says --------------------------------------------------------
     @property
     def dirty(self) -> bool:
-        return self.generation != self.uploaded_generation and not self.discarded
+        """S3 is behind what is staged (an upload in flight has not made it yet)."""
+        if self.state is State.LOADING:
+            return self.pending
+        return self.state in (State.DIRTY, State.UPLOADING)
+
+    @property
+    def discarded(self) -> bool:
+        return self.state is State.DISCARDED
 
     @property
     def has_data(self) -> bool:
+        """It has a local data file (complete unless LOADING; see `local`)."""
         return self.data_path is not None
 
-    def touch(self) -> None:
-        self.generation += 1
-        self.last_change = time.monotonic()
+    @property
+    def local(self) -> bool:
+        """The local data file is the file's content: reads and writes go there."""
+        return self.data_path is not None and self.state is not State.LOADING
 
     def size(self) -> int:
         if self.fd >= 0:
             return os.fstat(self.fd).st_size
         return self.data_path.stat().st_size if self.data_path else 0
+
+    # ----- transitions (synchronous: none of them can be interrupted halfway) ---------
+    def _expect(self, *allowed: State) -> None:
+        if self.state not in allowed:
+            raise InvalidTransition(f"{self.key}: {self.state.name} is not one of {allowed}")
+
+    def touch(self) -> None:
+        """A change of bytes or metadata: CLEAN → DIRTY; LOADING notes it for later."""
+        self.generation += 1
+        self.last_change = time.monotonic()
+        if self.state is State.CLEAN:
+            self.state = State.DIRTY
+        elif self.state is State.LOADING:
+            self.pending = True
+
+    def begin_upload(self) -> int:
+        """DIRTY → UPLOADING (the caller holds `lock`); returns the generation it sends."""
+        self._expect(State.DIRTY)
+        self.state = State.UPLOADING
+        self.upload_generation = self.generation
+        return self.generation
+
+    def upload_done(self) -> None:
+        """UPLOADING → CLEAN, or DIRTY when it changed while the upload ran."""
+        if self.state is State.DISCARDED:
+            return
+        self._expect(State.UPLOADING)
+        self.stored_generation = self.upload_generation
+        changed = self.generation != self.upload_generation
+        self.state = State.DIRTY if changed else State.CLEAN
+
+    def upload_failed(self) -> None:
+        """UPLOADING → DIRTY: retried later."""
+        if self.state is State.UPLOADING:
+            self.state = State.DIRTY
+
+    def loaded(self) -> None:
+        """LOADING → CLEAN, or DIRTY when a change is pending: the local copy is complete."""
+        if self.state is State.DISCARDED:
+            return
+        self._expect(State.LOADING)
+        self.state = State.DIRTY if self.pending else State.CLEAN
+        self.pending = False
+        self.source_key = self.source_etag = None  # the body is the local file now
+
+    def discard(self) -> None:
+        """Any state → DISCARDED: the name is gone, nothing of it may reach S3 any more."""
+        self.state = State.DISCARDED
+        self.pending = False
 
 
 class StagingArea:
@@ -84,7 +190,9 @@ class StagingArea:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)
         self.entries: dict[str, Staged] = {}
-        self._journal_seq = itertools.count(1)  # orders the records made by this process
+        # Journal writes run in worker threads; their final rename (and remove()) is
+        # decided under this lock, so an older record can never land after a newer one.
+        self._journal_lock = threading.Lock()
 
     # ----- creation ---------------------------------------------------------------------
     def new(
@@ -93,20 +201,49 @@ class StagingArea:
         with_data: bool = True,
         source_key: str | None = None,
         source_etag: str | None = None,
+        state: State = State.DIRTY,
     ) -> Staged:
+        """A new entry: DIRTY (a new file), CLEAN (about to get a metadata change) or
+        LOADING (an existing object about to be downloaded into it)."""
         sid = secrets.token_hex(8)
         data_path = self.root / f"{sid}.data" if with_data else None
-        staged = Staged(sid, key, data_path, source_key=source_key, source_etag=source_etag)
+        staged = Staged(
+            sid, key, data_path, source_key=source_key, source_etag=source_etag, state=state
+        )
         if data_path is not None:
             staged.fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.entries[sid] = staged
         return staged
 
-    def add_data(self, staged: Staged) -> None:
-        """Turn a metadata-only entry into one with a local data file (empty)."""
+    def begin_load(self, staged: Staged) -> None:
+        """CLEAN/DIRTY metadata-only → LOADING: give it an empty local data file to fill.
+
+        `source_key`/`source_etag` stay until loaded(): until then the remote object is
+        still the body that a journal record (and a recovery) must name."""
+        staged._expect(State.CLEAN, State.DIRTY)
+        if staged.data_path is not None:
+            raise InvalidTransition(f"{staged.key}: already has local data")
+        staged.pending = staged.state is State.DIRTY
+        staged.state = State.LOADING
         staged.data_path = self.root / f"{staged.id}.data"
         staged.fd = os.open(staged.data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        staged.source_key = staged.source_etag = None
+
+    def load_failed(self, staged: Staged) -> bool:
+        """LOADING → back to the metadata-only change it was (DIRTY), else DISCARDED and
+        removed. The partial copy is deleted either way. Returns True if the entry is gone."""
+        if staged.state is not State.LOADING:
+            return False
+        if staged.pending:  # a metadata change waits: it still applies to the remote body
+            self.close_fd(staged)
+            if staged.data_path is not None:
+                staged.data_path.unlink(missing_ok=True)
+            staged.data_path = None
+            staged.state = State.DIRTY
+            staged.pending = False
+            return False
+        staged.discard()
+        self.remove(staged)
+        return True
 
     def open_fd(self, staged: Staged) -> int:
         if staged.fd < 0 and staged.data_path is not None:
@@ -120,85 +257,148 @@ class StagingArea:
 
     # ----- journal ----------------------------------------------------------------------
     def journal_record(self, staged: Staged, headers: dict[str, str], content_type: str) -> dict:
+        """The record describing `staged` now, numbered: built in the trio thread, so a later
+        record always describes a later state."""
+        staged.journal_seq += 1
         return {
             "version": 1,
+            "seq": staged.journal_seq,
             "key": staged.key,
             "headers": headers,
             "content_type": content_type,
-            "has_data": staged.has_data,
+            # LOADING: the local copy is partial, the body is still the remote object.
+            "has_data": staged.local,
             "source_key": staged.source_key,
             "source_etag": staged.source_etag,
             "written": time.time(),
-            "seq": next(self._journal_seq),
         }
 
-    def write_journal(self, staged: Staged, record: dict, durable: bool) -> None:
-        """Atomically replace the journal record; durable=True also fsyncs data and dir.
-        Concurrent calls for one entry take turns; each writes the newest record made."""
-        with staged.journal_lock:
-            if record.get("seq", 0) >= staged.record.get("seq", 0):
-                staged.record = record
-            record = staged.record
-            path = self.root / f"{staged.id}.json"
-            tmp = self.root / f"{staged.id}.json.tmp"
-            if durable and staged.fd >= 0:
-                os.fsync(staged.fd)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    def write_journal(self, staged: Staged, record: dict, durable: bool) -> bool:
+        """Replace `<id>.json` by `record` atomically; durable=True also fsyncs the data,
+        the record and the directory. Safe to run in several worker threads at once: each
+        writes a temp file of its own, and the rename is skipped when a newer record is
+        already in place or the entry was removed meanwhile. Returns whether it was put."""
+        seq = record["seq"]
+        path = self.root / f"{staged.id}.json"
+        tmp = self.root / f"{staged.id}.json.{seq}-{secrets.token_hex(4)}.tmp"
+        if durable and record["has_data"] and staged.data_path is not None:
             try:
-                os.write(fd, json.dumps(record).encode())
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+                _fsync_path(staged.data_path)  # its own fd: the shared one may be closed
+            except FileNotFoundError:
+                return False  # removed meanwhile (uploaded and retired, or discarded)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, json.dumps(record).encode())
             if durable:
-                dfd = os.open(self.root, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                os.fsync(fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: leave no temp behind
+            raise
+        finally:
+            os.close(fd)
+        with self._journal_lock:
+            put = not staged.journal_closed and seq > staged.journal_on_disk
+            if put:
+                os.replace(tmp, path)
+                staged.journal_on_disk = seq
+                staged.record = record
+            else:
+                tmp.unlink(missing_ok=True)
+        if durable:
+            # Also when superseded: the newer record's rename must be durable before we
+            # report ours as on disk.
+            _fsync_path(self.root)
+        return put
+
+    def discard(self, staged: Staged) -> None:
+        """Any state → DISCARDED (its name is gone: unlinked or renamed over), and its
+        journal record goes at once, even while handles keep the local copy open: after a
+        crash a removed file must not come back. No later journal write may recreate it."""
+        staged.discard()
+        with self._journal_lock:
+            staged.journal_closed = True
+            (self.root / f"{staged.id}.json").unlink(missing_ok=True)
+
+    def drop_record(self, staged: Staged) -> None:
+        """Delete the journal record of an entry that stays (clean but still open): a
+        journal write already under way, built before now, must not bring it back."""
+        with self._journal_lock:
+            staged.journal_on_disk = max(staged.journal_on_disk, staged.journal_seq)
+            (self.root / f"{staged.id}.json").unlink(missing_ok=True)
 
     def remove(self, staged: Staged) -> None:
         """Forget an entry: its upload is done or it was discarded."""
+        with self._journal_lock:
+            staged.journal_closed = True
         self.close_fd(staged)
-        for suffix in (".json", ".json.tmp", ".data"):
+        for suffix in (".json", ".data"):
             try:
                 (self.root / f"{staged.id}{suffix}").unlink()
             except FileNotFoundError:
                 pass
+        # (No glob for temps: write_journal removes its own; a crash's go at recovery. A
+        # scan of the directory per retired file made rsync of many files quadratic.)
         self.entries.pop(staged.id, None)
+
+    def quarantine(self, sid: str, why: str) -> None:
+        """Move an entry's files aside (never delete what may be someone's only copy) and
+        say where in the log."""
+        qdir = self.root / "quarantine"
+        qdir.mkdir(exist_ok=True, mode=0o700)
+        moved = []
+        for suffix in (".json", ".data"):
+            src = self.root / f"{sid}{suffix}"
+            if src.exists():
+                os.replace(src, qdir / src.name)
+                moved.append(src.name)
+        log.error("%s: %s; moved %s to %s, not uploaded", sid, why, ", ".join(moved), qdir)
 
     def recover(self) -> list[tuple[Staged, dict]]:
         """Entries left by an earlier run of this mount (crash or failed uploads)."""
+        for tmp in self.root.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)  # never renamed into place: the record before stands
         found = []
+        quarantined = set()
         for path in sorted(self.root.glob("*.json")):
+            sid = path.stem
             try:
                 record = json.loads(path.read_text())
-                record.pop("seq", None)  # another process's order: older than any new one
-                sid = path.stem
                 data_path = self.root / f"{sid}.data"
                 if record.get("has_data") and not data_path.exists():
                     log.error("staged %s has lost its data file; skipping", record.get("key"))
                     continue
+                seq = int(record.get("seq", 0))
                 staged = Staged(
                     sid,
                     record["key"],
                     data_path if record.get("has_data") else None,
                     source_key=record.get("source_key"),
                     source_etag=record.get("source_etag"),
+                    state=State.DIRTY,
                     generation=1,
-                    uploaded_generation=0,
                     record=record,
+                    journal_seq=seq,
+                    journal_on_disk=seq,
                 )
-            except (OSError, ValueError, KeyError) as e:
-                log.error("unreadable journal record %s: %s", path.name, e)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                self.quarantine(sid, f"unreadable journal record ({e})")
+                quarantined.add(sid)
                 continue
             self.entries[sid] = staged
             found.append((staged, record))
         for orphan in self.root.glob("*.data"):
-            if orphan.stem not in self.entries:
+            if orphan.stem not in self.entries and orphan.stem not in quarantined:
                 orphan.unlink(missing_ok=True)  # never closed/journaled: nothing acknowledged
         return found
 
     def usage_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*.data"))
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or directory through a descriptor of our own."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

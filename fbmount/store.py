@@ -475,6 +475,24 @@ class S3Store:
         self.traffic["up"] += len(body)
         return etag
 
+    async def upload_part_from_file(
+        self, key: str, upload_id: str, number: int, fd: int, offset: int, length: int
+    ) -> str:
+        """UploadPart of bytes [offset, offset + length) of the file `fd`: on the data
+        plane the bytes are read as they are sent (memory: one chunk, whatever the part)."""
+        if self._ranges is None:
+            body = await trio.to_thread.run_sync(os.pread, fd, length, offset)
+            return await self.upload_part(key, upload_id, number, body)
+        what = f"part {number} of {key}"
+        url = await self._presign(
+            "upload_part", {"Key": key, "UploadId": upload_id, "PartNumber": number}
+        )
+        etag = await self._data_call(
+            "UploadPart", what, self._ranges.put_file, url, fd, offset, length, what
+        )
+        self.traffic["up"] += length
+        return etag
+
     async def create_multipart(self, key: str, metadata: dict[str, str], content_type: str) -> str:
         async def go() -> str:
             r = await self._client.create_multipart_upload(

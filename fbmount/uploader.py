@@ -20,7 +20,7 @@ import trio
 
 from fbmount.config import MIB
 from fbmount.errors import FsError
-from fbmount.staging import Staged
+from fbmount.staging import Staged, State
 from fbmount.store import S3Store
 from fbmount.tasks import describe, guarded, open_nursery
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fbmount.upload")
 MAX_PARTS = 10_000
+RACED_UPLOAD_RETRIES = 2  # uploads retried at once when the file changed under them
 
 
 def part_size_for(size: int, configured: int) -> int:
@@ -45,11 +46,12 @@ async def multipart_upload(
     part_size: int,
     headers: dict[str, str],
     content_type: str,
-    read_part: Callable[[int, int], Awaitable[bytes]],
+    send_part: Callable[[str, int, int, int], Awaitable[str]],
     limiter: trio.CapacityLimiter,
     progress: Callable[[int], None] = lambda n: None,
 ) -> str:
-    """Upload `size` bytes as parallel parts; `read_part(offset, length)` supplies each.
+    """Upload `size` bytes as parallel parts; `send_part(upload_id, number, offset,
+    length)` sends each and returns its ETag.
 
     A failure (or cancellation) aborts the upload, so no multipart upload is left open.
     """
@@ -61,9 +63,9 @@ async def multipart_upload(
 
         async def send(i: int) -> None:
             async with limiter:
-                body = await read_part(i * part, min(part, size - i * part))
-                etags[i] = await store.upload_part(key, upload_id, i + 1, body)
-                progress(len(body))
+                length = min(part, size - i * part)
+                etags[i] = await send_part(upload_id, i + 1, i * part, length)
+                progress(length)
 
         async with open_nursery() as nursery:
             for i in range(count):
@@ -90,8 +92,9 @@ async def upload_file(
 ) -> tuple[str, int]:
     """Upload a local file to `key`; returns (etag, size). `progress(n)` after each part.
 
-    `limiter` is shared by every upload of the mount: each token is one body (a part or a
-    whole small file) in memory, so memory stays at tokens x part size under any load.
+    `limiter` is shared by every upload of the mount: each token is one body in flight.
+    A small file is one PUT of its bytes; a part is read from the file as it is sent, so
+    even the 525 MiB parts of a 5 TB file hold one chunk each in memory.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -101,11 +104,11 @@ async def upload_file(
                 body = await trio.to_thread.run_sync(os.pread, fd, size, 0)
                 return await store.put(key, body, headers, content_type), size
 
-        async def read_part(offset: int, length: int) -> bytes:
-            return await trio.to_thread.run_sync(os.pread, fd, length, offset)
+        async def send_part(upload_id: str, number: int, offset: int, length: int) -> str:
+            return await store.upload_part_from_file(key, upload_id, number, fd, offset, length)
 
         etag = await multipart_upload(
-            store, key, size, part_size, headers, content_type, read_part, limiter, progress
+            store, key, size, part_size, headers, content_type, send_part, limiter, progress
         )
         return etag, size
     finally:
@@ -128,8 +131,9 @@ async def stream_copy(
         body = bytes(await store.get_range(src, 0, size, etag)) if size else b""
         return await store.put(dst, body, headers, content_type)
 
-    async def read_part(offset: int, length: int) -> bytes:
-        return bytes(await store.get_range(src, offset, offset + length, etag))
+    async def send_part(upload_id: str, number: int, offset: int, length: int) -> str:
+        body = bytes(await store.get_range(src, offset, offset + length, etag))
+        return await store.upload_part(dst, upload_id, number, body)
 
     return await multipart_upload(
         store,
@@ -138,7 +142,7 @@ async def stream_copy(
         part_size,
         headers,
         content_type,
-        read_part,
+        send_part,
         trio.CapacityLimiter(parallel),
     )
 
@@ -244,7 +248,9 @@ class WriteBack:
         )
 
     def due(self, staged: Staged, now: float, force: bool) -> bool:
-        if not staged.dirty or staged.writers or staged.lock.locked():
+        """Only a DIRTY file nobody has open for writing: never one LOADING (a partial copy)
+        or UPLOADING, nor one a writer is still changing."""
+        if staged.state is not State.DIRTY or staged.writers or staged.lock.locked():
             return False
         if force:
             return True
@@ -314,11 +320,25 @@ class WriteBack:
         )
 
     async def upload(self, staged: Staged) -> None:
-        """Upload `staged` now (waiting for an upload in flight); FsError on failure."""
-        async with staged.lock:
-            if not staged.dirty:
-                return
+        """Upload `staged` now (waiting for an upload in flight); FsError on failure.
+
+        A failure that a change made during the upload may have caused (a truncate under a
+        part being sent) is no failure of the newer content: that goes up at once."""
+        for _ in range(RACED_UPLOAD_RETRIES):
             generation = staged.generation
+            try:
+                return await self._upload_once(staged)
+            except FsError:
+                if staged.generation == generation or staged.state is not State.DIRTY:
+                    raise
+                log.debug("upload of %s raced a change; sending the new content", staged.key)
+        await self._upload_once(staged)
+
+    async def _upload_once(self, staged: Staged) -> None:
+        async with staged.lock:
+            if staged.state is not State.DIRTY:
+                return  # CLEAN (a concurrent upload did it) or DISCARDED
+            staged.begin_upload()
             key = staged.key
             node = staged.node
             if node is not None:
@@ -375,12 +395,14 @@ class WriteBack:
                         )
                     )
                     size = info_size
-            except Exception as e:
-                staged.last_error = describe(e)
+            except BaseException as e:
+                staged.upload_failed()
+                if isinstance(e, Exception):
+                    staged.last_error = describe(e)
                 raise
             finally:
                 self.in_flight.pop(staged.id, None)
-            staged.uploaded_generation = generation
+            staged.upload_done()
             staged.failures, staged.last_error = 0, None
             self.uploads_done += 1
             self.fs.index.put(key, etag, headers)
@@ -396,7 +418,7 @@ class WriteBack:
                     # must not take it for the truth about the uploaded object.
                     listing[node.name] = self.fs.ns.entry_of(node)
             log.debug("uploaded %s (%d bytes)", key, size)
-        if not staged.dirty:
+        if staged.state is State.CLEAN:
             if node is None:
                 self.fs.staging.remove(staged)
             else:
@@ -425,10 +447,13 @@ class WriteBack:
         """The one flush behind `fbmount sync`, unmount/SIGTERM and crash recovery:
         directory markers, queued deletes, then staged files (`targets`, or all dirty).
 
-        Returns (what, why) for everything still not in S3, deletes included, so that no
-        caller can report success over a refused delete."""
+        Returns (what, why) for what was written or deleted *before* the call and is
+        still not in S3, deletes included, so that no caller reports success over a
+        refused delete, and a change made meanwhile by another writer is no failure."""
         if targets is None:
             targets = [s for s in self.fs.staging.entries.values() if s.dirty]
+        wanted = [(s, s.generation) for s in targets]
+        deletes = self.pending_deletes | self.deleting
         with trio.move_on_after(deadline):
             await self.flush_markers()
             try:
@@ -438,10 +463,15 @@ class WriteBack:
                 n = len(self.pending_deletes)
                 log.error("sending %d deletion(s) failed: %s", n, describe(e))
             await self.flush(targets)
-        left = [(s.key, s.last_error or "not uploaded in time") for s in targets if s.dirty]
-        if self.pending_deletes or self.deleting:
-            n = len(self.pending_deletes) + len(self.deleting)
-            left.append((f"{n} deletion(s)", self.last_delete_error or "not sent in time"))
+        left = [
+            (s.key, s.last_error or "not uploaded in time")
+            for s, generation in wanted
+            if not s.discarded and s.stored_generation < generation and s.dirty
+        ]
+        unsent = deletes & (self.pending_deletes | self.deleting)
+        if unsent:
+            why = self.last_delete_error or "not sent in time"
+            left.append((f"{len(unsent)} deletion(s)", why))
         if self.dirty_markers:
             left.append((f"{len(self.dirty_markers)} directory marker(s)", "not stored"))
         return left

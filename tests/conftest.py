@@ -259,6 +259,19 @@ class Mount:
     def pid(self) -> int:
         return self.proc.pid
 
+    def sync(self, timeout: float = 120.0) -> None:
+        """`fbmount sync`: returns once everything this mount holds staged (files recovered
+        from a crash too) is in S3; fails the test if anything could not be stored."""
+        r = subprocess.run(
+            [*FBMOUNT_CMD, "sync", str(self.path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_base_env(None, self.path.parent),
+            stdin=subprocess.DEVNULL,
+        )
+        assert r.returncode == 0, f"fbmount sync: {r.stdout}{r.stderr}\n{self.log_text()}"
+
     def log_text(self) -> str:
         """fbmount's stdout+stderr so far."""
         try:

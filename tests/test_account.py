@@ -226,6 +226,8 @@ def test_crash_recovery_per_bucket(s3: Any, buckets: Any, mount: Any) -> None:
 
     m2 = mount("--all-buckets", cache_dir=m.cache_dir, mountpoint=m.path)
     assert (m2.path / one / "saved.txt").read_text() == "survives kill -9"
+    assert sorted(os.listdir(m2.path / two)) == ["other.txt"]
+    m2.sync()
     assert s3.get_object(Bucket=one, Key="saved.txt")["Body"].read() == b"survives kill -9"
     assert sorted(os.listdir(m2.path / two)) == ["other.txt"]
     assert s3.get_object(Bucket=two, Key="other.txt")["Body"].read() == b"me too"

@@ -166,7 +166,8 @@ def test_kill9_during_rename_of_staged_file_already_in_s3(
         again = mount(bucket, cache_dir=m.cache_dir, mountpoint=m.path, endpoint=proxy.endpoint)
         expected = second if case == "dirty" else first
         assert (again.path / "b").read_bytes() == expected
-        assert body(s3, bucket, "b") == expected  # recovery uploaded it before serving
+        again.sync()  # recovery serves the staged copy and uploads it in the background
+        assert body(s3, bucket, "b") == expected
         assert body(s3, bucket, "a") in (None, first)  # never a copy that is not the file's
         assert again.unmount() == 0
     assert body(s3, bucket, "b") == expected

@@ -791,3 +791,25 @@ def test_upload_failure_reports_eio_and_recovers(
         assert m.unmount() == 0  # and the unmount flush (or a background retry) uploads b.bin
     assert body(s3, bucket, "b.bin") == b
     assert not open_uploads(s3, bucket)
+
+
+def test_multipart_parts_are_read_as_they_are_sent(s3: Any, bucket: str, mount: Callable) -> None:
+    """A part is read from the staged file as it is sent, not held whole: a 5 TB file's
+    parts are 525 MiB, and (parallel + 2) of them in memory would be gigabytes. Here two
+    48 MiB parts must raise the daemon's peak memory by far less than one part."""
+    data = data_of(96 * MiB, "parts-streamed")
+    m = mount(bucket, "--part-size", "48", "--upload-delay", "3600")
+    before = _peak_rss(m.pid)
+    write_file(m.path / ".big-parts", data)  # a dot-file: never streamed while written
+    sync_path(m.path / ".big-parts")  # the whole-file multipart upload, now
+    grown = _peak_rss(m.pid) - before
+    assert body(s3, bucket, ".big-parts") == data
+    assert grown < 24 * MiB, f"peak RSS grew by {grown / MiB:.0f} MiB for two 48 MiB parts"
+    assert m.unmount() == 0
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")

@@ -1,0 +1,481 @@
+"""Races of the write-back state machine, each forced on purpose (issue #15).
+
+trio is cooperative, so a race in fbmount is two operations interleaved at an `await`.
+These tests make the interleaving happen instead of hoping for it: the fault proxy holds
+one request (a ranged GET of a download, say) until the test releases it, and meanwhile the
+test does the other operation. Every outcome is checked in S3 with boto3 and through the
+mount; waits are on conditions with bounds, never on the clock alone.
+
+The journal (staging.py) is pure enough to be tested without FUSE: those tests are at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Mount, MountFactory
+from faultproxy import FaultProxy, RequestInfo
+from helpers import body, exists, read_file, sync_path
+
+from fbmount.reader import CHUNK
+from fbmount.staging import Staged, StagingArea, State
+
+MIB = 1 << 20
+HANG_BOUND = 60.0  # a syscall still blocked after this long is a hang
+UPLOADS = {"PutObject", "CreateMultipartUpload", "UploadPart", "CopyObject", "UploadPartCopy"}
+
+
+# --------------------------------------------------------------------------- helpers
+def data_of(n: int, seed: str) -> bytes:
+    """Deterministic, never-zero-filled bytes (a zero-filled hole or shift would show)."""
+    return random.Random(seed).randbytes(n)
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll `predicate` until it is true; fail after `timeout` (a bound, not a timing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Worker:
+    """A blocking syscall sequence in a thread; join() fails the test if it hangs."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            self.error = e
+
+    def join(self, timeout: float = HANG_BOUND) -> Any:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            pytest.fail(f"still blocked after {timeout:.0f} s: a hang")
+        return self.error if self.error is not None else self.result
+
+
+def range_from(start: int) -> Callable[[RequestInfo], bool]:
+    """Select the ranged GET whose range starts at `start` (one chunk of a download)."""
+    return lambda info: (info.header("Range") or "").startswith(f"bytes={start}-")
+
+
+def uploads_of(proxy: FaultProxy, key: str) -> list[str]:
+    """Upload requests (PUT, multipart, copy) that reached the proxy for `key`."""
+    return [r.kind for r in proxy.records if r.kind in UPLOADS and r.path.endswith("/" + key)]
+
+
+def staging_dir(m: Mount) -> Path:
+    (state,) = [p for p in m.cache_dir.iterdir() if p.is_dir()]
+    return state / "staging"
+
+
+def let_uploader_scan(m: Mount, s3: Any, bucket: str, name: str) -> None:
+    """Write a small file and wait until it is in S3: the write-back has then scanned its
+    queue after everything staged before it was old enough to be due. Done twice, so an
+    upload started by the first scan has certainly sent its first request."""
+    for i in range(2):
+        (m.path / f"{name}{i}").write_bytes(b"x")
+        wait_for(lambda i=i: exists(s3, bucket, f"{name}{i}"), f"{name}{i} in S3")
+
+
+def append(path: Path, data: bytes) -> None:
+    """`echo data >> path`: O_WRONLY|O_APPEND|O_CREAT, one write, close."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def pwrite(path: Path, data: bytes, offset: int) -> None:
+    """Open O_RDWR (no truncation), write at `offset`, close."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def dd_slices_at_once(path: Path, tmp_path: Path, tag: str, want: bytearray) -> None:
+    """Ten `dd conv=notrunc` at once, each writing its own 400 KiB slice of `path`; all
+    must succeed. `want` is updated with what they wrote."""
+    n, block = 10, 400 * 1024
+    sources = []
+    for i in range(n):
+        src = tmp_path / f"slice-{tag}-{i}"
+        src.write_bytes(data_of(block, f"{tag}-{i}"))
+        sources.append(src)
+        want[i * block : (i + 1) * block] = src.read_bytes()
+
+    def dd(src: Path, i: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["dd", f"if={src}", f"of={path}", f"bs={block}", f"seek={i}", "count=1",
+             "conv=notrunc", "status=none"],
+            capture_output=True, text=True, timeout=HANG_BOUND,
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(dd, sources, range(n)))
+    failed = [(r.returncode, r.stderr) for r in results if r.returncode]
+    assert not failed, f"{tag}: {failed}"
+
+
+# --------------------------------------------------------------------------- race 1
+@pytest.mark.parametrize("first", ["append", "truncate"])
+def test_open_for_write_during_download(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, first: str
+) -> None:
+    """Race 1: a remote file opened for writing is downloaded into staging first. While a
+    GET of that download is held: nothing of the file is uploaded (S3 keeps the original,
+    the reported symptom was a 152 MiB object left of a 600 MiB log), and a second writer
+    waits for the download, so download bytes never overwrite its write."""
+    original = data_of(CHUNK + MIB, "big")
+    s3.put_object(Bucket=bucket, Key="big.log", Body=original)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint, "--upload-delay", "0.2")
+        path = m.path / "big.log"
+        held = proxy.add_rule("GetObject", "hold", key="/big.log", where=range_from(CHUNK), times=1)
+        if first == "append":
+            want = original + b"line\n"
+            opener = Worker(lambda: append(path, b"line\n"))
+        else:
+            want = original + bytes(100)
+            opener = Worker(lambda: os.truncate(path, len(original) + 100))
+        assert held.wait_held(30), "the download's second GET never came"
+        let_uploader_scan(m, s3, bucket, "marker")
+        assert uploads_of(proxy, "big.log") == [], "a partial download was uploaded"
+        assert body(s3, bucket, "big.log") == original
+
+        patch, at = b"MIDDLE", CHUNK + 10  # inside the range still held
+        second = Worker(lambda: pwrite(path, patch, at))
+        want = want[:at] + patch + want[at + len(patch) :]
+        let_uploader_scan(m, s3, bucket, "again")  # the second writer is in fbmount by now
+        assert uploads_of(proxy, "big.log") == [], "a partial download was uploaded"
+        assert body(s3, bucket, "big.log") == original
+
+        held.release()
+        assert opener.join() is None
+        assert second.join() is None
+        assert read_file(path) == want
+        sync_path(path)
+        assert body(s3, bucket, "big.log") == want
+        assert "Traceback" not in m.log_text(), m.log_text()
+        assert m.unmount() == 0
+    assert body(s3, bucket, "big.log") == want
+
+
+@pytest.mark.parametrize("status", [412, 500])
+def test_failed_download_leaves_the_object_untouched(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, status: int
+) -> None:
+    """Race 1, failing: the download's GET is held (the upload delay passes meanwhile), then
+    answered with an error. The writer gets EIO, S3 keeps the original object, nothing is
+    left staged, and the same append works once the server answers again."""
+    original = data_of(CHUNK + MIB, "fail")
+    s3.put_object(Bucket=bucket, Key="big.log", Body=original)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint, "--upload-delay", "0.2", "-o", "retries=1")
+        path = m.path / "big.log"
+        held = proxy.add_rule("GetObject", "hold", key="/big.log", where=range_from(CHUNK))
+        failing = proxy.add_rule(
+            "GetObject", "status", key="/big.log", where=range_from(CHUNK), status=status
+        )
+        opener = Worker(lambda: append(path, b"line\n"))
+        assert held.wait_held(30), "the download's second GET never came"
+        let_uploader_scan(m, s3, bucket, "marker")
+        assert uploads_of(proxy, "big.log") == []
+        held.release()
+        result = opener.join()
+        assert isinstance(result, OSError) and result.errno == errno.EIO, result
+        assert body(s3, bucket, "big.log") == original
+        assert wait_for(lambda: not list(staging_dir(m).glob("*.data")), "the partial copy to go")
+        proxy.remove_rule(failing)
+        proxy.remove_rule(held)
+        append(path, b"line\n")
+        sync_path(path)
+        assert body(s3, bucket, "big.log") == original + b"line\n"
+        assert m.unmount() == 0
+
+
+def test_ten_writers_open_a_remote_file_at_once(
+    s3: Any, bucket: str, mount: MountFactory, tmp_path: Path
+) -> None:
+    """Race 1 with ten openers: ten `dd conv=notrunc` of an object that is only in S3 at
+    once. The first open downloads it; the nine others wait for that download instead of
+    writing into a copy that is still being filled (their slices were overwritten by
+    download bytes). After each round is uploaded the staged copy is retired, so every
+    round downloads again."""
+    want = bytearray(data_of(4 * MIB, "remote"))
+    s3.put_object(Bucket=bucket, Key="shared.bin", Body=bytes(want))
+    m = mount(bucket, "--upload-delay", "0.2")
+    path = m.path / "shared.bin"
+    for rnd in range(3):
+        dd_slices_at_once(path, tmp_path, f"round{rnd}", want)
+        assert read_file(path) == want, f"round {rnd}"
+        sync_path(path)
+        assert body(s3, bucket, "shared.bin") == want, f"round {rnd}"
+        wait_for(lambda: not list(staging_dir(m).glob("*.data")), "the staged copy to retire")
+    assert "Traceback" not in m.log_text(), m.log_text()
+    assert m.unmount() == 0
+
+
+# --------------------------------------------------------------------------- race 3
+def test_create_over_an_object_the_kernel_believes_absent(
+    s3: Any, bucket: str, mount: MountFactory
+) -> None:
+    """Race 3: the mount has cached "no such name" (kernel and fbmount), then another client
+    creates the object. open(O_CREAT|O_WRONLY) without O_TRUNC reaches fbmount as create():
+    it must open the object that is there (not truncate or replace it), so writing one byte
+    at offset 0 keeps the rest of it."""
+    m = mount(bucket, "--upload-delay", "0")
+    path = m.path / "late.bin"
+    assert not path.exists()  # negative lookup cached, a listing of the root too
+    original = data_of(MIB + 7, "late")
+    s3.put_object(Bucket=bucket, Key="late.bin", Body=original)
+
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.pwrite(fd, b"X", 0)
+    finally:
+        os.close(fd)
+    want = b"X" + original[1:]
+    assert body(s3, bucket, "late.bin") == want
+    assert read_file(path) == want
+    # `echo >> name` (O_CREAT|O_APPEND) on such a name appends instead of replacing.
+    (m.path / "late.log").exists()
+    s3.put_object(Bucket=bucket, Key="late.log", Body=b"first\n")
+    append(m.path / "late.log", b"second\n")
+    assert body(s3, bucket, "late.log") == b"first\nsecond\n"
+    assert m.unmount() == 0
+
+
+# --------------------------------------------------------------------------- race 4
+@pytest.mark.parametrize("how", ["unlink", "rename-over"])
+def test_file_removed_while_open_does_not_come_back_after_kill9(
+    s3: Any, bucket: str, mount: MountFactory, how: str
+) -> None:
+    """Race 4: a staged file, journaled at close, is opened again and, while that fd is
+    held, unlinked (or another file is renamed over it). Its journal record must go at that
+    moment: after kill -9 and a remount it must not come back, in S3 or on the mount."""
+    m = mount(bucket, "--upload-delay", "60")  # nothing is uploaded before the crash
+    victim = m.path / "victim.txt"
+    victim.write_bytes(b"removed while open\n")
+    records = wait_for(lambda: list(staging_dir(m).glob("*.json")), "the journal record")
+    assert len(records) == 1
+    if how == "rename-over":
+        (m.path / "other.txt").write_bytes(b"renamed over it\n")
+    fd = os.open(victim, os.O_RDONLY)
+    try:
+        if how == "unlink":
+            os.unlink(victim)
+        else:
+            os.rename(m.path / "other.txt", victim)
+        assert os.pread(fd, 100, 0) == b"removed while open\n"  # still readable: POSIX
+        m.kill9()
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the daemon is dead: ENOTCONN
+    assert not exists(s3, bucket, "victim.txt")
+
+    m2 = mount(bucket, "--upload-delay", "60", cache_dir=m.cache_dir, mountpoint=m.path)
+    m2.sync()  # recovery: what was journaled is served and uploaded in the background
+    if how == "unlink":
+        assert not exists(s3, bucket, "victim.txt")
+        assert not (m2.path / "victim.txt").exists()
+    else:
+        assert body(s3, bucket, "victim.txt") == b"renamed over it\n"
+        assert (m2.path / "victim.txt").read_bytes() == b"renamed over it\n"
+        assert not exists(s3, bucket, "other.txt")
+    assert not list(staging_dir(m2).glob("*.json"))
+    assert m2.unmount() == 0
+
+
+# --------------------------------------------------------------------------- race 10
+def test_ten_dd_notrunc_writers_of_one_staged_file(
+    s3: Any, bucket: str, mount: MountFactory, tmp_path: Path
+) -> None:
+    """Race 10: ten `dd conv=notrunc` of one staged 4 MiB file at once, three rounds. Each
+    close() journals the file durably at about the same moment as the others; they used to
+    share one temp name, and three of ten failed in close() with ENOENT. All succeed now,
+    the file holds every slice, and exactly one record is left, with no temp files."""
+    m = mount(bucket, "--upload-delay", "30")  # the file stays staged the whole time
+    path = m.path / "shared.bin"
+    want = bytearray(data_of(4 * MIB, "shared"))
+    path.write_bytes(want)
+    for rnd in range(3):
+        dd_slices_at_once(path, tmp_path, f"round{rnd}", want)
+        assert read_file(path) == want, f"round {rnd}"
+    assert len(list(staging_dir(m).glob("*.json"))) == 1
+    assert not list(staging_dir(m).glob("*.tmp"))
+    sync_path(path)
+    assert body(s3, bucket, "shared.bin") == want
+    assert "Traceback" not in m.log_text(), m.log_text()
+    assert m.unmount() == 0
+
+
+# --------------------------------------------------------------------------- the journal, no FUSE
+def staged_file(area: StagingArea, key: str = "k", data: bytes = b"data") -> Staged:
+    staged = area.new(key)
+    os.pwrite(staged.fd, data, 0)
+    return staged
+
+
+def record_of(area: StagingArea, staged: Staged) -> dict:
+    return json.loads((area.root / f"{staged.id}.json").read_text())
+
+
+def test_journal_concurrent_writes_keep_the_newest(tmp_path: Path) -> None:
+    """Many durable journal writes of one file at once, from threads (as close() runs them):
+    none fails, the newest record wins whatever order they finish in, no temp is left."""
+    area = StagingArea(tmp_path / "staging")
+    staged = staged_file(area)
+    records = [area.journal_record(staged, {"n": str(i)}, "text/plain") for i in range(20)]
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(lambda r: area.write_journal(staged, r, True), reversed(records)))
+    assert record_of(area, staged)["seq"] == records[-1]["seq"]
+    assert record_of(area, staged)["headers"] == {"n": "19"}
+    assert staged.record is not None and staged.record["seq"] == records[-1]["seq"]
+    assert sorted(p.name for p in area.root.iterdir()) == sorted(
+        [f"{staged.id}.data", f"{staged.id}.json"]
+    )
+
+
+def test_journal_older_record_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    area = StagingArea(tmp_path / "staging")
+    staged = staged_file(area)
+    older = area.journal_record(staged, {"v": "old"}, "text/plain")
+    newer = area.journal_record(staged, {"v": "new"}, "text/plain")
+    assert newer["seq"] > older["seq"]
+    assert area.write_journal(staged, newer, durable=False)
+    assert not area.write_journal(staged, older, durable=True)  # finished last: skipped
+    assert record_of(area, staged)["headers"] == {"v": "new"}
+    assert not list(area.root.glob("*.tmp"))
+
+
+def test_journal_write_after_remove_does_not_resurrect(tmp_path: Path) -> None:
+    """A journal write still running when the entry is removed (uploaded and retired, or
+    unlinked) must not create its record again: after a crash it would come back."""
+    area = StagingArea(tmp_path / "staging")
+    staged = staged_file(area)
+    record = area.journal_record(staged, {}, "text/plain")
+    area.remove(staged)
+    assert not area.write_journal(staged, record, durable=False)
+    assert list(area.root.iterdir()) == []
+    # A clean but still open entry: its record is dropped, older writes cannot put it back.
+    kept = staged_file(area)
+    late = area.journal_record(kept, {}, "text/plain")
+    area.drop_record(kept)
+    assert not area.write_journal(kept, late, durable=False)
+    assert not (area.root / f"{kept.id}.json").exists()
+    newer = area.journal_record(kept, {}, "text/plain")  # changed again afterwards: kept
+    assert area.write_journal(kept, newer, durable=False)
+
+
+def test_discard_drops_the_record_while_the_copy_stays_open(tmp_path: Path) -> None:
+    """Race 4 without FUSE: an unlinked (or renamed-over) file still open keeps its local
+    copy for its readers, but its journal record goes at once and stays gone."""
+    area = StagingArea(tmp_path / "staging")
+    staged = staged_file(area)
+    assert area.write_journal(staged, area.journal_record(staged, {}, "text/plain"), True)
+    late = area.journal_record(staged, {}, "text/plain")  # a close() journaling meanwhile
+    area.discard(staged)
+    assert staged.state is State.DISCARDED and not staged.dirty
+    assert not area.write_journal(staged, late, durable=True)
+    assert [p.name for p in area.root.iterdir()] == [f"{staged.id}.data"]
+    assert os.pread(staged.fd, 10, 0) == b"data"
+
+
+def test_recover_quarantines_unreadable_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a crash: a readable record is recovered (its sequence continues), a `.data`
+    whose record is unreadable is moved aside and reported, never deleted; a `.data` with
+    no record at all (never closed) and leftover temp files are cleaned up."""
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+    good = staged_file(area, "good.txt", b"good")
+    area.write_journal(good, area.journal_record(good, {}, "text/plain"), durable=True)
+    area.write_journal(good, area.journal_record(good, {}, "text/plain"), durable=True)
+    bad = staged_file(area, "bad.txt", b"precious")
+    (root / f"{bad.id}.json").write_text('{"key": "bad.txt", "head')  # torn record
+    never_closed = staged_file(area, "tmp.txt")
+    (root / f"{good.id}.json.9-abcd.tmp").write_text("{}")
+    for staged in (good, bad, never_closed):
+        area.close_fd(staged)
+
+    after = StagingArea(root)
+    with caplog.at_level(logging.ERROR, logger="fbmount.staging"):
+        found = after.recover()
+    assert [(s.id, s.key, s.state) for s, _ in found] == [(good.id, "good.txt", State.DIRTY)]
+    assert found[0][0].journal_seq == 2
+    assert after.journal_record(found[0][0], {}, "text/plain")["seq"] == 3
+    quarantine = root / "quarantine"
+    assert (quarantine / f"{bad.id}.data").read_bytes() == b"precious"
+    assert (quarantine / f"{bad.id}.json").exists()
+    assert bad.id in caplog.text and "quarantine" in caplog.text
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [f"{good.id}.data", f"{good.id}.json", "quarantine"]
+    )
+
+
+def test_sync_during_the_download_of_a_file_opened_for_writing(
+    s3: Any, s3_endpoint: str, bucket: str, mount: Any, run_fbmount: Any
+) -> None:
+    """`fbmount sync` while an open-for-write downloads a stored file into staging must
+    not upload the partial local copy over the object (the crash soak found S3 left with
+    0 bytes of an fsync'ed 3 MiB file)."""
+    data = os.urandom(3 * MIB)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint, "--upload-delay", "0.3", "--part-size", "5")
+        with open(m.path / "f", "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        assert s3.get_object(Bucket=bucket, Key="f")["Body"].read() == data
+        held = proxy.add_rule("GetObject", "hold", key="f", times=1)
+        result: dict[str, Any] = {}
+
+        def writer() -> None:
+            try:
+                fd = os.open(m.path / "f", os.O_WRONLY)  # downloads the object first
+                os.pwrite(fd, b"X", 0)
+                os.close(fd)
+                result["ok"] = True
+            except OSError as e:
+                result["error"] = e
+
+        t = threading.Thread(target=writer)
+        t.start()
+        assert held.wait_held(30), m.log_text()
+        r = run_fbmount("sync", str(m.path), timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert s3.get_object(Bucket=bucket, Key="f")["Body"].read() == data  # untouched
+        held.release()
+        t.join(30)
+        assert result == {"ok": True}
+        assert m.unmount() == 0
+    assert s3.get_object(Bucket=bucket, Key="f")["Body"].read() == b"X" + data[1:]

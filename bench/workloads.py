@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench import ops
 from bench import s3 as s3u
-from bench.common import MB, MIB, Budget, StepFailed, drop_caches, run
+from bench.common import MB, MIB, Budget, StepFailed, StepTimeout, drop_caches, run
 from bench.mounts import Mount
 
 OPS = str(Path(ops.__file__).resolve())
@@ -270,7 +270,8 @@ def w_seqwrite(ctx: Ctx, m: Mount, b: Budget, rec: Rec) -> None:
     res.check("dd write")
     rec("seqwrite", _mbps(z.write, res.seconds), "ok")
     while s3u.object_size(ctx.s3, m.bucket, key) != z.write:
-        b.step()
+        if b.left() <= 0:
+            raise StepTimeout("object not in S3 within the budget", time.monotonic() - start)
         time.sleep(0.1)
     in_s3 = time.monotonic() - start
     check = run(
@@ -302,7 +303,8 @@ def w_smallfiles(ctx: Ctx, m: Mount, b: Budget, rec: Rec) -> None:
     rec("create", z.small_n / out["seconds"], "ok")
     reached, _, count = s3u.wait_for_count(ctx.s3, m.bucket, "small/", z.small_n, b.step())
     if not reached:
-        rec("create_s3", None, "timeout", f"{count}/{z.small_n} objects in S3")
+        seconds = time.monotonic() - start
+        rec("create_s3", seconds, "timeout", f"{count}/{z.small_n} objects in S3 when cut off")
     else:
         sample = range(0, z.small_n, max(1, z.small_n // 7))
         good = all(

@@ -128,8 +128,8 @@ def requests(stats: dict, workloads: list[str], tools: list[str]) -> str:
         row = stats.get(w, {})
         if any("link" in row.get(t, {}) for t in tools):
             cells = []
-            for t in tools:
-                link = row.get(t, {}).get("link")
+            for t in (t for t in tools if t in row):
+                link = row[t].get("link")
                 cells.append(f"{t} {link['connections']}" if link else f"{t} -")
             conns.append(f"  {w:<10} " + ", ".join(cells))
     if conns:

@@ -317,12 +317,25 @@ class Runner:
         def rec(metric: str, value: float | None, status: str = "ok", note: str = "") -> None:
             self.rec("native", metric, value, status, note)
 
+        far = None
+        env = self.ctx.env
         try:
-            w_raw(self.ctx, self.ctx.buckets["native"], budget, rec)
+            if self.args.far_ms:  # the ceiling over the same kind of link as the mounts
+                far = FarLink(self.ctx.endpoint, self.args.far_ms, self.tmp / "work" / "raw")
+                self.links.append(far.start())
+                env = dict(
+                    env, **{f"RCLONE_CONFIG_{s3u.RCLONE_REMOTE.upper()}_ENDPOINT": far.endpoint}
+                )
+            w_raw(self.ctx, self.ctx.buckets["native"], budget, rec, env)
         except StepTimeout as e:
             self.mark_rest("raw", "native", "timeout", str(e), seconds=e.seconds)
         except Exception as e:
             self.mark_rest("raw", "native", "error", describe_failure(e))
+        finally:
+            if far is not None:
+                st = far.stop()
+                self.links.remove(far)
+                self.stats.setdefault("raw", {})["native"] = {"link": st}
 
     def progress(self, workload: str, tool: str) -> None:
         parts = []
@@ -394,7 +407,7 @@ class Runner:
         text += report.table(self.metrics, self.results, self.stats, tools)
         load = ", ".join(f"{w} {v[0]:.1f}" for w, v in self.load.items())
         text += f"\n1-min load average when each workload started (2 cores): {load}"
-        counts = report.requests(self.stats, self.args.wl, self.args.tools)
+        counts = report.requests(self.stats, self.args.wl, tools)
         if counts:
             text += "\n" + counts
         extra = report.notes(self.metrics, self.results)

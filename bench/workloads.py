@@ -390,16 +390,18 @@ def prepare_rm(ctx: Ctx, m: Mount, b: Budget) -> None:
     _settle_tree(ctx, m, b, len(ctx.tree_listing()), time.monotonic())
 
 
-def w_raw(ctx: Ctx, bucket: str, b: Budget, rec: Rec) -> None:
-    """The ceiling: rclone as a plain S3 client against the same server, no FUSE."""
+def w_raw(ctx: Ctx, bucket: str, b: Budget, rec: Rec, env: dict[str, str] | None = None) -> None:
+    """The ceiling: rclone as a plain S3 client against the same server, no FUSE.  The
+    timed commands use ``env`` (a far link's endpoint, say); the check goes direct."""
     z = ctx.sizes
+    env = env or ctx.env
     src = ctx.source("big", z.raw)
     run(["cat", str(src)], b.step(), stdout_path=Path("/dev/null"))
     remote = f"{s3u.RCLONE_REMOTE}:{bucket}/raw.bin"
-    res = run(["rclone", "copyto", str(src), remote, *s3u.RCLONE_S3_FLAGS], b.step(), env=ctx.env)
+    res = run(["rclone", "copyto", str(src), remote, *s3u.RCLONE_S3_FLAGS], b.step(), env=env)
     res.check("rclone copyto")
     rec("raw_write", _mbps(z.raw, res.seconds), "ok")
-    res = run(["rclone", "cat", remote], b.step(), env=ctx.env, stdout_path=Path("/dev/null"))
+    res = run(["rclone", "cat", remote], b.step(), env=env, stdout_path=Path("/dev/null"))
     res.check("rclone cat")
     check = run(f"rclone cat '{remote}' | cmp - '{src}'", b.step(), env=ctx.env)
     check.check("verify raw via rclone cat", ok_codes=(0, 1))

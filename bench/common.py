@@ -22,7 +22,12 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class StepTimeout(Exception):
-    """A workload step ran out of its time budget."""
+    """A workload step ran out of its time budget; ``seconds``: how long the cut step ran
+    (None when the budget was already used up before the step began)."""
+
+    def __init__(self, msg: str, seconds: float | None = None) -> None:
+        super().__init__(msg)
+        self.seconds = seconds
 
 
 class StepFailed(Exception):
@@ -41,7 +46,7 @@ class CmdResult:
     def check(self, what: str, ok_codes: Sequence[int] = (0,)) -> CmdResult:
         """Raise StepTimeout / StepFailed unless the command ended with an accepted status."""
         if self.timed_out:
-            raise StepTimeout(f"{what}: timed out after {self.seconds:.0f} s")
+            raise StepTimeout(f"{what}: cut off after {self.seconds:.0f} s", self.seconds)
         if self.rc not in ok_codes:
             tail = (self.stderr or self.stdout).strip().splitlines()[-3:]
             raise StepFailed(f"{what}: exit {self.rc}: {' | '.join(tail)}")

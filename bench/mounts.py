@@ -48,6 +48,8 @@ class Mount:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = work / f"{self.tool}.log"
         self.cpu0 = 0.0
+        self.link = None  # the runner's FarLink in front of endpoint, if any
+        self.link_stats: dict[str, int] = {}
 
     def argv(self) -> list[str]:
         raise NotImplementedError

@@ -28,6 +28,8 @@ def cell(res: dict | None) -> str:
     if res is None:
         return ""
     status = res.get("status", "ok")
+    if status == "timeout" and res.get("value") is not None:
+        return f"> {fmt(res['value'])} s"  # cut off by the time budget after that long
     if status in ("timeout", "error", "skipped"):
         return status
     text = fmt(res.get("value"))
@@ -52,6 +54,23 @@ def ratio(metric: Metric, row: dict[str, dict]) -> float | None:
     return fb["value"] / best
 
 
+def ratio_text(metric: Metric, row: dict[str, dict]) -> str:
+    r = ratio(metric, row)
+    if r is not None:
+        return f"{r:.2f}"
+    # Every peer was cut off on a time row: fbmount's time over the least cut-off time
+    # is an upper bound.
+    fb = row.get("fbmount")
+    cut = [
+        row[p]["value"]
+        for p in PEERS
+        if p in row and row[p].get("status") == "timeout" and row[p].get("value")
+    ]
+    if metric.unit == "s" and cut and fb and fb.get("status") == "ok" and fb.get("value"):
+        return f"< {fb['value'] / max(cut):.2f}"
+    return ""
+
+
 def table(metrics: list[Metric], results: dict, stats: dict, tools: list[str]) -> str:
     cols = [
         "workload",
@@ -67,7 +86,6 @@ def table(metrics: list[Metric], results: dict, stats: dict, tools: list[str]) -
         row = results.get(m.key)
         if not row:
             continue
-        r = ratio(m, row)
         st = stats.get(m.workload, {}).get("fbmount") if m.workload not in seen_workloads else None
         seen_workloads.add(m.workload)
         rows.append(
@@ -75,7 +93,7 @@ def table(metrics: list[Metric], results: dict, stats: dict, tools: list[str]) -
                 m.label,
                 m.unit + (" ↑" if m.higher_is_better else " ↓"),
                 *(cell(row.get(t)) for t in tools),
-                "" if r is None else f"{r:.2f}",
+                ratio_text(m, row),
                 fmt(st["hwm_mib"]) if st else "",
                 fmt(st["cpu_s"]) if st else "",
             ]
@@ -94,8 +112,38 @@ def table(metrics: list[Metric], results: dict, stats: dict, tools: list[str]) -
     out.append(
         "↑ higher is better, ↓ lower is better; ratio = fbmount value / best peer value "
         "(so > 1 is better on ↑ rows, < 1 is better on ↓ rows). BAD = data check failed. "
+        "> N s = that step was cut off after N s by the time budget (--timeout), "
+        "skipped = not reached after a cut. "
         "RSS/CPU: fbmount daemon, per workload (one fresh mount each)."
     )
+    return "\n".join(out)
+
+
+def requests(stats: dict, workloads: list[str], tools: list[str]) -> str:
+    """Per workload: connections each tool opened through the far link, and fbmount's own
+    count of its S3 requests (fbmount status), when the run has them."""
+    out = []
+    conns = []
+    for w in workloads:
+        row = stats.get(w, {})
+        if any("link" in row.get(t, {}) for t in tools):
+            cells = []
+            for t in (t for t in tools if t in row):
+                link = row[t].get("link")
+                cells.append(f"{t} {link['connections']}" if link else f"{t} -")
+            conns.append(f"  {w:<10} " + ", ".join(cells))
+    if conns:
+        out.append("\nTCP connections opened through the far link per workload (each costs 1 RTT):")
+        out += conns
+    reqs = []
+    for w in workloads:
+        r = stats.get(w, {}).get("fbmount", {}).get("requests")
+        if r:
+            parts = ", ".join(f"{k} {v}" for k, v in sorted(r.items(), key=lambda kv: -kv[1]))
+            reqs.append(f"  {w:<10} {sum(r.values())}: {parts}")
+    if reqs:
+        out.append("\nfbmount's S3 requests per workload (its own count, before the unmount):")
+        out += reqs
     return "\n".join(out)
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""The one benchmark command: `python3 bench/run.py [--quick] [--only ...] [--workloads ...]`.
+"""The one benchmark command: `python3 bench/run.py [--quick] [--only ...] [--workloads ...]
+[--far-ms MS]`.
 
 Runs fbmount, s3fs and rclone mount against a private SeaweedFS on 127.0.0.1 and writes a
-table (stdout and --out), JSON and a PNG chart.  See bench/README-snippet.md.
+table (stdout and --out), JSON and a PNG chart.  With --far-ms each mount talks to the
+server through bench/farlink.py, which adds MS ms each way.  See README.md, "Benchmark".
 """
 
 import sys

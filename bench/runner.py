@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 from bench import report
 from bench import s3 as s3u
 from bench.common import MB, Budget, StepTimeout, run
+from bench.farlink import FarLink
 from bench.mounts import MOUNTS, TOOLS, Mount
 from bench.workloads import (
     WORKLOAD_FUNCS,
@@ -69,6 +71,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="tools whose random-read GETs are counted through a proxy in an extra, "
         "untimed pass (comma list, 'none'; default fbmount)",
     )
+    p.add_argument(
+        "--far-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="put every mount behind bench/farlink.py, a proxy on 127.0.0.1 that delays "
+        "each byte MS ms each way (so a 2*MS round trip, and one more for each new "
+        "connection); seeding and checking stay direct (default 0: plain loopback)",
+    )
     p.add_argument("--tmp-dir", type=Path, help="parent of the scratch directory (default $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, data)")
     args = p.parse_args(argv)
@@ -82,7 +93,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOADS)}")
     args.wl = [w for w in WORKLOADS if w in args.wl]  # canonical order
     args.count = [] if args.count_gets == "none" else args.count_gets.split(",")
+    if args.far_ms < 0:
+        p.error("--far-ms must be >= 0")
     return args
+
+
+def link_label(far_ms: float) -> str:
+    """Which link a table was measured on (printed above it)."""
+    if not far_ms:
+        return "link: loopback (mounts talk to SeaweedFS on 127.0.0.1 directly)"
+    return (
+        f"link: far, {far_ms:g} ms added each way ({2 * far_ms:g} ms round trip, one more "
+        f"round trip per new connection) by bench/farlink.py on 127.0.0.1"
+    )
 
 
 def _version(argv: list[str]) -> str:
@@ -110,6 +133,7 @@ class Runner:
         self.server = LocalS3Server(self.tmp / "s3", stop_timeout=5.0)
         self.proxy = None
         self.ctx: Ctx | None = None
+        self.links: list[FarLink] = []
 
     # ------------------------------------------------------------------ bookkeeping
     def rec(
@@ -127,17 +151,38 @@ class Runner:
         status: str,
         note: str,
         skip: tuple[str, ...] = ("randread_gets",),
+        seconds: float | None = None,
     ) -> None:
+        """Mark what ``workload`` did not record.  A timeout puts ``seconds`` (how long the
+        cut step ran, shown as "> N s") on the metric that step was measuring and marks
+        the ones after it skipped."""
+        cut = False
         for m in self.metrics:
             done = tool in self.results.get(m.key, {})
-            if m.workload == workload and m.key not in skip and not done:
+            if m.workload != workload or m.key in skip or done:
+                continue
+            if status != "timeout":
                 self.rec(tool, m.key, None, status, note)
+            elif not cut and seconds is not None:
+                self.rec(tool, m.key, seconds, "timeout", note)
+            else:
+                self.rec(tool, m.key, None, "skipped", f"not run: {note}")
+            cut = True
 
-    def new_mount(self, tool: str, workload: str, endpoint: str, tag: str = "") -> Mount:
+    def new_mount(
+        self, tool: str, workload: str, endpoint: str, tag: str = "", link: bool = True
+    ) -> Mount:
+        """A mount of the tool's bucket through ``endpoint``; with --far-ms (and ``link``)
+        a far link of its own is started in front of ``endpoint`` first."""
         assert self.ctx is not None
         name = f"{tool}-{workload}{tag}"
         mode = "write" if workload in WRITE_WORKLOADS else "read"
-        return MOUNTS[tool](
+        far = None
+        if self.args.far_ms and link:
+            far = FarLink(endpoint, self.args.far_ms, self.tmp / "work" / name).start()
+            self.links.append(far)
+            endpoint = far.endpoint
+        m = MOUNTS[tool](
             self.ctx.env,
             endpoint,
             self.ctx.buckets[tool],
@@ -145,6 +190,8 @@ class Runner:
             self.tmp / "work" / name,
             mode,
         )
+        m.link = far
+        return m
 
     def start(self, m: Mount) -> Mount:
         self.live.append(m)
@@ -157,6 +204,20 @@ class Runner:
         finally:
             if m in self.live:
                 self.live.remove(m)
+            if m.link is not None:
+                m.link_stats = m.link.stop()
+                self.links.remove(m.link)
+                m.link = None
+
+    def fbmount_requests(self, m: Mount) -> dict[str, int] | None:
+        """The S3 requests fbmount made on this mount so far (`fbmount status --json`)."""
+        if m.tool != "fbmount" or m.proc is None or m.proc.poll() is not None:
+            return None
+        res = run([sys.executable, "-m", "fbmount", "status", str(m.mnt), "--json"], 15)
+        try:
+            return dict(json.loads(res.stdout)["requests"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     # ------------------------------------------------------------------ phases
     def setup(self) -> None:
@@ -206,7 +267,7 @@ class Runner:
             WORKLOAD_FUNCS[workload](self.ctx, m, budget, rec)
         except StepTimeout as e:
             hung = True
-            self.mark_rest(workload, tool, "timeout", str(e))
+            self.mark_rest(workload, tool, "timeout", str(e), seconds=e.seconds)
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -215,7 +276,12 @@ class Runner:
             self.mark_rest(workload, tool, "error", note + (f" [log: {tail}]" if tail else ""))
         finally:
             st = m.stats() or {}
+            reqs = self.fbmount_requests(m)
+            if reqs is not None:
+                st["requests"] = reqs
             st["unmount_s"] = round(self.stop(m, hung), 2)
+            if m.link_stats:
+                st["link"] = m.link_stats
             self.stats.setdefault(workload, {})[tool] = st
 
     def count_gets(self, tool: str) -> None:
@@ -251,12 +317,25 @@ class Runner:
         def rec(metric: str, value: float | None, status: str = "ok", note: str = "") -> None:
             self.rec("native", metric, value, status, note)
 
+        far = None
+        env = self.ctx.env
         try:
-            w_raw(self.ctx, self.ctx.buckets["native"], budget, rec)
+            if self.args.far_ms:  # the ceiling over the same kind of link as the mounts
+                far = FarLink(self.ctx.endpoint, self.args.far_ms, self.tmp / "work" / "raw")
+                self.links.append(far.start())
+                env = dict(
+                    env, **{f"RCLONE_CONFIG_{s3u.RCLONE_REMOTE.upper()}_ENDPOINT": far.endpoint}
+                )
+            w_raw(self.ctx, self.ctx.buckets["native"], budget, rec, env)
         except StepTimeout as e:
-            self.mark_rest("raw", "native", "timeout", str(e))
+            self.mark_rest("raw", "native", "timeout", str(e), seconds=e.seconds)
         except Exception as e:
             self.mark_rest("raw", "native", "error", describe_failure(e))
+        finally:
+            if far is not None:
+                st = far.stop()
+                self.links.remove(far)
+                self.stats.setdefault("raw", {})["native"] = {"link": st}
 
     def progress(self, workload: str, tool: str) -> None:
         parts = []
@@ -266,6 +345,10 @@ class Runner:
         st = self.stats.get(workload, {}).get(tool)
         if st and "cpu_s" in st:
             parts.append(f"cpu={st['cpu_s']}s hwm={st['hwm_mib']:.0f}MiB")
+        if st and "link" in st:
+            parts.append(f"connections={st['link'].get('connections')}")
+        if st and "requests" in st:
+            parts.append(f"requests={sum(st['requests'].values())}")
         _say(self.t0, f"{workload:<10} {tool:<8} " + " ".join(parts))
 
     def run_all(self) -> None:
@@ -288,6 +371,8 @@ class Runner:
         return {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "mode": "quick" if self.args.quick else "full",
+            "link": link_label(self.args.far_ms),
+            "far_ms": self.args.far_ms,
             "host": {
                 "kernel": platform.release(),
                 "cpus": os.cpu_count(),
@@ -312,19 +397,25 @@ class Runner:
         for tool in self.args.tools:
             for mode in ("read", "write"):
                 wl = "rsync" if mode == "write" else "seqread"
-                argv = self.new_mount(tool, wl, self.ctx.endpoint).argv()
+                argv = self.new_mount(tool, wl, self.ctx.endpoint, link=False).argv()
                 out[f"{tool} ({mode})"] = argv
         return out
 
     def write_report(self) -> str:
         tools = list(self.args.tools) + (["native"] if "raw" in self.args.wl else [])
-        text = report.table(self.metrics, self.results, self.stats, tools)
+        text = link_label(self.args.far_ms) + "\n"
+        text += report.table(self.metrics, self.results, self.stats, tools)
         load = ", ".join(f"{w} {v[0]:.1f}" for w, v in self.load.items())
         text += f"\n1-min load average when each workload started (2 cores): {load}"
+        counts = report.requests(self.stats, self.args.wl, tools)
+        if counts:
+            text += "\n" + counts
         extra = report.notes(self.metrics, self.results)
         out: Path = self.args.out
         out.mkdir(parents=True, exist_ok=True)
         stem = "bench-quick" if self.args.quick else "bench-full"
+        if self.args.far_ms:
+            stem += f"-far{self.args.far_ms:g}ms"
         meta = self.meta()
         payload = {
             "meta": meta,
@@ -340,7 +431,8 @@ class Runner:
             self.metrics,
             self.results,
             tools,
-            f"fbmount benchmark ({meta['mode']}, {meta['date']}, SeaweedFS on loopback, 2 cores)",
+            f"fbmount benchmark ({meta['mode']}, {meta['date']}, SeaweedFS, 2 cores)\n"
+            + link_label(self.args.far_ms),
         )
         if err:
             _say(self.t0, err)
@@ -351,6 +443,9 @@ class Runner:
         for m in list(self.live):
             with contextlib.suppress(Exception):
                 self.stop(m, hung=True)
+        for link in list(self.links):
+            with contextlib.suppress(Exception):
+                link.stop()
         if self.proxy is not None:
             with contextlib.suppress(Exception):
                 self.proxy.close()
@@ -381,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     _say(
         runner.t0,
         f"scratch {runner.tmp}; tools {args.tools}; workloads {args.wl}; "
-        f"timeout {runner.sizes.timeout:.0f} s per workload and tool",
+        f"timeout {runner.sizes.timeout:.0f} s per workload and tool; " + link_label(args.far_ms),
     )
     try:
         runner.setup()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench import ops
 from bench import s3 as s3u
-from bench.common import MB, MIB, Budget, StepFailed, drop_caches, run
+from bench.common import MB, MIB, Budget, StepFailed, StepTimeout, drop_caches, run
 from bench.mounts import Mount
 
 OPS = str(Path(ops.__file__).resolve())
@@ -270,7 +270,8 @@ def w_seqwrite(ctx: Ctx, m: Mount, b: Budget, rec: Rec) -> None:
     res.check("dd write")
     rec("seqwrite", _mbps(z.write, res.seconds), "ok")
     while s3u.object_size(ctx.s3, m.bucket, key) != z.write:
-        b.step()
+        if b.left() <= 0:
+            raise StepTimeout("object not in S3 within the budget", time.monotonic() - start)
         time.sleep(0.1)
     in_s3 = time.monotonic() - start
     check = run(
@@ -302,7 +303,8 @@ def w_smallfiles(ctx: Ctx, m: Mount, b: Budget, rec: Rec) -> None:
     rec("create", z.small_n / out["seconds"], "ok")
     reached, _, count = s3u.wait_for_count(ctx.s3, m.bucket, "small/", z.small_n, b.step())
     if not reached:
-        rec("create_s3", None, "timeout", f"{count}/{z.small_n} objects in S3")
+        seconds = time.monotonic() - start
+        rec("create_s3", seconds, "timeout", f"{count}/{z.small_n} objects in S3 when cut off")
     else:
         sample = range(0, z.small_n, max(1, z.small_n // 7))
         good = all(
@@ -388,16 +390,18 @@ def prepare_rm(ctx: Ctx, m: Mount, b: Budget) -> None:
     _settle_tree(ctx, m, b, len(ctx.tree_listing()), time.monotonic())
 
 
-def w_raw(ctx: Ctx, bucket: str, b: Budget, rec: Rec) -> None:
-    """The ceiling: rclone as a plain S3 client against the same server, no FUSE."""
+def w_raw(ctx: Ctx, bucket: str, b: Budget, rec: Rec, env: dict[str, str] | None = None) -> None:
+    """The ceiling: rclone as a plain S3 client against the same server, no FUSE.  The
+    timed commands use ``env`` (a far link's endpoint, say); the check goes direct."""
     z = ctx.sizes
+    env = env or ctx.env
     src = ctx.source("big", z.raw)
     run(["cat", str(src)], b.step(), stdout_path=Path("/dev/null"))
     remote = f"{s3u.RCLONE_REMOTE}:{bucket}/raw.bin"
-    res = run(["rclone", "copyto", str(src), remote, *s3u.RCLONE_S3_FLAGS], b.step(), env=ctx.env)
+    res = run(["rclone", "copyto", str(src), remote, *s3u.RCLONE_S3_FLAGS], b.step(), env=env)
     res.check("rclone copyto")
     rec("raw_write", _mbps(z.raw, res.seconds), "ok")
-    res = run(["rclone", "cat", remote], b.step(), env=ctx.env, stdout_path=Path("/dev/null"))
+    res = run(["rclone", "cat", remote], b.step(), env=env, stdout_path=Path("/dev/null"))
     res.check("rclone cat")
     check = run(f"rclone cat '{remote}' | cmp - '{src}'", b.step(), env=ctx.env)
     check.check("verify raw via rclone cat", ok_codes=(0, 1))

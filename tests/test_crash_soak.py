@@ -975,6 +975,7 @@ class Soak:
 
 
 @pytest.mark.soak
+@pytest.mark.crashsoak
 def test_crash_soak(
     s3: Any, bucket: str, mount: MountFactory, run_fbmount: Any, tmp_path: Path
 ) -> None:

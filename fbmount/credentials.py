@@ -52,7 +52,7 @@ def read_passwd_file(path: Path, bucket: str | None) -> Credentials:
 def resolve(
     passwd_file: Path | None, profile: str | None, bucket: str | None
 ) -> Credentials | None:
-    """Explicit file first, then env, then s3fs's default files; None = botocore's own chain."""
+    """Explicit file, then an explicit profile (botocore), env, s3fs's files; None = botocore."""
     if passwd_file:
         return read_passwd_file(passwd_file, bucket)
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")

@@ -910,6 +910,10 @@ class Filesystem(pyfuse3.Operations):
         node.remote = False  # until its marker exists: a concurrent re-list must keep it
         headers, ctype = self.headers_for(node)
         try:
+            # A file of this name unlinked a moment ago may still be in S3 (its delete is
+            # batched): stores with a real directory tree (SeaweedFS, MinIO) refuse `x/`
+            # beside `x`, so that delete goes first.
+            await self._delete_now(self.ns.key(node).rstrip("/"))
             await self.store.put(self.ns.key(node), b"", headers, ctype)
         except BaseException:
             self.ns.unlink(node)
@@ -969,6 +973,12 @@ class Filesystem(pyfuse3.Operations):
             await self._delete_key(key)
         node.remote = False
         self.index.delete(key)
+
+    async def _delete_now(self, key: str) -> None:
+        """Send `key`'s queued delete, if any, and wait until it is done."""
+        if self.uploader.is_deleted(key):
+            await self.uploader.flush_deletes(key)
+            await self.uploader.wait_not_deleting(key)
 
     async def _delete_key(self, key: str) -> None:
         """Strict mode deletes before returning; write-back mode batches (rm -rf)."""

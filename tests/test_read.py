@@ -168,10 +168,7 @@ def test_tree_names_and_odd_keys(
     followed = [
         r
         for method, r in rewrite_proxy.requests
-        if "odd/./" in r
-        or "odd/../" in r
-        or "odd//" in r
-        or r.split("?")[0].endswith("/..")
+        if "odd/./" in r or "odd/../" in r or "odd//" in r or r.split("?")[0].endswith("/..")
     ]
     assert followed == [], followed
     assert m.is_mounted()

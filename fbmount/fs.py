@@ -204,6 +204,14 @@ class Filesystem(pyfuse3.Operations):
     def _is_bucket_root(self, inode: int) -> bool:
         return inode == self.ns.root_ino and not self.cfg.prefix
 
+    @staticmethod
+    def _dir_changed(*dirs: Node) -> None:
+        """POSIX: an entry made, removed or renamed marks its directory's mtime and ctime.
+        Kept in this mount's view only: storing it would cost a marker PUT per create."""
+        now = time.time_ns()
+        for d in dirs:
+            d.mtime_ns = d.ctime_ns = now
+
     def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
@@ -713,6 +721,7 @@ class Filesystem(pyfuse3.Operations):
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
             listing[sname] = self.ns.entry_of(node)
+        self._dir_changed(parent)
         staged.writers += 1
         staged.handles += 1
         node.opens += 1
@@ -925,6 +934,7 @@ class Filesystem(pyfuse3.Operations):
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
             listing[sname] = Entry(Kind.DIR)
+        self._dir_changed(parent)
         node.lookups += 1
         return self.attrs(node)
 
@@ -948,6 +958,7 @@ class Filesystem(pyfuse3.Operations):
         self.ns.listings.pop(node.ino, None)
         self.ns.unlink(node)
         self.ns.negative[(parent.ino, sname)] = True
+        self._dir_changed(parent)
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -958,6 +969,7 @@ class Filesystem(pyfuse3.Operations):
         await self._remove_file(node)
         self.ns.unlink(node)
         self.ns.negative[(parent.ino, sname)] = True
+        self._dir_changed(parent)
 
     async def _remove_file(self, node: Node) -> None:
         key = self.ns.key(node)
@@ -1014,6 +1026,7 @@ class Filesystem(pyfuse3.Operations):
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
             listing[sname] = self.ns.entry_of(node)
+        self._dir_changed(parent)
         node.lookups += 1
         return self.attrs(node)
 
@@ -1073,6 +1086,7 @@ class Filesystem(pyfuse3.Operations):
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
             listing[sname] = self.ns.entry_of(node)
+        self._dir_changed(parent)
         node.lookups += 1
         return self.attrs(node)
 
@@ -1090,7 +1104,7 @@ class Filesystem(pyfuse3.Operations):
         self._writable()
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
-        _, src, _ = await self._must_resolve(parent_inode_old, name_old)
+        old_parent, src, _ = await self._must_resolve(parent_inode_old, name_old)
         new_parent, new_name = self._new_name(parent_inode_new, name_new, src.kind)
         dst = await self.resolve(new_parent, new_name)
         if dst is src:
@@ -1111,6 +1125,7 @@ class Filesystem(pyfuse3.Operations):
             await self._rename_dir(src, new_parent, new_name, dst)
         else:
             await self._rename_file(src, new_parent, new_name, dst)
+        self._dir_changed(old_parent, new_parent)
 
     async def _rename_file(
         self, src: Node, new_parent: Node, new_name: str, dst: Node | None

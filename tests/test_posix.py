@@ -427,3 +427,35 @@ def test_mkdir_where_a_stored_file_was_just_unlinked(s3: Any, bucket: str, mount
     sync_path(m.path / "x")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
     assert {"x/", "y/"} <= keys and not {"x", "y"} & keys
+
+
+def test_entry_changes_update_the_directory_times(bucket: str, mount: Callable) -> None:
+    """POSIX: creating, removing or renaming an entry marks the directory's mtime and ctime
+    (pjdfstest checks it after every create, mkdir, mknod, symlink, unlink, rmdir and
+    rename). Kept in this mount's view; an open of an existing name changes nothing.
+    (Before: the directory kept the time it was first seen with.)"""
+    m = mount(bucket)
+    d, other = m.path / "d", m.path / "other"
+    d.mkdir()
+    other.mkdir()
+    write_file(d / "existing", b"x")
+    steps: list[tuple[str, Callable[[], Any], list[Path]]] = [
+        ("create", lambda: os.close(os.open(d / "f", os.O_CREAT | os.O_WRONLY, 0o644)), [d]),
+        ("mkdir", lambda: os.mkdir(d / "sub"), [d]),
+        ("mkfifo", lambda: os.mkfifo(d / "fifo"), [d]),
+        ("symlink", lambda: os.symlink("f", d / "link"), [d]),
+        ("rename", lambda: os.rename(d / "f", other / "f"), [d, other]),
+        ("unlink", lambda: os.unlink(d / "fifo"), [d]),
+        ("rmdir", lambda: os.rmdir(d / "sub"), [d]),
+    ]
+    for what, step, dirs in steps:
+        before = {p: os.stat(p) for p in dirs}
+        time.sleep(0.01)  # the clock moves on (ns resolution): not a wait for fbmount
+        step()
+        for p, old in before.items():
+            new = os.stat(p)
+            assert new.st_mtime_ns > old.st_mtime_ns, (what, p.name)
+            assert new.st_ctime_ns > old.st_ctime_ns, (what, p.name)
+    before = os.stat(d)
+    os.close(os.open(d / "existing", os.O_CREAT | os.O_RDONLY))
+    assert os.stat(d).st_mtime_ns == before.st_mtime_ns

@@ -247,6 +247,8 @@ class Filesystem(pyfuse3.Operations):
         headers = fmt.encode_meta(meta)
         if node.kind is Kind.DIR:
             return headers, fmt.DIR_CONTENT_TYPE
+        if node.kind is Kind.LINK:
+            return headers, fmt.LINK_CONTENT_TYPE
         return headers, node.content_type or fmt.guess_content_type(name or node.name)
 
     def journal(self, staged: Staged, durable: bool) -> None:
@@ -1142,7 +1144,14 @@ class Filesystem(pyfuse3.Operations):
         while True:
             staged = src.staged
             if staged is None:
-                await self._rename_object(src, new_parent, new_name, old_key, new_key, None)
+                # The copy replaces the metadata so that it carries the new ctime; what it
+                # keeps (mode, owner, times, xattrs) must be known first.
+                if not src.meta_known:
+                    await self._head_into(src)
+                if src.staged is not None:
+                    continue  # a change was staged while we asked: look again
+                headers = self.headers_for(src)
+                await self._rename_object(src, new_parent, new_name, old_key, new_key, headers)
                 break
             async with staged.lock:  # waits for an upload in flight, which may retire it
                 if src.staged is not staged:

@@ -459,3 +459,30 @@ def test_entry_changes_update_the_directory_times(bucket: str, mount: Callable) 
     before = os.stat(d)
     os.close(os.open(d / "existing", os.O_CREAT | os.O_RDONLY))
     assert os.stat(d).st_mtime_ns == before.st_mtime_ns
+
+
+def test_rename_of_a_stored_file_stores_the_new_ctime(
+    s3: Any, bucket: str, mount: Callable
+) -> None:
+    """A stored file with nothing staged is renamed by CopyObject: the copy carries the new
+    ctime (and keeps mode, owner, mtime and xattrs). (Before: the copy kept the old
+    x-amz-meta-ctime, so the next mount showed the ctime from before the rename.)"""
+    s3.put_object(
+        Bucket=bucket,
+        Key="stored",
+        Body=b"t",
+        Metadata={"mode": str(stat.S_IFREG | 0o640), "mtime": "1000000000", "uid": "7"},
+    )
+    m = mount(bucket)
+    os.setxattr(m.path / "stored", "user.k", b"v")
+    sync_path(m.path / "stored")
+    start = time.time_ns()
+    os.rename(m.path / "stored", m.path / "moved")
+    stored = meta(s3, bucket, "moved")
+    assert float(stored["ctime"]) * 1e9 >= start - 1e6  # float: 9-digit fraction
+    assert stored["mode"] == str(stat.S_IFREG | 0o640) and stored["uid"] == "7"
+    assert int(float(stored["mtime"])) == 1_000_000_000
+    assert m.unmount() == 0
+    m2 = mount(bucket)
+    assert os.lstat(m2.path / "moved").st_ctime_ns >= start - 1_000_000
+    assert os.getxattr(m2.path / "moved", "user.k") == b"v"

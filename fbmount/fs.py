@@ -159,6 +159,7 @@ class Filesystem(pyfuse3.Operations):
         )
         self.handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, list[tuple[str, int]]] = {}
+        self._root_meta_warned = False  # said once per mount: root metadata is not stored
         self._next_fh = root_ino
         self.get_limiter = trio.CapacityLimiter(max(4, cfg.parallel * 2))
         self.read_budget = MemoryBudget(cfg.memory_limit)
@@ -541,7 +542,15 @@ class Filesystem(pyfuse3.Operations):
         """Persist new metadata: a marker PUT for dirs, a staged change for files."""
         if node.kind is Kind.DIR:
             if self._is_bucket_root(node.ino):
-                return  # the bucket root has no marker to carry metadata
+                # No marker carries it: kept in this mount's view, so that rsync -a and
+                # cp -a into the mount root succeed; the next mount shows -o umask/uid/gid.
+                if not self._root_meta_warned:
+                    self._root_meta_warned = True
+                    log.warning(
+                        "mode, owner and times of the bucket root are not stored in S3 "
+                        "(set them with -o umask/uid/gid)"
+                    )
+                return
             self.uploader.marker_changed(node)  # coalesced: rsync's chmod + utime = one PUT
             return
         if node.kind is Kind.LINK:
@@ -1544,6 +1553,8 @@ class Filesystem(pyfuse3.Operations):
             raise FsError(errno.ENOTSUP, f"{sname}: security.*, system.* and trusted.* not stored")
         if not fmt.valid_xattr_name(sname):
             raise FsError(errno.ENOTSUP, f"{sname!r}: s3fs's xattr header cannot hold this name")
+        if self._is_bucket_root(inode):
+            raise FsError(errno.EPERM, "the bucket root has no object to store xattrs on")
         node = await self._meta_node(inode)
         old = node.xattrs.get(sname)
         node.xattrs[sname] = bytes(value)

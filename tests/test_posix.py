@@ -486,3 +486,30 @@ def test_rename_of_a_stored_file_stores_the_new_ctime(
     m2 = mount(bucket)
     assert os.lstat(m2.path / "moved").st_ctime_ns >= start - 1_000_000
     assert os.getxattr(m2.path / "moved", "user.k") == b"v"
+
+
+def test_bucket_root_setxattr_is_refused_and_chmod_kept_in_view(
+    bucket: str, mount: Callable
+) -> None:
+    """The bucket root of a one-bucket mount has no object to carry metadata. setxattr
+    fails with EPERM instead of reporting a success the next mount forgets. chmod, chown
+    and utime are kept in this mount's view (rsync -a and cp -a into the mount root must
+    not fail) and logged once as not stored; the next mount shows -o umask/uid/gid again.
+    (Before: setxattr reported success and stored nothing, and nothing said so.)"""
+    m = mount(bucket, "-o", "umask=022")
+    root = m.path
+    expect_errno(errno.EPERM, os.setxattr, root, "user.k", b"v")
+    assert "user.k" not in os.listxattr(root)
+    os.chmod(root, 0o700)
+    os.chown(root, 1234, 1234)
+    os.utime(root, ns=(ATIME, MTIME))
+    st = os.stat(root)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_mtime_ns) == (0o700, 1234, MTIME)
+    os.mkdir(root / "d")  # a directory below has a marker to carry xattrs
+    os.setxattr(root / "d", "user.k", b"v")
+    assert os.getxattr(root / "d", "user.k") == b"v"
+    assert m.unmount() == 0
+    assert "not stored in S3" in m.log_text()
+    m2 = mount(bucket, "-o", "umask=022")
+    st = os.stat(m2.path)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o755, 0)

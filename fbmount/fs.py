@@ -1311,6 +1311,7 @@ class Filesystem(pyfuse3.Operations):
         if new_prefix.startswith(old_prefix):
             raise FsError(errno.EINVAL, "cannot move a directory into itself")
         await self.uploader.flush_deletes(old_prefix)
+        await self._delete_now(new_prefix.rstrip("/"))  # as in mkdir: `x/` beside `x`
         staged_nodes = [n for n in self.ns.descendants(src) if n.staged is not None]
         async with contextlib.AsyncExitStack() as stack:
             for n in staged_nodes:

@@ -244,7 +244,13 @@ class Filesystem(pyfuse3.Operations):
             xattrs=dict(node.xattrs),
             rdev=node.rdev if stat.S_IFMT(node.mode) in (stat.S_IFCHR, stat.S_IFBLK) else None,
             cid=node.cid,
+            extra=node.meta_extra,
         )
+        if node.staged is not None and node.staged.has_data:
+            # Other tools' checksums described the old bytes: gone for good (a later
+            # metadata-only update must not bring them back).
+            meta = meta.for_new_content()
+            node.meta_extra = meta.extra
         headers = fmt.encode_meta(meta)
         if node.kind is Kind.DIR:
             return headers, fmt.DIR_CONTENT_TYPE

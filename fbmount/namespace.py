@@ -74,6 +74,8 @@ class Node:
     rdev: int = 0  # st_rdev of a character or block device
     xattrs: dict[str, bytes] = field(default_factory=dict)
     cid: str | None = None
+    # x-amz-meta-* keys of other tools (rclone's btime, md5chksum ...): written back as read
+    meta_extra: dict[str, str] = field(default_factory=dict)
     content_type: str | None = None
     storage_class: str | None = None
     cached_etag: str | None = None  # ETag whose bytes the kernel page cache may hold
@@ -289,6 +291,7 @@ class Namespace:
         node.atime_ns = meta.atime_ns if meta.atime_ns is not None else node.mtime_ns
         node.xattrs = dict(meta.xattrs)
         node.cid = meta.cid
+        node.meta_extra = dict(meta.extra)
         node.meta_known = True
 
     def kind_from_headers(self, headers: dict[str, str] | None) -> Kind:

@@ -520,3 +520,29 @@ def test_bucket_root_setxattr_is_refused_and_chmod_kept_in_view(
     m2 = mount(bucket, "-o", "umask=022")
     st = os.stat(m2.path)
     assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o755, 0)
+
+
+def test_other_tools_metadata_survives_rename_chmod_and_rewrite(
+    s3: Any, bucket: str, mount: Callable
+) -> None:
+    """x-amz-meta-* keys fbmount does not interpret (rclone's md5chksum and btime, other
+    tools' own keys) are kept by a rename and a chmod (same bytes); a rewrite of the data
+    drops md5chksum, which described the old bytes. (Before: a chmod dropped them all,
+    and so would the rename that now replaces the metadata to store the new ctime.)"""
+    extra = {"md5chksum": "abc=", "btime": "2020-01-01T00:00:00Z", "owner-tool": "x"}
+    s3.put_object(Bucket=bucket, Key="f", Body=b"data", Metadata=extra)
+    m = mount(bucket)
+    os.rename(m.path / "f", m.path / "g")
+    assert extra.items() <= meta(s3, bucket, "g").items()
+    os.chmod(m.path / "g", 0o600)
+    sync_path(m.path / "g")
+    stored = meta(s3, bucket, "g")
+    assert extra.items() <= stored.items() and stat.S_IMODE(int(stored["mode"])) == 0o600
+    write_file(m.path / "g", b"new data")
+    sync_path(m.path / "g")
+    stored = meta(s3, bucket, "g")
+    assert "md5chksum" not in stored
+    assert stored["btime"] == extra["btime"] and stored["owner-tool"] == "x"
+    os.chmod(m.path / "g", 0o640)  # a later metadata-only update does not bring it back
+    sync_path(m.path / "g")
+    assert "md5chksum" not in meta(s3, bucket, "g")

@@ -731,8 +731,8 @@ class Filesystem(pyfuse3.Operations):
         staged = self.staging.new(self.ns.key(node))
         staged.node, node.staged = node, staged
         staged.touch()
-        if self.uploader.cancel_delete(staged.key):
-            node.remote = True  # the old object stays until the upload replaces it
+        # An unlink of this name whose delete is still queued stays queued: the delete is
+        # sent before this file's first upload (uploader.delete_first), never cancelled.
         # No journal record yet: it is written (durably) at close; a crash before close
         # drops the bytes, which nothing had acknowledged as stored.
         listing = self.ns.listings.get(parent.ino)
@@ -939,7 +939,7 @@ class Filesystem(pyfuse3.Operations):
             # A file of this name unlinked a moment ago may still be in S3 (its delete is
             # batched): stores with a real directory tree (SeaweedFS, MinIO) refuse `x/`
             # beside `x`, so that delete goes first.
-            await self._delete_now(self.ns.key(node).rstrip("/"))
+            await self.uploader.delete_first(self.ns.key(node).rstrip("/"))
             await self.store.put(self.ns.key(node), b"", headers, ctype)
         except BaseException:
             self.ns.unlink(node)
@@ -1003,12 +1003,6 @@ class Filesystem(pyfuse3.Operations):
         node.remote = False
         self.index.delete(key)
 
-    async def _delete_now(self, key: str) -> None:
-        """Send `key`'s queued delete, if any, and wait until it is done."""
-        if self.uploader.is_deleted(key):
-            await self.uploader.flush_deletes(key)
-            await self.uploader.wait_not_deleting(key)
-
     async def _delete_key(self, key: str) -> None:
         """Strict mode deletes before returning; write-back mode batches (rm -rf)."""
         if self.cfg.upload_delay <= 0:
@@ -1031,8 +1025,7 @@ class Filesystem(pyfuse3.Operations):
         headers, _ = self.headers_for(node)
         try:
             key = self.ns.key(node)
-            self.uploader.cancel_delete(key)
-            await self.uploader.wait_not_deleting(key)
+            await self.uploader.delete_first(key)
             node.etag = await self.store.put(key, body, headers, fmt.LINK_CONTENT_TYPE)
         except BaseException:
             self.ns.unlink(node)
@@ -1091,8 +1084,7 @@ class Filesystem(pyfuse3.Operations):
         headers, ctype = self.headers_for(node)
         key = self.ns.key(node)
         try:
-            self.uploader.cancel_delete(key)
-            await self.uploader.wait_not_deleting(key)
+            await self.uploader.delete_first(key)
             node.etag = await self.store.put(key, b"", headers, ctype)
         except BaseException:
             self.ns.unlink(node)
@@ -1216,11 +1208,12 @@ class Filesystem(pyfuse3.Operations):
             staged.key = previous
             raise
         # No await from here on: the name moves and the old key's delete is queued in one
-        # step, so a new file taking the old name cancels that delete (create →
-        # cancel_delete) instead of having its own object deleted by it.
+        # step, so a new file taking the old name finds it queued, and its own first write
+        # sends it before (uploader.delete_first): it never deletes the new file's object.
+        # A delete already queued for the new key (an unlink of that name) stays queued
+        # likewise: a `fbmount sync` may have counted on it.
         was_remote = src.remote
-        # A cancelled delete leaves the old object there: unlink must remove it.
-        src.remote = self.uploader.cancel_delete(new_key) or dst_remote
+        src.remote = dst_remote
         self.ns.move(src, new_parent, new_name)
         if was_remote:
             self.uploader.queue_delete(old_key)
@@ -1275,8 +1268,7 @@ class Filesystem(pyfuse3.Operations):
         self, src_key: str, dst_key: str, node: Node, headers: tuple[dict[str, str], str] | None
     ) -> str:
         """Server-side copy when allowed, else stream GET → PUT (bounded memory)."""
-        self.uploader.cancel_delete(dst_key)
-        await self.uploader.wait_not_deleting(dst_key)
+        await self.uploader.delete_first(dst_key)
         if self.store.copy_supported is not False:
             probing = self.store.copy_supported is None
             try:
@@ -1317,7 +1309,7 @@ class Filesystem(pyfuse3.Operations):
         if new_prefix.startswith(old_prefix):
             raise FsError(errno.EINVAL, "cannot move a directory into itself")
         await self.uploader.flush_deletes(old_prefix)
-        await self._delete_now(new_prefix.rstrip("/"))  # as in mkdir: `x/` beside `x`
+        await self.uploader.delete_first(new_prefix.rstrip("/"))  # as in mkdir: `x/` beside `x`
         staged_nodes = [n for n in self.ns.descendants(src) if n.staged is not None]
         async with contextlib.AsyncExitStack() as stack:
             for n in staged_nodes:

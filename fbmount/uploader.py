@@ -161,7 +161,6 @@ class WriteBack:
         self.dirty_markers: dict[int, float] = {}  # dir inode -> when its metadata changed
         self.pending_deletes: set[str] = set()  # unlinked keys, batched into DeleteObjects
         self.deleting: set[str] = set()  # keys of the batch in flight
-        self._deleted = trio.Event()
         self._delete_queued_at = 0.0
         self._delete_lock = trio.Lock()
         self.last_delete_error: str | None = None  # shown by `fbmount status`
@@ -177,25 +176,28 @@ class WriteBack:
         if len(self.pending_deletes) >= 1000:
             self.kick()
 
-    def cancel_delete(self, key: str) -> bool:
-        """The key is being created again: its queued delete must not land after the PUT.
-
-        Returns True when a delete was pending: the old object is then still in S3."""
-        pending = key in self.pending_deletes
-        self.pending_deletes.discard(key)
-        return pending
-
     def is_deleted(self, key: str) -> bool:
         return key in self.pending_deletes or key in self.deleting
 
-    async def wait_not_deleting(self, key: str) -> None:
-        while key in self.deleting:
-            await self._deleted.wait()
+    async def delete_first(self, key: str) -> None:
+        """`key` is about to be written (PUT, copy, multipart completion): send a delete
+        still queued for it now, and wait for one in flight, so that no delete lands after
+        the write. Never cancelled instead: that unlink may be acknowledged already (a
+        `fbmount sync` counted it as done), and the new write may never come (its file
+        renamed away or unlinked first), so the old object would stay. FsError if the
+        delete fails (the write is then not sent either)."""
+        if self.is_deleted(key):
+            await self.flush_deletes(key=key)
 
-    async def flush_deletes(self, prefix: str | None = None) -> None:
-        """Send queued deletes (those under `prefix`, or all) now; FsError if refused."""
+    async def flush_deletes(self, prefix: str | None = None, key: str | None = None) -> None:
+        """Send queued deletes (those under `prefix`, or `key` alone, or all) now, after a
+        batch in flight; FsError if refused."""
         async with self._delete_lock:
-            keys = {k for k in self.pending_deletes if prefix is None or k.startswith(prefix)}
+            keys = {
+                k
+                for k in self.pending_deletes
+                if (prefix is None or k.startswith(prefix)) and (key is None or k == key)
+            }
             if not keys:
                 return
             self.pending_deletes -= keys
@@ -208,8 +210,6 @@ class WriteBack:
                 raise
             finally:
                 self.deleting -= keys
-                self._deleted.set()
-                self._deleted = trio.Event()
 
     async def _background_deletes(self) -> None:
         def retry_later(e: BaseException) -> None:
@@ -346,8 +346,6 @@ class WriteBack:
             else:
                 headers, ctype = staged.record["headers"], staged.record["content_type"]
             cfg = self.fs.cfg
-            self.cancel_delete(key)
-            await self.wait_not_deleting(key)
             staged.in_flight_bytes = 0
             self.in_flight[staged.id] = staged
 
@@ -355,6 +353,7 @@ class WriteBack:
                 staged.in_flight_bytes += n
 
             try:
+                await self.delete_first(key)  # an unlink of this name before it goes first
                 streamed = None
                 if staged.has_data and staged.eager is not None:
                     streamed = await self.fs.eager.finish(staged, key, headers, ctype)

@@ -1,0 +1,99 @@
+"""Races around the batched deletes of unlinked keys (issue #15), each forced on purpose.
+
+An unlink in write-back mode queues its key for the next DeleteObjects batch. `fbmount
+sync` promises that a delete queued before it started has been sent once it returns 0,
+and the crash soak checks that an unlink acknowledged that way never comes back after a
+kill -9. These tests hold one batch (or the sync itself) with the fault proxy, so that the
+name is reused exactly while its delete is still queued.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MountFactory
+from faultproxy import FaultProxy
+from helpers import body
+
+MIB = 1 << 20
+
+
+def data_of(n: int, seed: int) -> bytes:
+    """`n` bytes that differ for each seed."""
+    block = bytes((i * 13 + seed) % 251 for i in range(4096 + seed))
+    return (block * (n // len(block) + 1))[:n]
+
+
+def fsynced(path: Path, data: bytes) -> None:
+    """Write `path` and fsync it: in S3 when this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync(run_fbmount: Callable[..., Any], mnt: Path) -> None:
+    r = run_fbmount("sync", str(mnt), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("reuse", ["create", "rename-onto"])
+def test_unlink_acknowledged_by_sync_stays_gone_when_the_name_is_reused(
+    s3: Any,
+    bucket: str,
+    mount: MountFactory,
+    s3_endpoint: str,
+    run_fbmount: Callable[..., Any],
+    reuse: str,
+) -> None:
+    """`rm f1`, then `fbmount sync` starts, then a new `f1` is made (created, or another
+    staged file renamed onto it) before the sync has sent f1's delete, then the new f1 is
+    renamed away and the daemon is killed.
+
+    The sync returned 0, so the unlink was acknowledged: the old f1 must be gone from S3
+    when it returns, and must not come back after the crash (the crash soak saw an fsync'ed
+    file back). Held here: an earlier delete batch, so f1's delete stays queued, and the
+    sync in its first step (a directory marker), once it has taken stock of the queue.
+    """
+    old, new = data_of(2 * MIB + 5, 1), data_of(70_000, 2)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--upload-delay", "60", endpoint=proxy.endpoint)
+        (m.path / "d").mkdir()
+        fsynced(m.path / "f1", old)
+        fsynced(m.path / "other", b"other")
+        batch = proxy.add_rule("DeleteObjects", "hold", times=1)
+        os.unlink(m.path / "other")
+        assert batch.wait_held(20), "the unlink of `other` sent no DeleteObjects"
+        os.unlink(m.path / "f1")  # queued behind the batch in flight
+        os.chmod(m.path / "d", 0o700)  # a marker for the sync to store first
+        marker = proxy.add_rule("PutObject", "hold", where=lambda i: i.key == "d/", times=1)
+        with ThreadPoolExecutor(1) as pool:
+            syncing = pool.submit(sync, run_fbmount, m.path)
+            assert marker.wait_held(30), "the sync stored no directory marker"
+            # Written after the sync took stock: not uploaded before the crash.
+            if reuse == "create":
+                (m.path / "f1").write_bytes(new)
+            else:
+                (m.path / "x").write_bytes(new)
+                os.rename(m.path / "x", m.path / "f1")
+            batch.release()
+            marker.release()
+            syncing.result(timeout=120)
+        assert body(s3, bucket, "f1") != old, "sync returned 0 with the unlinked f1 in S3"
+        assert body(s3, bucket, "f1") is None  # the new f1 is not due before the crash
+        os.rename(m.path / "f1", m.path / "moved")
+        m.kill9()
+        again = mount(bucket, cache_dir=m.cache_dir, mountpoint=m.path, endpoint=proxy.endpoint)
+        again.sync()  # recovery uploads what was journaled
+        assert body(s3, bucket, "f1") is None, "the acknowledged unlink came back"
+        assert not (again.path / "f1").exists()
+        assert (again.path / "moved").read_bytes() == new
+        assert body(s3, bucket, "moved") == new
+        assert again.unmount() == 0

@@ -170,9 +170,12 @@ class WriteBack:
 
     # ----- deletes: rm -rf becomes DeleteObjects batches -------------------------------
     def queue_delete(self, key: str) -> None:
-        """unlink returns at once; the key goes in the next batch (<= 0.3 s, or sync)."""
+        """unlink returns at once; the key goes in the next batch, 0.3 s after the oldest
+        key waiting (or at once in a sync). A later unlink never postpones an earlier one:
+        a long `rm` loop would otherwise keep every delete back until it stops."""
+        if not self.pending_deletes:
+            self._delete_queued_at = time.monotonic()
         self.pending_deletes.add(key)
-        self._delete_queued_at = time.monotonic()
         if len(self.pending_deletes) >= 1000:
             self.kick()
 

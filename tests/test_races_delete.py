@@ -10,6 +10,7 @@ name is reused exactly while its delete is still queued.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from conftest import MountFactory
 from faultproxy import FaultProxy
-from helpers import body
+from helpers import body, exists
 
 MIB = 1 << 20
 
@@ -97,3 +98,29 @@ def test_unlink_acknowledged_by_sync_stays_gone_when_the_name_is_reused(
         assert (again.path / "moved").read_bytes() == new
         assert body(s3, bucket, "moved") == new
         assert again.unmount() == 0
+
+
+def test_queued_delete_is_sent_while_more_deletes_keep_coming(
+    s3: Any, bucket: str, mount: MountFactory
+) -> None:
+    """`rm` of many files one by one (a script, rsync --delete): each unlink queues its key
+    for a DeleteObjects batch sent 0.3 s later. The first key must be deleted while the
+    others keep coming, not only once they stop (each new unlink used to postpone the
+    whole batch, so a crash during a long `rm` loop left every unlinked object in S3)."""
+    m = mount(bucket, "--upload-delay", "60")
+    names = [f"k{i:02d}" for i in range(60)]
+    for name in names:
+        (m.path / name).write_bytes(name.encode())
+    m.sync()
+    os.unlink(m.path / names[0])
+    for name in names[1:]:
+        if not exists(s3, bucket, names[0]):
+            break
+        os.unlink(m.path / name)
+        # Paced below the batch delay: the next unlink comes before a batch of the last
+        # one alone would be due.
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"{names[0]} still in S3 after {len(names) - 1} more unlinks")
+    assert m.unmount() == 0
+    assert not any(exists(s3, bucket, n) for n in names[: names.index(name)])

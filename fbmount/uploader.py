@@ -159,8 +159,12 @@ class WriteBack:
         self.in_flight: dict[str, Staged] = {}  # uploads running now (for status)
         self.queued: set[str] = set()  # ids handed to a background upload task
         self.dirty_markers: dict[int, float] = {}  # dir inode -> when its metadata changed
-        self.pending_deletes: set[str] = set()  # unlinked keys, batched into DeleteObjects
-        self.deleting: set[str] = set()  # keys of the batch in flight
+        # Unlinked keys, batched into DeleteObjects, and the keys of the batch in flight;
+        # each with the number of its unlink, so that a sync can tell the delete it waits
+        # for from a later unlink of the same name.
+        self.pending_deletes: dict[str, int] = {}
+        self.deleting: dict[str, int] = {}
+        self._unlinks = 0
         self._delete_queued_at = 0.0
         self._delete_lock = trio.Lock()
         self.last_delete_error: str | None = None  # shown by `fbmount status`
@@ -175,12 +179,17 @@ class WriteBack:
         a long `rm` loop would otherwise keep every delete back until it stops."""
         if not self.pending_deletes:
             self._delete_queued_at = time.monotonic()
-        self.pending_deletes.add(key)
+        self._unlinks += 1
+        self.pending_deletes.setdefault(key, self._unlinks)
         if len(self.pending_deletes) >= 1000:
             self.kick()
 
     def is_deleted(self, key: str) -> bool:
         return key in self.pending_deletes or key in self.deleting
+
+    def _queued_deletes(self) -> set[tuple[str, int]]:
+        """Every unlink whose delete is not done: (key, its number)."""
+        return set(self.pending_deletes.items()) | set(self.deleting.items())
 
     async def delete_first(self, key: str) -> None:
         """`key` is about to be written (PUT, copy, multipart completion): send a delete
@@ -197,22 +206,26 @@ class WriteBack:
         batch in flight; FsError if refused."""
         async with self._delete_lock:
             keys = {
-                k
-                for k in self.pending_deletes
+                k: n
+                for k, n in self.pending_deletes.items()
                 if (prefix is None or k.startswith(prefix)) and (key is None or k == key)
             }
             if not keys:
                 return
-            self.pending_deletes -= keys
-            self.deleting |= keys
+            for k in keys:
+                del self.pending_deletes[k]
+            self.deleting.update(keys)
             try:
                 await self.fs.store.delete_many(sorted(keys))
                 self.last_delete_error = None
             except BaseException:
-                self.pending_deletes |= keys  # a failure, a bug or unmount: the next flush
+                # A failure, a bug or unmount: the next flush, as the older unlink.
+                for k, n in keys.items():
+                    self.pending_deletes[k] = min(n, self.pending_deletes.get(k, n))
                 raise
             finally:
-                self.deleting -= keys
+                for k in keys:
+                    del self.deleting[k]
 
     async def _background_deletes(self) -> None:
         def retry_later(e: BaseException) -> None:
@@ -455,7 +468,7 @@ class WriteBack:
         if targets is None:
             targets = [s for s in self.fs.staging.entries.values() if s.dirty]
         wanted = [(s, s.generation) for s in targets]
-        deletes = self.pending_deletes | self.deleting
+        deletes = self._queued_deletes()
         with trio.move_on_after(deadline):
             await self.flush_markers()
             try:
@@ -470,7 +483,7 @@ class WriteBack:
             for s, generation in wanted
             if not s.discarded and s.stored_generation < generation and s.dirty
         ]
-        unsent = deletes & (self.pending_deletes | self.deleting)
+        unsent = deletes & self._queued_deletes()  # an unlink made meanwhile is not counted
         if unsent:
             why = self.last_delete_error or "not sent in time"
             left.append((f"{len(unsent)} deletion(s)", why))

@@ -124,3 +124,43 @@ def test_queued_delete_is_sent_while_more_deletes_keep_coming(
         pytest.fail(f"{names[0]} still in S3 after {len(names) - 1} more unlinks")
     assert m.unmount() == 0
     assert not any(exists(s3, bucket, n) for n in names[: names.index(name)])
+
+
+def test_sync_is_not_failed_by_an_unlink_of_the_same_name_made_meanwhile(
+    s3: Any,
+    bucket: str,
+    mount: MountFactory,
+    s3_endpoint: str,
+    run_fbmount: Callable[..., Any],
+) -> None:
+    """`rm K`, `fbmount sync` starts; while it uploads, K is written again, fsync'ed and
+    removed again. The delete the sync waited for was sent: it must exit 0, the second
+    unlink (made after it started, still queued) is no failure of it (the crash soak saw
+    "1 deletion(s): not sent in time" from a sync with the daemon alive)."""
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--upload-delay", "60", endpoint=proxy.endpoint)
+        (m.path / "d").mkdir()
+        fsynced(m.path / "K", b"first")
+        first = proxy.add_rule("DeleteObjects", "hold", times=1)
+        second = proxy.add_rule("DeleteObjects", "hold", after=1, times=1)
+        os.unlink(m.path / "K")
+        assert first.wait_held(20), "the unlink of K sent no DeleteObjects"
+        (m.path / "X").write_bytes(b"dirty when the sync starts")
+        os.chmod(m.path / "d", 0o700)
+        marker = proxy.add_rule("PutObject", "hold", where=lambda i: i.key == "d/", times=1)
+        put_x = proxy.add_rule("PutObject", "hold", where=lambda i: i.key == "X", times=1)
+        with ThreadPoolExecutor(1) as pool:
+            syncing = pool.submit(run_fbmount, "sync", str(m.path), timeout=120)
+            assert marker.wait_held(30), "the sync stored no directory marker"
+            first.release()  # K's delete, which the sync waits for, is done
+            marker.release()
+            assert put_x.wait_held(30), "the sync did not upload X"
+            fsynced(m.path / "K", b"second")
+            os.unlink(m.path / "K")  # queued again; its batch is held
+            put_x.release()
+            r = syncing.result(timeout=120)
+        second.release()
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert m.unmount() == 0
+    assert not exists(s3, bucket, "K")
+    assert body(s3, bucket, "X") == b"dirty when the sync starts"

@@ -1347,18 +1347,12 @@ class Filesystem(pyfuse3.Operations):
             if not any(o.key == old_prefix for o in page.objects):
                 headers, ctype = self.headers_for(src)
                 await self.store.put(new_prefix, b"", headers, ctype)  # keep empty dirs alive
+            # The journal names the new keys durably before any old key is deleted: a
+            # file staged with local data is not copied, so a kill -9 in between would
+            # otherwise leave it nowhere (or its chmod undone); now it leaves two copies.
+            await self._journal_moved(staged_nodes, old_prefix, new_prefix)
             await self.store.delete_many(keys)
             self.ns.move(src, new_parent, new_name)
-            for n in staged_nodes:
-                if n.staged.eager is not None:  # bound to the old key, which may be reused
-                    self.eager.abandon(n.staged, "renamed with its directory")
-                n.staged.key = self.ns.key(n)
-                if not n.staged.has_data:  # metadata-only: its body was copied above
-                    n.staged.source_key, n.staged.source_etag = n.staged.key, None
-                if n.staged.has_data and not n.staged.discarded:
-                    n.remote = False
-                    n.staged.touch()
-                await self.journal_durable(n.staged)
         for n in self.ns.descendants(src):
             self.ns.listings.pop(n.ino, None)
             old_etag = n.etag
@@ -1368,6 +1362,33 @@ class Filesystem(pyfuse3.Operations):
                 self._readers_follow(n, old_etag)
         self.index.rename_prefix(old_prefix, new_prefix)
         self.uploader.kick()
+
+    async def _journal_moved(self, nodes: list[Node], old_prefix: str, new_prefix: str) -> None:
+        """Point the staged files below a directory being renamed (locks held) at their new
+        keys and journal each durably; their names move afterwards. If a record cannot be
+        written, every key goes back and the rename fails (a record already written names
+        the new key: a crash then leaves that file under both names, never none)."""
+        moved: list[tuple[Node, str, str | None, str | None, bool]] = []
+        try:
+            for n in nodes:
+                staged = n.staged
+                key = self.ns.key(n)
+                moved.append((n, staged.key, staged.source_key, staged.source_etag, n.remote))
+                if staged.eager is not None:  # bound to the old key, which may be reused
+                    self.eager.abandon(staged, "renamed with its directory")
+                staged.key = new_prefix + key[len(old_prefix) :]
+                if not staged.has_data:  # metadata-only: its body was copied already
+                    staged.source_key, staged.source_etag = staged.key, None
+                elif not staged.discarded:
+                    n.remote = False  # not copied: the upload stores it under the new key
+                    staged.touch()
+                await self.journal_durable(staged)
+        except BaseException:
+            for n, key, source_key, source_etag, remote in moved:
+                staged = n.staged
+                staged.key, staged.source_key, staged.source_etag = key, source_key, source_etag
+                n.remote = remote
+            raise
 
     # ===== life cycle ===================================================================
     async def recover(self) -> None:

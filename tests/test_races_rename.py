@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -243,3 +244,71 @@ def test_open_reader_follows_renames_made_through_the_mount(
         os.close(fd)
     assert body(s3, bucket, "e/moved") == data
     assert m.unmount() == 0
+
+
+# --------------------------------------------------------------------------- race 11
+def test_kill9_during_directory_rename_loses_nothing(
+    s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str
+) -> None:
+    """`mv d e` copies every stored key below d and deletes the old ones; the daemon dies
+    once the server has done that delete (its answer held). Staged files below d keep
+    their bytes only on local disk: their journal records must name the new keys before
+    the old keys go, or a crash loses them.
+
+    open: uploaded and still open (its record was retired, its bytes are not copied: the
+    local copy goes up under the new key). dirty: changed since its upload. meta: a chmod
+    of a stored file, not yet applied in S3. After the remount each is under e with its
+    last content and mode; the old names may keep older copies, never newer ones.
+    """
+    stored, changed, opened = data_of(1 * MIB + 3, 4), data_of(200_000, 5), data_of(70_000, 6)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--upload-delay", "60", endpoint=proxy.endpoint)
+        d = m.path / "d"
+        d.mkdir()
+        for name in ("dirty", "meta"):
+            with open(d / name, "wb") as f:
+                f.write(stored)
+                os.fsync(f.fileno())
+        (d / "dirty").write_bytes(changed)  # journaled at close, not uploaded (delay 60)
+        os.chmod(d / "meta", 0o600)  # journaled, not applied in S3 yet
+        fd = os.open(d / "open", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, opened)
+            os.fsync(fd)  # in S3, clean; held open, so still staged
+            delete = proxy.add_rule("DeleteObjects", "hold", phase="response", times=1)
+            errors: list[OSError] = []
+
+            def rename() -> None:
+                try:
+                    os.rename(d, m.path / "e")
+                except OSError as e:  # the daemon died under it
+                    errors.append(e)
+
+            mover = threading.Thread(target=rename, daemon=True)
+            mover.start()
+            assert delete.wait_held(30), "the directory rename sent no DeleteObjects"
+            m.kill9()
+            mover.join(10)
+            assert not mover.is_alive()
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # its mount died with the daemon
+        proxy.clear_rules()
+        delete.release()
+        again = mount(bucket, cache_dir=m.cache_dir, mountpoint=m.path, endpoint=proxy.endpoint)
+        again.sync()  # recovery uploads what was journaled
+        e = again.path / "e"
+        assert (e / "open").read_bytes() == opened
+        assert (e / "dirty").read_bytes() == changed
+        assert (e / "meta").read_bytes() == stored
+        assert stat.S_IMODE(os.stat(e / "meta").st_mode) == 0o600
+        assert body(s3, bucket, "e/open") == opened
+        assert body(s3, bucket, "e/dirty") == changed
+        assert s3.head_object(Bucket=bucket, Key="e/meta")["Metadata"].get("mode") == str(
+            stat.S_IFREG | 0o600
+        )
+        for name, older in (("open", (opened,)), ("dirty", (stored, changed)), ("meta", (stored,))):
+            assert body(s3, bucket, f"d/{name}") in (None, *older)
+        assert again.unmount() == 0

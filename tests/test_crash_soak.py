@@ -17,7 +17,12 @@ which all processes share):
 - the last *acknowledged* state: the state an fsync() on it returned with, or the state the
   last operation completed (closed) before a ``fbmount sync`` started that then returned 0;
 - every state written since (closed operations, in order), and for the operation that the
-  kill interrupted, every byte-wise mix of its before and after contents (a write cut short).
+  kill interrupted, every byte-wise mix of its before and after contents (a write cut short);
+- for every piecewise write since the ack, every such mix too: an upload that ran during it
+  (``fbmount sync`` uploads files open for writing) stored one, the next upload replaces
+  it, but a rename or unlink of the path leaves it in S3 until the old key's delete, and
+  the README allows a crash inside that window (close-durable below still wants the exact
+  state of a closed write).
 After a kill -9 every path must show one of those — so an acknowledged unlink never comes
 back and an acknowledged chmod sticks — in S3 and through the new mount alike (recovery
 uploads before the mount serves). The README promises more: a close() that returned is in
@@ -116,6 +121,8 @@ class CrashWorker(Worker):
         self.name = name
         self.modes: dict[str, int] = {}
         self.pending: dict[str, dict[str, Any]] = {}
+        # Per path, the piecewise writes done since its last fsync, for `dump_partials`.
+        self.partials: dict[str, list[dict[str, Any]]] = {}
         self.round = -1
         self.log: Any = None
         self.recent: deque[tuple[str, str, bytes]] = deque(maxlen=40)
@@ -153,9 +160,28 @@ class CrashWorker(Worker):
     def fsync(self, fd: int, rel: str) -> None:
         os.fsync(fd)
         self.emit(e="ack", n=self.ops, path=rel, st=self.st(rel), t=time.monotonic())
+        self.partials.pop(rel, None)
         if rel in self.pending:  # acknowledged: the older state cannot come back any more
             data = self.files.get(rel)
             self.pending[rel]["old"] = (None if data is None else bytes(data), self.modes[rel])
+
+    def mix_of(self, p: dict[str, Any]) -> dict[str, Any]:
+        """The blobs and bounds of the byte-wise mixes a piecewise write `p` may leave."""
+        (old, old_mode), (new, new_mode) = p["old"], p["new"]
+        sources = [b for b in (old, new, *p["extra"]) if b is not None]
+        blobs = []
+        for data in sources:  # by content: one write's after is the next one's before
+            blob = self.logdir / f"blob-{self.name}-{hashlib.sha256(data).hexdigest()[:20]}"
+            if not blob.exists():
+                blob.write_bytes(data)
+            blobs.append(str(blob))
+        lens = [len(b) for b in sources]
+        return {
+            "blobs": blobs,
+            "minlen": p["minlen"] if p["minlen"] is not None else min(lens),
+            "maxlen": max(lens),
+            "modes": sorted({m for m in (old_mode, new_mode) if m is not None}),
+        }
 
     def dump_inflight(self) -> None:
         for rel, p in self.pending.items():
@@ -167,20 +193,21 @@ class CrashWorker(Worker):
                 "exact": [state_of(old, old_mode), state_of(new, new_mode)],
             }
             if p["mix"]:
-                sources = [b for b in (old, new, *p["extra"]) if b is not None]
-                blobs = []
-                for i, data in enumerate(sources):
-                    blob = self.logdir / f"blob-{self.name}-r{self.round}-{self.ops}-{rel}-{i}"
-                    blob.write_bytes(data)
-                    blobs.append(str(blob))
-                lens = [len(b) for b in sources]
-                event["mix"] = {
-                    "blobs": blobs,
-                    "minlen": p["minlen"] if p["minlen"] is not None else min(lens),
-                    "maxlen": max(lens),
-                    "modes": sorted({m for m in (old_mode, new_mode) if m is not None}),
-                }
+                event["mix"] = self.mix_of(p)
             self.emit(**event)
+
+    def dump_partials(self) -> None:
+        """After a kill: the piecewise writes of each path since its last fsync. An upload
+        that ran during one (a `fbmount sync` uploads files open for writing) stored a
+        mix of its before and after in S3; the next upload replaces it, but a path renamed
+        away or unlinked keeps it until its delete, and a crash inside that window (the
+        README's) leaves it there. Only for paths gone now (or changing at the kill): a
+        path whose last change was a closed write must show exactly that (close-durable)."""
+        for rel, done in self.partials.items():
+            if rel in self.files and rel not in self.pending:
+                continue
+            for p in done:
+                self.emit(e="partial", n=p["n"], path=rel, t=p["t"], mix=self.mix_of(p))
 
     # ----- checks
     def verify(self, rel: str) -> None:
@@ -418,6 +445,7 @@ class CrashWorker(Worker):
         self.log = open(self.logdir / f"{self.name}-r{rnd}.jsonl", "w")  # noqa: SIM115
         try:
             self.emit(e="start", t=time.monotonic(), states=self.load())
+            self.partials.clear()  # what the mount shows now is where S3 starts from
             print("ready", flush=True)
             names = [n for n, _ in self.OPS]
             weights = [w for _, w in self.OPS]
@@ -439,11 +467,16 @@ class CrashWorker(Worker):
                 except OSError as e:
                     if e.errno in LOST:
                         self.dump_inflight()
+                        self.dump_partials()
                         reason = "lost"
                         break
                     raise
                 states = {rel: self.st(rel) for rel in touched}
-                self.emit(e="done", n=self.ops, t=time.monotonic(), states=states, durable=durable)
+                t_done = time.monotonic()
+                self.emit(e="done", n=self.ops, t=t_done, states=states, durable=durable)
+                for rel, p in self.pending.items():
+                    if p["mix"]:
+                        self.partials.setdefault(rel, []).append({**p, "n": self.ops, "t": t_done})
                 self.pending.clear()
                 self.history[-1] += f" {touched}"
                 for rel in touched:
@@ -458,6 +491,7 @@ class CrashWorker(Worker):
                 self.emit(e="fail", n=self.ops, msg=msg, history=list(self.history))
                 reason = "error"
             else:
+                self.dump_partials()
                 reason = "lost"
         except Mismatch as e:
             self.emit(e="fail", n=self.ops, msg=str(e), history=list(self.history))
@@ -507,6 +541,9 @@ class PathModel:
     cur: State = None  # the state the worker left
     cur_t: float = float("-inf")
     mixes: list[tuple[dict, str]] = field(default_factory=list)  # cut-short writes
+    # Piecewise writes since the ack: an upload during one may have stored a mix (see
+    # CrashWorker.dump_partials), which a rename or unlink leaves in S3 until its delete.
+    partials: list[tuple[dict, str]] = field(default_factory=list)
     exact: tuple[State, str] | None = (None, "initial")  # close-durable expectation
     trail: list[str] = field(default_factory=list)  # what happened to it, for reports
 
@@ -515,7 +552,7 @@ class PathModel:
             return True
         if obs is None or obs_bytes is None:
             return False
-        return any(mix_ok(obs_bytes, obs[2], mix) for mix, _ in self.mixes)
+        return any(mix_ok(obs_bytes, obs[2], mix) for mix, _ in self.mixes + self.partials)
 
     def describe(self) -> str:
         lines = [f"    acknowledged: {short(self.acked)}  [{self.acked_label}]"]
@@ -524,6 +561,11 @@ class PathModel:
             f"    cut short:    bytes of {len(m['blobs'])} sources, {m['minlen']}..{m['maxlen']} B,"
             f" modes {[oct(x) for x in m['modes']]}  [{label}]"
             for m, label in self.mixes
+        ]
+        lines += [
+            f"    mid-write:    bytes of {len(m['blobs'])} sources, {m['minlen']}..{m['maxlen']} B,"
+            f" modes {[oct(x) for x in m['modes']]}  [{label}]"
+            for m, label in self.partials
         ]
         return "\n".join(lines)
 
@@ -725,7 +767,7 @@ class Soak:
         s3_view = self.s3_view() if rnd else {}
         shown = {}
         for path, pm in self.models.items():
-            if pm.mixes and (self.m.path / path).exists():
+            if (pm.mixes or pm.partials) and (self.m.path / path).exists():
                 shown[path] = (self.m.path / path).read_bytes()
         for name in self.names:
             self.tell(name, f"go {rnd}")
@@ -824,6 +866,8 @@ class Soak:
                             label,
                         )
                     )
+                elif e["e"] == "partial":
+                    entries.append((e["t"], 2, f"{name}/{e['path']}", "partial", e["mix"], label))
                 elif e["e"] == "inflight":
                     inflight.append((f"{name}/{e['path']}", e, label + " (cut short by the kill)"))
                 elif e["e"] == "fail":
@@ -845,12 +889,17 @@ class Soak:
                     if pm.cur_t > pm.acked_t:
                         pm.acked, pm.acked_t, pm.acked_label = pm.cur, pm.cur_t, label
                         pm.hist.clear()
+                        pm.partials.clear()
+                continue
+            if kind == "partial":
+                self.models[path].partials.append((st, label + " (an upload mid-write)"))
                 continue
             pm = self.models[path]
             pm.trail.append(f"{t - self.t0:+.3f}s {label}: {kind} {short(st)}")
             if kind == "fsync":
                 pm.acked, pm.acked_t, pm.acked_label = st, t, label + " (fsync)"
                 pm.hist.clear()
+                pm.partials.clear()
                 pm.exact = (st, label)
             else:
                 pm.cur, pm.cur_t = st, t
@@ -896,6 +945,7 @@ class Soak:
             pm.hist.append((obs, f"seen after the crash before round {rnd}"))
         pm.cur, pm.cur_t = obs, t
         pm.mixes.clear()
+        pm.partials.clear()
         pm.exact = (obs, f"seen after the crash before round {rnd}")
         pm.trail.append(f"round {rnd} starts with {short(obs)}")
 

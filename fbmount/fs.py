@@ -281,13 +281,21 @@ class Filesystem(pyfuse3.Operations):
             node.staged is not None or node.fresh_until > now or not node.remote
         ):
             return node
+        # --attr-ttl 0 (strict): a name missing from a cached listing is asked of S3, as
+        # s3fs does, so a name another client just created is there at the next lookup.
+        ask_on_miss = self.cfg.attr_ttl <= 0
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
             entry = listing.get(name)
-            if entry is None:
+            if entry is not None:
+                return await self._node_from_entry(parent, name, entry, head_unknown=True)
+            if not ask_on_miss or not fmt.valid_name(name):
                 return None
-            return await self._node_from_entry(parent, name, entry, head_unknown=True)
-        if (parent.ino, name) in self.ns.negative:
+            node = await self._probe(parent, name)
+            if node is not None and self.ns.listings.get(parent.ino) is listing:
+                listing[name] = self.ns.entry_of(node)
+            return node
+        if (parent.ino, name) in self.ns.negative and not ask_on_miss:
             return None
         if not fmt.valid_name(name):
             return None
@@ -470,7 +478,8 @@ class Filesystem(pyfuse3.Operations):
         if node is None:
             a = pyfuse3.EntryAttributes()
             a.st_ino = 0
-            a.entry_timeout = self.cfg.dir_ttl  # kernel-side negative cache
+            # kernel-side negative cache; none in strict mode (a miss is asked of S3)
+            a.entry_timeout = self.cfg.dir_ttl if self.cfg.attr_ttl > 0 else 0
             return a
         if node.kind is Kind.DIR and not node.meta_known and node.ino != self.ns.root_ino:
             await self._head_marker(node)

@@ -256,7 +256,14 @@ class Filesystem(pyfuse3.Operations):
             return headers, fmt.DIR_CONTENT_TYPE
         if node.kind is Kind.LINK:
             return headers, fmt.LINK_CONTENT_TYPE
-        return headers, node.content_type or fmt.guess_content_type(name or node.name)
+        ctype = node.content_type
+        if ctype is None or (
+            name is not None and fmt.content_type_base(ctype) == fmt.guess_content_type(node.name)
+        ):
+            # A type that came from the name follows a new name (as s3fs sets it on a
+            # rename); one another tool chose is kept.
+            ctype = fmt.guess_content_type(name or node.name)
+        return headers, ctype
 
     def journal(self, staged: Staged, durable: bool) -> None:
         node = staged.node
@@ -1174,7 +1181,7 @@ class Filesystem(pyfuse3.Operations):
                     await self._head_into(src)
                 if src.staged is not None:
                     continue  # a change was staged while we asked: look again
-                headers = self.headers_for(src)
+                headers = self.headers_for(src, name=new_name)
                 await self._rename_object(src, new_parent, new_name, old_key, new_key, headers)
                 break
             async with staged.lock:  # waits for an upload in flight, which may retire it
@@ -1186,7 +1193,7 @@ class Filesystem(pyfuse3.Operations):
                     )
                 else:  # metadata-only change pending: carry it along (the lock keeps its
                     # upload and a write turning it into a data copy out meanwhile)
-                    headers = self.headers_for(src)
+                    headers = self.headers_for(src, name=new_name)
                     await self._rename_object(src, new_parent, new_name, old_key, new_key, headers)
                     self.staging.remove(staged)
                     src.staged = None
@@ -1256,6 +1263,8 @@ class Filesystem(pyfuse3.Operations):
         self.ns.move(src, new_parent, new_name)
         src.remote = True
         src.etag = new_etag or src.etag
+        if headers is not None:
+            src.content_type = headers[1]
 
     def _readers_follow(self, node: Node | None, copied_etag: str | None = None) -> None:
         """The mount itself moved or replaced `node`'s object: its open handles follow.

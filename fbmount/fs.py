@@ -256,7 +256,14 @@ class Filesystem(pyfuse3.Operations):
             return headers, fmt.DIR_CONTENT_TYPE
         if node.kind is Kind.LINK:
             return headers, fmt.LINK_CONTENT_TYPE
-        return headers, node.content_type or fmt.guess_content_type(name or node.name)
+        ctype = node.content_type
+        if ctype is None or (
+            name is not None and fmt.content_type_base(ctype) == fmt.guess_content_type(node.name)
+        ):
+            # A type that came from the name follows a new name (as s3fs sets it on a
+            # rename); one another tool chose is kept.
+            ctype = fmt.guess_content_type(name or node.name)
+        return headers, ctype
 
     def journal(self, staged: Staged, durable: bool) -> None:
         node = staged.node
@@ -281,13 +288,21 @@ class Filesystem(pyfuse3.Operations):
             node.staged is not None or node.fresh_until > now or not node.remote
         ):
             return node
+        # --attr-ttl 0 (strict): a name missing from a cached listing is asked of S3, as
+        # s3fs does, so a name another client just created is there at the next lookup.
+        ask_on_miss = self.cfg.attr_ttl <= 0
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
             entry = listing.get(name)
-            if entry is None:
+            if entry is not None:
+                return await self._node_from_entry(parent, name, entry, head_unknown=True)
+            if not ask_on_miss or not fmt.valid_name(name):
                 return None
-            return await self._node_from_entry(parent, name, entry, head_unknown=True)
-        if (parent.ino, name) in self.ns.negative:
+            node = await self._probe(parent, name)
+            if node is not None and self.ns.listings.get(parent.ino) is listing:
+                listing[name] = self.ns.entry_of(node)
+            return node
+        if (parent.ino, name) in self.ns.negative and not ask_on_miss:
             return None
         if not fmt.valid_name(name):
             return None
@@ -470,7 +485,8 @@ class Filesystem(pyfuse3.Operations):
         if node is None:
             a = pyfuse3.EntryAttributes()
             a.st_ino = 0
-            a.entry_timeout = self.cfg.dir_ttl  # kernel-side negative cache
+            # kernel-side negative cache; none in strict mode (a miss is asked of S3)
+            a.entry_timeout = self.cfg.dir_ttl if self.cfg.attr_ttl > 0 else 0
             return a
         if node.kind is Kind.DIR and not node.meta_known and node.ino != self.ns.root_ino:
             await self._head_marker(node)
@@ -1157,7 +1173,7 @@ class Filesystem(pyfuse3.Operations):
                     await self._head_into(src)
                 if src.staged is not None:
                     continue  # a change was staged while we asked: look again
-                headers = self.headers_for(src)
+                headers = self.headers_for(src, name=new_name)
                 await self._rename_object(src, new_parent, new_name, old_key, new_key, headers)
                 break
             async with staged.lock:  # waits for an upload in flight, which may retire it
@@ -1169,7 +1185,7 @@ class Filesystem(pyfuse3.Operations):
                     )
                 else:  # metadata-only change pending: carry it along (the lock keeps its
                     # upload and a write turning it into a data copy out meanwhile)
-                    headers = self.headers_for(src)
+                    headers = self.headers_for(src, name=new_name)
                     await self._rename_object(src, new_parent, new_name, old_key, new_key, headers)
                     self.staging.remove(staged)
                     src.staged = None
@@ -1240,6 +1256,8 @@ class Filesystem(pyfuse3.Operations):
         self.ns.move(src, new_parent, new_name)
         src.remote = True
         src.etag = new_etag or src.etag
+        if headers is not None:
+            src.content_type = headers[1]
 
     def _readers_follow(self, node: Node | None, copied_etag: str | None = None) -> None:
         """The mount itself moved or replaced `node`'s object: its open handles follow.

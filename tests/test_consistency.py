@@ -58,3 +58,21 @@ def test_second_mount_lists_a_new_file_within_seconds(s3: Any, bucket: str, moun
     assert (reader.path / "shared" / "hello.txt").read_bytes() == b"hello"
     assert writer.unmount() == 0
     assert reader.unmount() == 0
+
+
+def test_strict_sees_a_name_created_elsewhere_at_the_next_lookup(
+    s3: Any, bucket: str, mount: Any
+) -> None:
+    """s3fs's contract: a name another client just created is there at the next lookup,
+    even in a directory this mount has just listed and just looked the name up in."""
+    m = mount(bucket, "--consistency", "strict")
+    os.mkdir(m.path / "d")
+    assert os.listdir(m.path / "d") == []  # the listing is cached now
+    assert not (m.path / "d" / "new.txt").exists()  # and the name was looked up: absent
+    s3.put_object(Bucket=bucket, Key="d/new.txt", Body=b"n")
+    assert (m.path / "d" / "new.txt").read_bytes() == b"n"
+    assert not (m.path / "d" / "sub").exists()
+    s3.put_object(Bucket=bucket, Key="d/sub/", Body=b"", ContentType="application/x-directory")
+    assert os.path.isdir(m.path / "d" / "sub")
+    assert sorted(os.listdir(m.path / "d")) == ["new.txt", "sub"]
+    assert m.unmount() == 0

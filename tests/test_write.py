@@ -606,6 +606,27 @@ def test_new_file_metadata_and_content_type(s3: Any, bucket: str, mount: Callabl
     assert mtime == int(os.stat(m.path / "x.html").st_mtime)
 
 
+def test_rename_takes_the_content_type_of_the_new_name(
+    s3: Any, bucket: str, mount: Callable
+) -> None:
+    """A Content-Type that came from the old name follows the new name (as s3fs sets it);
+    one another tool chose, not what the old name gives, is kept. Both a stored file
+    (CopyObject) and a staged one (uploaded later under the new name)."""
+    s3.put_object(Bucket=bucket, Key="chosen.txt", Body=b"c", ContentType="text/x-chosen")
+    m = mount(bucket, *STRICT)
+    write_file(m.path / "stored.txt", b"s")
+    os.rename(m.path / "stored.txt", m.path / "stored.png")
+    os.rename(m.path / "chosen.txt", m.path / "chosen.bin")
+    assert head(s3, bucket, "stored.png")["ContentType"] == "image/png"
+    assert head(s3, bucket, "chosen.bin")["ContentType"] == "text/x-chosen"
+    assert m.unmount() == 0
+    m = mount(bucket)  # default mode: renamed while staged
+    write_file(m.path / "staged.txt", b"t")
+    os.rename(m.path / "staged.txt", m.path / "staged.txt-copy")
+    assert m.unmount() == 0
+    assert head(s3, bucket, "staged.txt-copy")["ContentType"] == "application/octet-stream"
+
+
 def test_symlink_round_trip(s3: Any, bucket: str, mount: Callable) -> None:
     """A symlink is an object whose body is the target and whose mode is 41471."""
     m = mount(bucket, *STRICT)

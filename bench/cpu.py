@@ -40,11 +40,12 @@ def requests(mnt: Path) -> dict[str, int]:
 
 
 def mount(data: Path, mnt: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [BIN / "fbmount", "--local", str(data), str(mnt), "-f"],
-        stdout=subprocess.DEVNULL,
-        stderr=open(data.parent / "fbmount.log", "a"),
-    )
+    with open(data.parent / "fbmount.log", "a") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [BIN / "fbmount", "--local", str(data), str(mnt), "-f"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     for _ in range(600):
         if os.path.ismount(mnt):
             return proc

@@ -269,7 +269,7 @@ class Filesystem(pyfuse3.Operations):
         node = staged.node
         headers, ctype = self.headers_for(node)
         record = self.staging.journal_record(staged, headers, ctype)
-        await trio.to_thread.run_sync(self.staging.write_journal, staged, record, True)
+        await self.staging.commit(staged, record)  # shares a write + fsync with others
 
     # ===== resolving names ==============================================================
     async def resolve(self, parent: Node, name: str) -> Node | None:
@@ -1224,7 +1224,7 @@ class Filesystem(pyfuse3.Operations):
         staged.touch()
         record = self.staging.journal_record(staged, headers, ctype)
         try:
-            await trio.to_thread.run_sync(self.staging.write_journal, staged, record, True)
+            await self.staging.commit(staged, record)
         except BaseException:
             staged.key = previous
             raise

@@ -481,7 +481,6 @@ class Daemon:
 
     def close(self) -> None:
         for fs in self.filesystems():
-            fs.staging.reap_now()  # retired data files not yet unlinked
             fs.index.close()
         if self.store is not None:
             self.store.close()

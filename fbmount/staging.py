@@ -202,8 +202,6 @@ class StagingArea:
         # Journal writes run in worker threads; their final rename (and remove()) is
         # decided under this lock, so an older record can never land after a newer one.
         self._journal_lock = threading.Lock()
-        # Data files of retired entries, unlinked in batches off the event loop (reap()).
-        self.retired: list[Path] = []
         # Group commit (commit()): the group taking records, and whether one is writing.
         self._open_group: _Group | None = None
         self._leading = False
@@ -408,31 +406,18 @@ class StagingArea:
             (self.root / f"{staged.id}.json").unlink(missing_ok=True)
 
     def remove(self, staged: Staged) -> None:
-        """Forget an entry: its upload is done or it was discarded.
-
-        The journal record goes now (a retired record that outlived a crash would upload
-        the file again, even after an unlink). The data file is only queued for reap():
-        freeing its blocks in the event loop cost ~15 % of a small-file create, and a
-        `.data` without a record is an orphan that recovery deletes anyway."""
+        """Forget an entry: its upload is done or it was discarded."""
         with self._journal_lock:
             staged.journal_closed = True
-            (self.root / f"{staged.id}.json").unlink(missing_ok=True)
         self.close_fd(staged)
-        self.retired.append(self.root / f"{staged.id}.data")
+        for suffix in (".json", ".data"):
+            try:
+                (self.root / f"{staged.id}{suffix}").unlink()
+            except FileNotFoundError:
+                pass
         # (No glob for temps: write_journal removes its own; a crash's go at recovery. A
         # scan of the directory per retired file made rsync of many files quadratic.)
         self.entries.pop(staged.id, None)
-
-    async def reap(self) -> None:
-        """Unlink the data files of retired entries, all in one worker-thread call."""
-        paths, self.retired = self.retired, []
-        if paths:
-            await trio.to_thread.run_sync(_unlink_all, paths)
-
-    def reap_now(self) -> None:
-        """reap() for the end of the mount, when no event loop runs any more."""
-        paths, self.retired = self.retired, []
-        _unlink_all(paths)
 
     def quarantine(self, sid: str, why: str) -> None:
         """Move an entry's files aside (never delete what may be someone's only copy) and
@@ -487,11 +472,6 @@ class StagingArea:
 
     def usage_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*.data"))
-
-
-def _unlink_all(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
 
 
 def _fsync_path(path: Path) -> None:

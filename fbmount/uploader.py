@@ -276,11 +276,8 @@ class WriteBack:
                     await trio.sleep(1)
 
     def _start_due(self, nursery: trio.Nursery) -> None:
-        """Start what is due now: a delete batch, settled markers, settled staged files,
-        and the unlink of retired staged files."""
+        """Start what is due now: a delete batch, settled markers, settled staged files."""
         now = time.monotonic()
-        if self.fs.staging.retired:
-            nursery.start_soon(self.fs.staging.reap)
         if (
             self.pending_deletes
             and not self._delete_lock.locked()

@@ -114,9 +114,11 @@ class DataPlane:
         for conn in idle:
             conn.close()
 
-    def put(self, url: str, body: bytes, what: str) -> str:
-        """PUT `body` to pre-signed `url` (an UploadPart); returns the ETag. Blocking, retried."""
-        return self._put(url, body, len(body), hashlib.md5(body, usedforsecurity=False), what)
+    def put(self, url: str, body: bytes, what: str, headers: dict[str, str] | None = None) -> str:
+        """PUT `body` to pre-signed `url` (an UploadPart, or a PutObject with the `headers`
+        its URL signed); returns the ETag. Blocking, retried."""
+        md5 = hashlib.md5(body, usedforsecurity=False)
+        return self._put(url, body, len(body), md5, what, headers)
 
     def put_file(self, url: str, fd: int, offset: int, length: int, what: str) -> str:
         """PUT bytes [offset, offset + length) of the file `fd`, read as they are sent: a
@@ -129,8 +131,17 @@ class DataPlane:
             md5.update(chunk)
         return self._put(url, _FileSlice(fd, offset, length), length, md5, what)
 
-    def _put(self, url: str, body: bytes | _FileSlice, length: int, md5: Any, what: str) -> str:
+    def _put(
+        self,
+        url: str,
+        body: bytes | _FileSlice,
+        length: int,
+        md5: Any,
+        what: str,
+        extra: dict[str, str] | None = None,
+    ) -> str:
         headers = {
+            **(extra or {}),
             "Content-Length": str(length),
             "Content-MD5": base64.b64encode(md5.digest()).decode(),
         }
@@ -148,7 +159,10 @@ class DataPlane:
                 self._give_back(conn)
                 if resp.status == 200:
                     etag = (resp.getheader("ETag") or "").strip('"')
-                    if etag and "-" not in etag and etag != md5.hexdigest():
+                    # A whole object's ETag is not its MD5 under SSE-KMS (botocore never
+                    # compared it); the server checked Content-MD5 already.
+                    whole_object = extra is not None
+                    if etag and "-" not in etag and etag != md5.hexdigest() and not whole_object:
                         last_error = "ETag does not match the MD5 of what was sent"
                         continue
                     return etag

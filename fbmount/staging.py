@@ -182,6 +182,15 @@ class Staged:
         self.pending = False
 
 
+@dataclass(eq=False)
+class _Group:
+    """Journal records committed together: one worker-thread call, one directory fsync."""
+
+    items: list[tuple[Staged, dict]] = field(default_factory=list)
+    outcomes: list[bool | BaseException] | None = None  # set once written
+    done: trio.Event = field(default_factory=trio.Event)
+
+
 class StagingArea:
     """The staging directory of one mount (one endpoint + bucket + prefix)."""
 
@@ -193,6 +202,9 @@ class StagingArea:
         # Journal writes run in worker threads; their final rename (and remove()) is
         # decided under this lock, so an older record can never land after a newer one.
         self._journal_lock = threading.Lock()
+        # Group commit (commit()): the group taking records, and whether one is writing.
+        self._open_group: _Group | None = None
+        self._leading = False
 
     # ----- creation ---------------------------------------------------------------------
     def new(
@@ -278,6 +290,77 @@ class StagingArea:
         the record and the directory. Safe to run in several worker threads at once: each
         writes a temp file of its own, and the rename is skipped when a newer record is
         already in place or the entry was removed meanwhile. Returns whether it was put."""
+        (outcome,) = self._write_group([(staged, record)], durable)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def commit(self, staged: Staged, record: dict) -> bool:
+        """write_journal(durable=True) in a group commit: records handed in while one
+        group is being written go together in the next, one worker-thread call and one
+        directory fsync for all. Returns (or raises) only once this record's group is on
+        disk, so close()'s "durable on local disk" holds when it returns. Not cancellable
+        (like the worker-thread call it replaces): a caller must know whether its record
+        is on disk."""
+        with trio.CancelScope(shield=True):
+            return await self._commit(staged, record)
+
+    async def _commit(self, staged: Staged, record: dict) -> bool:
+        group = self._open_group
+        if group is None:
+            group = self._open_group = _Group()
+        index = len(group.items)
+        group.items.append((staged, record))
+        while group.outcomes is None:
+            if self._leading:
+                await group.done.wait()  # committed, or its leader left: look again
+                continue
+            self._leading = True
+            try:
+                while group.outcomes is None:  # lead until our own group is on disk
+                    current, self._open_group = self._open_group, None
+                    assert current is not None
+                    try:
+                        current.outcomes = await trio.to_thread.run_sync(
+                            self._write_group, current.items, True
+                        )
+                    except BaseException as e:  # noqa: BLE001 - each waiter gets it
+                        current.outcomes = [e] * len(current.items)
+                        raise
+                    finally:
+                        current.done.set()
+            finally:
+                self._leading = False
+                left = self._open_group
+                if left is not None:  # its waiters take the lead
+                    woken, left.done = left.done, trio.Event()
+                    woken.set()
+        outcome = group.outcomes[index]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _write_group(
+        self, items: list[tuple[Staged, dict]], durable: bool
+    ) -> list[bool | BaseException]:
+        """Write each record to a temp of its own (fsynced with its data when durable),
+        rename those still newest into place, then fsync the directory once for all."""
+        outcomes: list[bool | BaseException] = []
+        for staged, record in items:
+            try:
+                outcomes.append(self._place(staged, record, durable))
+            except Exception as e:  # noqa: BLE001 - this record's caller gets it
+                outcomes.append(e)
+        if durable:
+            try:
+                # Also for records superseded: the newer record's rename must be durable
+                # before ours is reported on disk.
+                _fsync_path(self.root)
+            except OSError as e:
+                return [e] * len(items)
+        return outcomes
+
+    def _place(self, staged: Staged, record: dict, durable: bool) -> bool:
         seq = record["seq"]
         path = self.root / f"{staged.id}.json"
         tmp = self.root / f"{staged.id}.json.{seq}-{secrets.token_hex(4)}.tmp"
@@ -304,10 +387,6 @@ class StagingArea:
                 staged.record = record
             else:
                 tmp.unlink(missing_ok=True)
-        if durable:
-            # Also when superseded: the newer record's rename must be durable before we
-            # report ours as on disk.
-            _fsync_path(self.root)
         return put
 
     def discard(self, staged: Staged) -> None:

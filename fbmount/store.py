@@ -450,6 +450,12 @@ class S3Store:
         return await self._call("GetObject", f"GET {key}", go)
 
     async def put(self, key: str, body: bytes, metadata: dict[str, str], content_type: str) -> str:
+        """PutObject with Content-MD5. On the data plane when it can carry the headers:
+        botocore's per-request machinery (events, serialisation, signing, aiohttp) cost
+        ~2 ms of CPU per small file, a third of a small-file create."""
+        if self._ranges is not None and _plain_headers(metadata, content_type):
+            return await self._fast_put(key, body, metadata, content_type)
+
         async def go() -> str:
             r = await self._client.put_object(
                 Bucket=self.bucket,
@@ -463,6 +469,22 @@ class S3Store:
             return _etag(r.get("ETag"))
 
         return await self._call("PutObject", f"PUT {key}", go)
+
+    async def _fast_put(
+        self, key: str, body: bytes, metadata: dict[str, str], content_type: str
+    ) -> str:
+        """dataplane.py: a pre-signed PUT (content type and metadata are signed headers),
+        sent from a worker thread with Content-MD5; retried and errno-mapped there."""
+        assert self._ranges is not None
+        url = await self._presign(
+            "put_object", {"Key": key, "ContentType": content_type, "Metadata": metadata}
+        )
+        headers = {"Content-Type": content_type}
+        headers.update((f"x-amz-meta-{k}", v) for k, v in metadata.items())
+        what = f"PUT {key}"
+        etag = await self._data_call("PutObject", what, self._ranges.put, url, body, what, headers)
+        self.traffic["up"] += len(body)
+        return etag
 
     async def _fast_upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
         """dataplane.py: one buffer, MD5 and send in a worker thread with the GIL released."""
@@ -984,6 +1006,15 @@ def _range_total(r: dict) -> int | None:
         return int(value.rsplit("/", 1)[1])
     except (IndexError, ValueError):
         return None
+
+
+def _plain_headers(metadata: dict[str, str], content_type: str) -> bool:
+    """Headers http.client sends as botocore would (ASCII, no line breaks); anything else
+    takes botocore's path."""
+    for value in (content_type, *metadata, *metadata.values()):
+        if not value.isascii() or "\r" in value or "\n" in value:
+            return False
+    return True
 
 
 def _md5_b64(body: bytes) -> str:

@@ -479,3 +479,43 @@ def test_sync_during_the_download_of_a_file_opened_for_writing(
         assert result == {"ok": True}
         assert m.unmount() == 0
     assert s3.get_object(Bucket=bucket, Key="f")["Body"].read() == b"X" + data[1:]
+
+
+def test_group_commit_writes_every_record_before_its_caller_returns(tmp_path: Path) -> None:
+    """Closes at the same moment share a journal write (one worker-thread call, one
+    directory fsync); each still returns only once its own record is on disk, and an
+    error in one record is that caller's alone."""
+    import trio
+
+    area = StagingArea(tmp_path / "staging")
+    files = [staged_file(area, key=f"k{i}") for i in range(20)]
+    broken = files[7]
+    broken.id = "missing-dir/x"  # its temp cannot be created: this caller gets the error
+    groups: list[int] = []
+    write_group = area._write_group
+
+    def counted(items: list, durable: bool) -> list:
+        groups.append(len(items))
+        return write_group(items, durable)
+
+    area._write_group = counted  # type: ignore[method-assign]
+    results: dict[str, object] = {}
+
+    async def close(staged: Staged) -> None:
+        record = area.journal_record(staged, {"n": staged.key}, "text/plain")
+        try:
+            results[staged.key] = await area.commit(staged, record)
+        except OSError as e:
+            results[staged.key] = e
+        if results[staged.key] is True:  # on disk when commit returns
+            assert record_of(area, staged)["headers"] == {"n": staged.key}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for staged in files:
+                nursery.start_soon(close, staged)
+
+    trio.run(main)
+    assert sum(groups) == len(files) and len(groups) < len(files), groups
+    assert isinstance(results.pop("k7"), OSError)
+    assert set(results.values()) == {True}, results

@@ -18,17 +18,16 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from fbmount.tasks import open_nursery
-
-if TYPE_CHECKING:
-    from fbmount.daemon import Daemon
-    from fbmount.fs import Filesystem
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+# What the socket serves, passed in by the daemon (this module does not know it):
+Status = Callable[[], dict[str, Any]]  # `status`: everything it shows, as plain data
+Sync = Callable[[Send], Awaitable[dict[str, Any]]]  # `sync`: progress lines sent, result
 
 
 def runtime_dir() -> Path:
@@ -112,70 +111,11 @@ class Throughput:
         return (u1 - u0) / span, (d1 - d0) / span
 
 
-def status_of(daemon: Daemon) -> dict[str, Any]:
-    """Everything `fbmount status` shows, as plain data."""
-    store, cfg, filesystems = daemon.store, daemon.cfg, daemon.filesystems()
-    assert store is not None
-    now = time.monotonic()
-    pending = [(fs, s) for fs in filesystems for s in fs.staging.entries.values() if s.dirty]
-    sizes = {s.id: _size(s) for _, s in pending}
-    uploading = [(fs, s) for fs in filesystems for s in fs.uploader.in_flight.values()]
-    up, down = daemon.throughput.rates()
-    state_dir = cfg.state_dir()
-    disk = os.statvfs(state_dir)
-    return {
-        "mountpoint": str(cfg.mountpoint),
-        "running": True,  # a dead mount's entry (tools.DeadDaemon) says False
-        "source": cfg.source,
-        "endpoint": cfg.endpoint,
-        "pid": os.getpid(),
-        "uptime_s": round(now - daemon.started, 1),
-        "upload_delay_s": cfg.upload_delay,
-        "pending_files": len(pending),
-        "pending_bytes": sum(sizes.values()),
-        "oldest_pending_s": round(max((now - s.last_change for _, s in pending), default=0), 1),
-        "uploading": [
-            {"key": daemon.label(fs, s.key), "bytes": sizes.get(s.id, 0), "sent": s.in_flight_bytes}
-            for fs, s in uploading
-        ],
-        "failed": [
-            {
-                "key": daemon.label(fs, s.key),
-                "error": s.last_error,
-                "failures": s.failures,
-                "retry_in_s": round(max(0.0, s.retry_at - now), 1),
-            }
-            for fs, s in pending
-            if s.last_error
-        ],
-        "uploads_done": sum(fs.uploader.uploads_done for fs in filesystems),
-        "pending_deletes": sum(
-            len(fs.uploader.pending_deletes) + len(fs.uploader.deleting) for fs in filesystems
-        ),
-        "cache_dir": str(state_dir),
-        "cache_used_bytes": sum(fs.staging.usage_bytes() for fs in filesystems),
-        "cache_free_bytes": disk.f_bavail * disk.f_frsize,
-        "requests": dict(store.requests),
-        "errors": dict(store.errors),
-        "bytes_up": store.bytes_up,
-        "bytes_down": store.bytes_down,
-        "upload_rate_Bps": round(up),
-        "download_rate_Bps": round(down),
-        "copy_supported": store.copy_supported,
-        "provider": cfg.provider,
-        "max_rps": store.rate.rate,
-    }
-
-
-def _size(staged: Any) -> int:
-    try:
-        return staged.size() if staged.has_data else (staged.node.size if staged.node else 0)
-    except OSError:
-        return 0
-
-
-async def serve(daemon: Daemon, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    path = socket_path(daemon.cfg.mountpoint)
+async def serve(
+    mountpoint: Path, status: Status, sync: Sync, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Answer `status` and `sync` on the mountpoint's socket until cancelled."""
+    path = socket_path(mountpoint)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -188,12 +128,12 @@ async def serve(daemon: Daemon, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
     listener = trio.SocketListener(sock)
     task_status.started()
     try:
-        await trio.serve_listeners(lambda stream: _handle(daemon, stream), [listener])
+        await trio.serve_listeners(lambda stream: _handle(status, sync, stream), [listener])
     finally:
         path.unlink(missing_ok=True)
 
 
-async def _handle(daemon: Daemon, stream: trio.SocketStream) -> None:
+async def _handle(status: Status, sync: Sync, stream: trio.SocketStream) -> None:
     async with stream:
         try:
             with trio.fail_after(5):
@@ -205,9 +145,9 @@ async def _handle(daemon: Daemon, stream: trio.SocketStream) -> None:
                     raw += chunk
             request = json.loads(raw)
             if request.get("cmd") == "status":
-                await _send(stream, status_of(daemon))
+                await _send(stream, status())
             elif request.get("cmd") == "sync":
-                await _sync(daemon, stream)
+                await _send(stream, await sync(lambda obj: _send(stream, obj)))
             else:
                 await _send(stream, {"error": f"unknown command {request.get('cmd')!r}"})
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError):
@@ -216,45 +156,6 @@ async def _handle(daemon: Daemon, stream: trio.SocketStream) -> None:
 
 async def _send(stream: trio.SocketStream, obj: dict) -> None:
     await stream.send_all(json.dumps(obj).encode() + b"\n")
-
-
-async def _sync(daemon: Daemon, stream: trio.SocketStream) -> None:
-    """Upload everything written so far; report progress; end with ok or the failures."""
-    work = [
-        (fs, [s for s in fs.staging.entries.values() if s.dirty]) for fs in daemon.filesystems()
-    ]
-    targets = [s for _, dirty in work for s in dirty]
-    total = len(targets)
-    failures: list[dict] = []
-
-    async def sync_one(fs: Filesystem, dirty: list) -> None:
-        for what, why in await fs.uploader.flush_all(dirty):
-            failures.append({"key": daemon.label(fs, what), "error": why})
-
-    async def progress() -> None:
-        while True:
-            left = sum(1 for s in targets if s.dirty)
-            await _send(stream, {"progress": {"total": total, "done": total - left}})
-            await trio.sleep(0.5)
-
-    async with open_nursery() as nursery:
-        nursery.start_soon(progress)
-        async with open_nursery() as syncs:
-            for fs, dirty in work:
-                syncs.start_soon(sync_one, fs, dirty)
-        nursery.cancel_scope.cancel()
-    await _send(
-        stream,
-        {
-            "result": "ok" if not failures else "failed",
-            "total": total,
-            "failed": failures,
-            # `fbmount umount` waits for this process to exit (its final flush, a --local
-            # server's shutdown), bounded by how long that flush may take.
-            "pid": os.getpid(),
-            "flush_timeout_s": daemon.cfg.flush_timeout,
-        },
-    )
 
 
 # ----- client side (plain blocking sockets: the CLI has no event loop) --------------------

@@ -21,6 +21,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyfuse3
@@ -194,6 +195,14 @@ def raise_read_ahead(mountpoint: Path, kib: int) -> None:
         pass
 
 
+def _size(staged: Any) -> int:
+    """A pending file's size for status: its local copy, else its node's (metadata only)."""
+    try:
+        return staged.size() if staged.has_data else (staged.node.size if staged.node else 0)
+    except OSError:
+        return 0
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -263,6 +272,100 @@ class Daemon:
     def label(self, fs: Filesystem, key: str) -> str:
         """A staged file's name in logs and status: BUCKET/KEY on an account mount."""
         return f"{fs.store.bucket}/{key}" if self.cfg.all_buckets else key
+
+    def status(self) -> dict[str, Any]:
+        """Everything `fbmount status` shows, as plain data (served by control.py)."""
+        store, cfg, filesystems = self.store, self.cfg, self.filesystems()
+        assert store is not None
+        now = time.monotonic()
+        pending = [(fs, s) for fs in filesystems for s in fs.staging.entries.values() if s.dirty]
+        sizes = {s.id: _size(s) for _, s in pending}
+        uploading = [(fs, s) for fs in filesystems for s in fs.uploader.in_flight.values()]
+        up, down = self.throughput.rates()
+        state_dir = cfg.state_dir()
+        disk = os.statvfs(state_dir)
+        return {
+            "mountpoint": str(cfg.mountpoint),
+            "running": True,  # a dead mount's entry (tools.DeadDaemon) says False
+            "source": cfg.source,
+            "endpoint": cfg.endpoint,
+            "pid": os.getpid(),
+            "uptime_s": round(now - self.started, 1),
+            "upload_delay_s": cfg.upload_delay,
+            "pending_files": len(pending),
+            "pending_bytes": sum(sizes.values()),
+            "oldest_pending_s": round(max((now - s.last_change for _, s in pending), default=0), 1),
+            "uploading": [
+                {
+                    "key": self.label(fs, s.key),
+                    "bytes": sizes.get(s.id, 0),
+                    "sent": s.in_flight_bytes,
+                }
+                for fs, s in uploading
+            ],
+            "failed": [
+                {
+                    "key": self.label(fs, s.key),
+                    "error": s.last_error,
+                    "failures": s.failures,
+                    "retry_in_s": round(max(0.0, s.retry_at - now), 1),
+                }
+                for fs, s in pending
+                if s.last_error
+            ],
+            "uploads_done": sum(fs.uploader.uploads_done for fs in filesystems),
+            "pending_deletes": sum(
+                len(fs.uploader.pending_deletes) + len(fs.uploader.deleting) for fs in filesystems
+            ),
+            "cache_dir": str(state_dir),
+            "cache_used_bytes": sum(fs.staging.usage_bytes() for fs in filesystems),
+            "cache_free_bytes": disk.f_bavail * disk.f_frsize,
+            "requests": dict(store.requests),
+            "errors": dict(store.errors),
+            "bytes_up": store.bytes_up,
+            "bytes_down": store.bytes_down,
+            "upload_rate_Bps": round(up),
+            "download_rate_Bps": round(down),
+            "copy_supported": store.copy_supported,
+            "provider": cfg.provider,
+            "max_rps": store.rate.rate,
+        }
+
+    async def sync(self, send: control.Send) -> dict[str, Any]:
+        """`fbmount sync`: upload everything written so far, `send` progress meanwhile;
+        returns the result line: ok, or the failures."""
+        work = [
+            (fs, [s for s in fs.staging.entries.values() if s.dirty]) for fs in self.filesystems()
+        ]
+        targets = [s for _, dirty in work for s in dirty]
+        total = len(targets)
+        failures: list[dict] = []
+
+        async def sync_one(fs: Filesystem, dirty: list) -> None:
+            for what, why in await fs.uploader.flush_all(dirty):
+                failures.append({"key": self.label(fs, what), "error": why})
+
+        async def progress() -> None:
+            while True:
+                left = sum(1 for s in targets if s.dirty)
+                await send({"progress": {"total": total, "done": total - left}})
+                await trio.sleep(0.5)
+
+        async with open_nursery() as nursery:
+            nursery.start_soon(progress)
+            async with open_nursery() as syncs:
+                for fs, dirty in work:
+                    syncs.start_soon(sync_one, fs, dirty)
+            nursery.cancel_scope.cancel()
+        return {
+            "result": "ok" if not failures else "failed",
+            "total": total,
+            "failed": failures,
+            # `fbmount umount` waits for this process to exit (its final flush, a --local
+            # server's shutdown), bounded by how long that flush may take.
+            "pid": os.getpid(),
+            "flush_timeout_s": self.cfg.flush_timeout,
+        }
 
     async def _reachable(self) -> None:
         """Fail in a second, not after botocore's retries, when nothing listens there."""
@@ -370,7 +473,7 @@ class Daemon:
                     nursery.start_soon(fs.uploader.run)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._announce_ready, on_ready)
-                await nursery.start(control.serve, self)
+                await nursery.start(control.serve, self.cfg.mountpoint, self.status, self.sync)
                 nursery.start_soon(self._sample_throughput)
                 await pyfuse3.main(min_tasks=4, max_tasks=128)
                 close_fuse()

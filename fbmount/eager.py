@@ -24,17 +24,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from fbmount.errors import CopyNotSupported, FsError
+from fbmount.namespace import Node
 from fbmount.staging import Staged
+from fbmount.store import MAX_PARTS, S3Store
 from fbmount.tasks import describe, guarded
-from fbmount.uploader import MAX_PARTS
-
-if TYPE_CHECKING:
-    from fbmount.fs import Filesystem
 
 log = logging.getLogger("fbmount.eager")
 
@@ -61,9 +59,32 @@ def without_times(headers: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k not in TIME_KEYS}
 
 
+class StreamHost(Protocol):
+    """What streaming asks of the filesystem above it (it never sees the whole of it)."""
+
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        """Where parts are sent in the background; None until the mount serves."""
+
+    def headers_for(self, node: Node) -> tuple[dict[str, str], str]:
+        """The metadata headers and Content-Type an upload of `node` carries."""
+
+
 class EagerUploads:
-    def __init__(self, fs: Filesystem) -> None:
-        self.fs = fs
+    """The streams of the files being written; the write-back completes them (finish)."""
+
+    def __init__(
+        self,
+        store: S3Store,
+        part_size: int,
+        bodies: trio.CapacityLimiter,
+        host: StreamHost,
+    ) -> None:
+        """`bodies` is the write-back's limiter of part bodies in memory, shared with it."""
+        self.store = store
+        self.part_size = part_size
+        self.bodies = bodies
+        self.host = host
 
     # ----- called synchronously from fs.write / setattr / discard ---------------------
     def wrote(self, staged: Staged, name: str, off: int, end: int) -> None:
@@ -77,42 +98,45 @@ class EagerUploads:
             staged.seq_end = -1  # not front to back: send no more parts, finish normally
             return
         staged.seq_end = end
-        part = self.fs.cfg.part_size
+        part = self.part_size
+        nursery = self.host.nursery
         if stream is None:
             if (
                 end < 2 * part
                 or name.startswith(".")
-                or self.fs.store.copy_supported is False
-                or self.fs.nursery is None
+                or self.store.copy_supported is False
+                or nursery is None
             ):
                 return
-            headers, ctype = self.fs.headers_for(staged.node)
+            headers, ctype = self.host.headers_for(staged.node)
             stream = staged.eager = Stream(staged.key, without_times(headers), ctype, part)
-            self.fs.nursery.start_soon(self._create, staged, stream)
+            nursery.start_soon(self._create, staged, stream)
+        assert nursery is not None  # a stream is only ever begun once the mount serves
         while staged.seq_end - stream.sent_end >= part:
             number = stream.sent_end // part + 1
             if number >= MAX_PARTS:
                 self.abandon(staged, "too many parts for a stream")
                 return
             stream.running += 1
-            self.fs.nursery.start_soon(self._send, staged, stream, number, stream.sent_end)
+            nursery.start_soon(self._send, staged, stream, number, stream.sent_end)
             stream.sent_end += part
 
     def abandon(self, staged: Staged, why: str) -> None:
         stream = staged.eager
         staged.eager = None
         staged.seq_end = -1
-        if stream is not None and self.fs.nursery is not None:
+        nursery = self.host.nursery
+        if stream is not None and nursery is not None:
             stream.failed = why
             log.debug("stream of %s abandoned: %s", staged.key, why)
-            self.fs.nursery.start_soon(
+            nursery.start_soon(
                 guarded, f"aborting the stream of {staged.key}", self._abort, staged, stream
             )
 
     # ----- background work ------------------------------------------------------------
     async def _create(self, staged: Staged, stream: Stream) -> None:
         try:
-            stream.upload_id = await self.fs.store.create_multipart(
+            stream.upload_id = await self.store.create_multipart(
                 stream.key, stream.headers, stream.content_type
             )
         except Exception as e:  # noqa: BLE001 - a stream is an optimisation: fall back
@@ -126,13 +150,13 @@ class EagerUploads:
             await stream.created.wait()
             if stream.failed or stream.upload_id is None:
                 return
-            async with self.fs.uploader.bodies:
+            async with self.bodies:
                 fd = os.open(staged.data_path, os.O_RDONLY)
                 try:
                     body = await trio.to_thread.run_sync(os.pread, fd, stream.part_size, offset)
                 finally:
                     os.close(fd)
-                stream.etags[number] = await self.fs.store.upload_part(
+                stream.etags[number] = await self.store.upload_part(
                     stream.key, stream.upload_id, number, body
                 )
                 staged.in_flight_bytes += len(body)
@@ -165,7 +189,7 @@ class EagerUploads:
         await self._wait_idle(stream)
         if stream.upload_id is not None:
             try:
-                await self.fs.store.abort_multipart(stream.key, stream.upload_id)
+                await self.store.abort_multipart(stream.key, stream.upload_id)
             except FsError as e:  # its crash note stays: the next mount aborts it
                 log.error("could not abort the stream of %s: %s", stream.key, e.message)
 
@@ -195,7 +219,7 @@ class EagerUploads:
         if stream.failed or stream.upload_id is None or size < stream.sent_end or not complete:
             await self._abort(staged, stream)
             return None
-        store = self.fs.store
+        store = self.store
         try:
             number = len(stream.etags) + 1
             offset = stream.sent_end

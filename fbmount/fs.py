@@ -170,7 +170,7 @@ class Filesystem(pyfuse3.Operations):
         self.listed_at: cachetools.LRUCache[int, float] = cachetools.LRUCache(4096)
         self.nursery: trio.Nursery | None = None
         self.uploader = WriteBack(self)
-        self.eager = EagerUploads(self)
+        self.eager = EagerUploads(store, cfg.part_size, self.uploader.bodies, host=self)
         self.copy_probe = trio.Lock()  # --copy auto: one CopyObject probes, the rest wait
 
     # ===== helpers ======================================================================

@@ -61,7 +61,8 @@ log = logging.getLogger("fbmount.s3")
 COPY_REFUSED_CODES = {"NotImplemented", "501", "MethodNotAllowed", "405", "AccessDenied", "403"}
 BODY_RETRIES = 3
 MAX_COPY_BYTES = 5 * 1024**3  # S3's limit for one CopyObject; larger: UploadPartCopy
-COPY_PART_BYTES = 512 * 1024**2  # grown so that a 5 TB object fits in 10,000 parts
+MAX_PARTS = 10_000  # S3's limit of parts in one multipart upload
+COPY_PART_BYTES = 512 * 1024**2  # grown so that a 5 TB object fits in MAX_PARTS parts
 COPY_PARALLEL = 8
 URL_LIFETIME = 900  # seconds a pre-signed data-plane URL is valid
 
@@ -692,7 +693,7 @@ class S3Store:
             raise FsError(errno.ENOENT, f"{src} vanished during a copy")
         if metadata is None:
             metadata, content_type = info.metadata or {}, info.content_type
-        part = max(COPY_PART_BYTES, -(-size // 10_000))
+        part = max(COPY_PART_BYTES, -(-size // MAX_PARTS))
         count = max(1, -(-size // part))
         upload_id = await self.create_multipart(
             dst, metadata, content_type or "application/octet-stream"

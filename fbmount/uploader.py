@@ -21,7 +21,7 @@ import trio
 from fbmount.config import MIB
 from fbmount.errors import FsError
 from fbmount.staging import Staged, State
-from fbmount.store import S3Store
+from fbmount.store import MAX_PARTS, S3Store
 from fbmount.tasks import describe, guarded, open_nursery
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from fbmount.namespace import Node
 
 log = logging.getLogger("fbmount.upload")
-MAX_PARTS = 10_000
 RACED_UPLOAD_RETRIES = 2  # uploads retried at once when the file changed under them
 
 

@@ -26,14 +26,14 @@ import trio
 from fbmount import format as fmt
 from fbmount.config import DEFAULT_UMASK, PRIVATE_UMASK, PUBLIC_UMASK, Config
 from fbmount.eager import EagerUploads
-from fbmount.errors import CopyNotSupported, FsError
+from fbmount.errors import FsError
 from fbmount.metaindex import MetaIndex
 from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node
 from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
 from fbmount.staging import Staged, StagingArea, State
 from fbmount.store import ListPage, S3Store
 from fbmount.tasks import guarded, open_nursery
-from fbmount.uploader import WriteBack, stream_copy
+from fbmount.uploader import WriteBack, copy_size
 from fbmount.uploadnotes import UploadNotes
 
 log = logging.getLogger("fbmount.fs")
@@ -169,9 +169,11 @@ class Filesystem(pyfuse3.Operations):
         )
         self.listed_at: cachetools.LRUCache[int, float] = cachetools.LRUCache(4096)
         self.nursery: trio.Nursery | None = None
-        self.uploader = WriteBack(self)
-        self.eager = EagerUploads(store, cfg.part_size, self.uploader.bodies, host=self)
-        self.copy_probe = trio.Lock()  # --copy auto: one CopyObject probes, the rest wait
+        # The write-back gets what it needs, and this object only as its host (a Protocol
+        # of its own: headers of a file, "this file is now clean", the nursery).
+        bodies = trio.CapacityLimiter(cfg.parallel + 2)  # part bodies in memory, shared
+        self.eager = EagerUploads(store, cfg.part_size, bodies, host=self)
+        self.uploader = WriteBack(cfg, store, staging, self.ns, index, self.eager, host=self)
 
     # ===== helpers ======================================================================
     def _node(self, ino: int) -> Node:
@@ -1025,19 +1027,12 @@ class Filesystem(pyfuse3.Operations):
         if staged is not None:
             async with staged.lock:
                 if node.remote:
-                    await self._delete_key(key)
+                    await self.uploader.delete(key)
                 self.discard(node)
         elif node.remote:
-            await self._delete_key(key)
+            await self.uploader.delete(key)
         node.remote = False
         self.index.delete(key)
-
-    async def _delete_key(self, key: str) -> None:
-        """Strict mode deletes before returning; write-back mode batches (rm -rf)."""
-        if self.cfg.upload_delay <= 0:
-            await self.store.delete(key)
-        else:
-            self.uploader.queue_delete(key)
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
@@ -1264,7 +1259,9 @@ class Filesystem(pyfuse3.Operations):
         """Rename a file whose bytes are only in S3: copy, then delete the old key (a crash
         in between leaves two copies), then move the name."""
         # A streamed copy has a new ETag (multipart); reads pin it with If-Match.
-        new_etag = await self.copy_object(old_key, new_key, src, headers)
+        new_etag = await self.uploader.copy_object(
+            old_key, new_key, headers, copy_size(src), src.etag
+        )
         await self.store.delete(old_key)
         self.ns.move(src, new_parent, new_name)
         src.remote = True
@@ -1294,43 +1291,6 @@ class Filesystem(pyfuse3.Operations):
                     handle.reader.etag = node.etag or None  # keeps the chunks it fetched
             if handle.reader is not None:
                 handle.reader.key = key
-
-    async def copy_object(
-        self, src_key: str, dst_key: str, node: Node, headers: tuple[dict[str, str], str] | None
-    ) -> str:
-        """Server-side copy when allowed, else stream GET → PUT (bounded memory)."""
-        await self.uploader.delete_first(dst_key)
-        if self.store.copy_supported is not False:
-            probing = self.store.copy_supported is None
-            try:
-                async with self.copy_probe if probing else contextlib.nullcontext():
-                    if self.store.copy_supported is not False:  # re-check after the wait
-                        # Over 5 GiB the store copies in parts; a directory's callers pass
-                        # its node, whose size says nothing (the server's refusal tells).
-                        size = node.size if node.kind is Kind.FILE else None
-                        meta, ctype = headers if headers is not None else (None, None)
-                        return await self.store.copy(src_key, dst_key, meta, ctype, size=size)
-            except CopyNotSupported:
-                pass
-        if headers is None:
-            info = await self.store.head(src_key)
-            if info is None:
-                raise FsError(errno.ENOENT, f"{src_key} vanished during rename")
-            headers = (info.metadata or {}, info.content_type or "application/octet-stream")
-            size, etag = info.size, info.etag
-        else:
-            size, etag = node.size, node.etag
-        return await stream_copy(
-            self.store,
-            src_key,
-            dst_key,
-            size,
-            etag,
-            headers[0],
-            headers[1],
-            self.cfg.part_size,
-            self.cfg.parallel,
-        )
 
     async def _rename_dir(
         self, src: Node, new_parent: Node, new_name: str, dst: Node | None
@@ -1369,7 +1329,9 @@ class Filesystem(pyfuse3.Operations):
                         hdr = self.headers_for(marker) if marker else ({}, fmt.DIR_CONTENT_TYPE)
                         await self.store.put(target, b"", hdr[0], hdr[1])
                     elif obj.key not in local_only:
-                        new_etags[target] = await self.copy_object(obj.key, target, src, None)
+                        new_etags[target] = await self.uploader.copy_object(
+                            obj.key, target, None, copy_size(src), src.etag
+                        )
 
             async with open_nursery() as nursery:
                 for obj in page.objects:

@@ -9,24 +9,25 @@ left behind; the staged file stays on disk and is retried with backoff.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
-from fbmount.config import MIB
-from fbmount.errors import FsError
-from fbmount.staging import Staged, State
+from fbmount.config import MIB, Config
+from fbmount.eager import EagerUploads
+from fbmount.errors import CopyNotSupported, FsError
+from fbmount.metaindex import MetaIndex
+from fbmount.namespace import Kind, Namespace, Node
+from fbmount.staging import Staged, StagingArea, State
 from fbmount.store import MAX_PARTS, S3Store
 from fbmount.tasks import describe, guarded, open_nursery
-
-if TYPE_CHECKING:
-    from fbmount.fs import Filesystem
-    from fbmount.namespace import Node
 
 log = logging.getLogger("fbmount.upload")
 RACED_UPLOAD_RETRIES = 2  # uploads retried at once when the file changed under them
@@ -146,14 +147,43 @@ async def stream_copy(
     )
 
 
+def copy_size(node: Node) -> int | None:
+    """The size a copy of `node`'s object is told: over 5 GiB the store copies in parts. A
+    directory's size says nothing (None: the server's refusal tells)."""
+    return node.size if node.kind is Kind.FILE else None
+
+
+class UploadHost(Protocol):
+    """What write-back asks of the filesystem above it (it never sees the whole of it)."""
+
+    def headers_for(self, node: Node) -> tuple[dict[str, str], str]:
+        """The metadata headers and Content-Type an upload of `node` carries."""
+
+    def finished_upload(self, staged: Staged) -> None:
+        """`staged` (which has a node) may be CLEAN now: retire it unless still open."""
+
+
 class WriteBack:
     """The queue of staged files and the task that uploads them."""
 
-    def __init__(self, fs: Filesystem) -> None:
-        self.fs = fs
+    def __init__(
+        self,
+        cfg: Config,
+        store: S3Store,
+        staging: StagingArea,
+        ns: Namespace,
+        index: MetaIndex,
+        eager: EagerUploads,
+        host: UploadHost,
+    ) -> None:
+        """`eager` holds the streams this write-back completes, and the limiter of part
+        bodies in memory that both share."""
+        self.cfg, self.store, self.staging, self.ns, self.index = cfg, store, staging, ns, index
+        self.eager, self.host = eager, host
         self._wake = trio.Event()
-        self.limiter = trio.CapacityLimiter(max(4, fs.cfg.parallel * 2))  # files at once
-        self.bodies = trio.CapacityLimiter(fs.cfg.parallel + 2)  # part bodies in memory
+        self.limiter = trio.CapacityLimiter(max(4, cfg.parallel * 2))  # files at once
+        self.bodies = eager.bodies  # part bodies in memory ((--parallel + 2) x part size)
+        self.copy_probe = trio.Lock()  # --copy auto: one CopyObject probes, the rest wait
         self.uploads_done = 0
         self.in_flight: dict[str, Staged] = {}  # uploads running now (for status)
         self.queued: set[str] = set()  # ids handed to a background upload task
@@ -183,6 +213,13 @@ class WriteBack:
         if len(self.pending_deletes) >= 1000:
             self.kick()
 
+    async def delete(self, key: str) -> None:
+        """Strict mode deletes before returning; write-back mode batches (rm -rf)."""
+        if self.cfg.upload_delay <= 0:
+            await self.store.delete(key)
+        else:
+            self.queue_delete(key)
+
     def is_deleted(self, key: str) -> bool:
         return key in self.pending_deletes or key in self.deleting
 
@@ -200,6 +237,48 @@ class WriteBack:
         if self.is_deleted(key):
             await self.flush_deletes(key=key)
 
+    async def copy_object(
+        self,
+        src_key: str,
+        dst_key: str,
+        headers: tuple[dict[str, str], str] | None,
+        size: int | None = None,
+        etag: str | None = None,
+    ) -> str:
+        """Server-side copy when allowed, else stream GET → PUT (bounded memory).
+
+        A delete still queued for `dst_key` is sent first (delete_first), so that it
+        cannot land after the copy. `headers` None: the source's are kept; given,
+        `size` and `etag` describe the source (see copy_size)."""
+        await self.delete_first(dst_key)
+        if self.store.copy_supported is not False:
+            probing = self.store.copy_supported is None
+            try:
+                async with self.copy_probe if probing else contextlib.nullcontext():
+                    if self.store.copy_supported is not False:  # re-check after the wait
+                        meta, ctype = headers if headers is not None else (None, None)
+                        return await self.store.copy(src_key, dst_key, meta, ctype, size=size)
+            except CopyNotSupported:
+                pass
+        if headers is None or size is None:
+            info = await self.store.head(src_key)
+            if info is None:
+                raise FsError(errno.ENOENT, f"{src_key} vanished during rename")
+            if headers is None:
+                headers = (info.metadata or {}, info.content_type or "application/octet-stream")
+            size, etag = info.size, info.etag
+        return await stream_copy(
+            self.store,
+            src_key,
+            dst_key,
+            size,
+            etag,
+            headers[0],
+            headers[1],
+            self.cfg.part_size,
+            self.cfg.parallel,
+        )
+
     async def flush_deletes(self, prefix: str | None = None, key: str | None = None) -> None:
         """Send queued deletes (those under `prefix`, or `key` alone, or all) now, after a
         batch in flight; FsError if refused."""
@@ -215,7 +294,7 @@ class WriteBack:
                 del self.pending_deletes[k]
             self.deleting.update(keys)
             try:
-                await self.fs.store.delete_many(sorted(keys))
+                await self.store.delete_many(sorted(keys))
                 self.last_delete_error = None
             except BaseException:
                 # A failure, a bug or unmount: the next flush, as the older unlink.
@@ -248,14 +327,14 @@ class WriteBack:
             await self._put_marker(ino)
 
     async def _put_marker(self, ino: int) -> None:
-        node = self.fs.ns.get(ino)
+        node = self.ns.get(ino)
         if node is None or not node.linked:
             return
-        headers, ctype = self.fs.headers_for(node)
+        headers, ctype = self.host.headers_for(node)
         await guarded(
             f"storing the directory metadata of {node.name}",
-            self.fs.store.put,
-            self.fs.ns.key(node),
+            self.store.put,
+            self.ns.key(node),
             b"",
             headers,
             ctype,
@@ -269,7 +348,7 @@ class WriteBack:
             return False
         if force:
             return True
-        return now - staged.last_change >= self.fs.cfg.upload_delay and now >= staged.retry_at
+        return now - staged.last_change >= self.cfg.upload_delay and now >= staged.retry_at
 
     async def run(self) -> None:
         """Forever: start uploads that are due (bounded by the limiter).
@@ -300,10 +379,10 @@ class WriteBack:
         ):
             nursery.start_soon(self._background_deletes)
         for ino, changed in list(self.dirty_markers.items()):
-            if now - changed >= self.fs.cfg.upload_delay:
+            if now - changed >= self.cfg.upload_delay:
                 del self.dirty_markers[ino]
                 nursery.start_soon(self._put_marker, ino)
-        for staged in list(self.fs.staging.entries.values()):
+        for staged in list(self.staging.entries.values()):
             if self.due(staged, now, force=False) and staged.id not in self.queued:
                 self.queued.add(staged.id)
                 nursery.start_soon(self._background, staged)
@@ -331,7 +410,7 @@ class WriteBack:
             staged.key,
             staged.last_error,
             delay,
-            self.fs.staging.root,
+            self.staging.root,
         )
 
     async def upload(self, staged: Staged) -> None:
@@ -357,10 +436,10 @@ class WriteBack:
             key = staged.key
             node = staged.node
             if node is not None:
-                headers, ctype = self.fs.headers_for(node)
+                headers, ctype = self.host.headers_for(node)
             else:
                 headers, ctype = staged.record["headers"], staged.record["content_type"]
-            cfg = self.fs.cfg
+            cfg = self.cfg
             staged.in_flight_bytes = 0
             self.in_flight[staged.id] = staged
 
@@ -371,12 +450,12 @@ class WriteBack:
                 await self.delete_first(key)  # an unlink of this name before it goes first
                 streamed = None
                 if staged.has_data and staged.eager is not None:
-                    streamed = await self.fs.eager.finish(staged, key, headers, ctype)
+                    streamed = await self.eager.finish(staged, key, headers, ctype)
                 if streamed is not None:
                     etag, size, headers = streamed
                 elif staged.has_data:
                     etag, size = await upload_file(
-                        self.fs.store,
+                        self.store,
                         key,
                         staged.data_path,
                         headers,
@@ -389,15 +468,17 @@ class WriteBack:
                     source = staged.source_key or key
                     info_size = node.size if node is not None else None
                     if info_size is None:
-                        info = await self.fs.store.head(source)
+                        info = await self.store.head(source)
                         if info is None:
                             raise FsError(2, f"{source} vanished before its metadata update")
                         info_size = info.size
                     etag = (
-                        await self.fs.copy_object(source, key, node, (headers, ctype))
+                        await self.copy_object(
+                            source, key, (headers, ctype), copy_size(node), node.etag
+                        )
                         if node is not None
                         else await stream_copy(
-                            self.fs.store,
+                            self.store,
                             source,
                             key,
                             info_size,
@@ -419,24 +500,24 @@ class WriteBack:
             staged.upload_done()
             staged.failures, staged.last_error = 0, None
             self.uploads_done += 1
-            self.fs.index.put(key, etag, headers)
+            self.index.put(key, etag, headers)
             if node is not None and node.staged is staged:
                 node.etag, node.remote = etag, True
                 if not staged.has_data:
                     node.size = size
                 node.cached_etag = None
                 node.index_etag = etag
-                listing = self.fs.ns.listings.get(node.parent)
+                listing = self.ns.listings.get(node.parent)
                 if listing is not None and node.linked and node.name in listing:
                     # The entry was made at create time (size 0, no ETag): a later re-list
                     # must not take it for the truth about the uploaded object.
-                    listing[node.name] = self.fs.ns.entry_of(node)
+                    listing[node.name] = self.ns.entry_of(node)
             log.debug("uploaded %s (%d bytes)", key, size)
         if staged.state is State.CLEAN:
             if node is None:
-                self.fs.staging.remove(staged)
+                self.staging.remove(staged)
             else:
-                self.fs.finished_upload(staged)
+                self.host.finished_upload(staged)
 
     async def flush(self, targets: list[Staged]) -> list[Staged]:
         """Upload `targets` now, whatever their settle window; returns those that failed."""
@@ -465,7 +546,7 @@ class WriteBack:
         still not in S3, deletes included, so that no caller reports success over a
         refused delete, and a change made meanwhile by another writer is no failure."""
         if targets is None:
-            targets = [s for s in self.fs.staging.entries.values() if s.dirty]
+            targets = [s for s in self.staging.entries.values() if s.dirty]
         wanted = [(s, s.generation) for s in targets]
         deletes = self._queued_deletes()
         with trio.move_on_after(deadline):

@@ -29,7 +29,7 @@ from typing import Protocol
 import trio
 
 from fbmount.errors import CopyNotSupported, FsError
-from fbmount.namespace import Node
+from fbmount.namespace import headers_for
 from fbmount.staging import Staged
 from fbmount.store import MAX_PARTS, S3Store
 from fbmount.tasks import describe, guarded
@@ -65,9 +65,6 @@ class StreamHost(Protocol):
     @property
     def nursery(self) -> trio.Nursery | None:
         """Where parts are sent in the background; None until the mount serves."""
-
-    def headers_for(self, node: Node) -> tuple[dict[str, str], str]:
-        """The metadata headers and Content-Type an upload of `node` carries."""
 
 
 class EagerUploads:
@@ -108,7 +105,7 @@ class EagerUploads:
                 or nursery is None
             ):
                 return
-            headers, ctype = self.host.headers_for(staged.node)
+            headers, ctype = headers_for(staged.node)
             stream = staged.eager = Stream(staged.key, without_times(headers), ctype, part)
             nursery.start_soon(self._create, staged, stream)
         assert nursery is not None  # a stream is only ever begun once the mount serves

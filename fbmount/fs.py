@@ -28,7 +28,7 @@ from fbmount.config import DEFAULT_UMASK, PRIVATE_UMASK, PUBLIC_UMASK, Config
 from fbmount.eager import EagerUploads
 from fbmount.errors import FsError
 from fbmount.metaindex import MetaIndex
-from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node
+from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node, headers_for
 from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
 from fbmount.staging import Staged, StagingArea, State
 from fbmount.store import ListPage, S3Store
@@ -237,36 +237,7 @@ class Filesystem(pyfuse3.Operations):
 
     def headers_for(self, node: Node, name: str | None = None) -> tuple[dict[str, str], str]:
         """x-amz-meta-* and Content-Type that an upload of `node` (named `name`) must carry."""
-        meta = fmt.ObjectMeta(
-            mode=node.mode,
-            uid=node.uid,
-            gid=node.gid,
-            mtime_ns=node.mtime_ns,
-            ctime_ns=node.ctime_ns,
-            atime_ns=node.atime_ns,
-            xattrs=dict(node.xattrs),
-            rdev=node.rdev if stat.S_IFMT(node.mode) in (stat.S_IFCHR, stat.S_IFBLK) else None,
-            cid=node.cid,
-            extra=node.meta_extra,
-        )
-        if node.staged is not None and node.staged.has_data:
-            # Other tools' checksums described the old bytes: gone for good (a later
-            # metadata-only update must not bring them back).
-            meta = meta.for_new_content()
-            node.meta_extra = meta.extra
-        headers = fmt.encode_meta(meta)
-        if node.kind is Kind.DIR:
-            return headers, fmt.DIR_CONTENT_TYPE
-        if node.kind is Kind.LINK:
-            return headers, fmt.LINK_CONTENT_TYPE
-        ctype = node.content_type
-        if ctype is None or (
-            name is not None and fmt.content_type_base(ctype) == fmt.guess_content_type(node.name)
-        ):
-            # A type that came from the name follows a new name (as s3fs sets it on a
-            # rename); one another tool chose is kept.
-            ctype = fmt.guess_content_type(name or node.name)
-        return headers, ctype
+        return headers_for(node, name)
 
     def journal(self, staged: Staged, durable: bool) -> None:
         node = staged.node
@@ -689,19 +660,10 @@ class Filesystem(pyfuse3.Operations):
             self.staging.remove(staged)
             node.staged = None
 
-    def finished_upload(self, staged: Staged) -> None:
-        """Called when `staged` may be CLEAN (in S3): retire it unless still open."""
-        if staged.state is not State.CLEAN:
-            return  # LOADING, DIRTY, UPLOADING: still needed; DISCARDED: its owner removes it
-        node = staged.node
+    def stored(self, node: Node) -> None:
+        """Write-back's word (uploader.UploadHost) that `node`'s upload is in S3: its
+        open handles now read the version this mount stored."""
         self._readers_follow(node)
-        if node is not None and staged.handles == 0:
-            if node.staged is staged:
-                node.staged = None
-            self.staging.remove(staged)
-            self.ns._maybe_drop(node)
-        else:
-            self.staging.drop_record(staged)  # clean but open: nothing left to recover
 
     # ===== files ========================================================================
     @fuse_errors
@@ -893,7 +855,7 @@ class Filesystem(pyfuse3.Operations):
                     self.staging.remove(staged)
                     node.staged = None
             elif staged.state is State.CLEAN:
-                self.finished_upload(staged)
+                self.uploader.retire(staged)
             elif counted is staged:
                 self.uploader.kick()
         self.ns._maybe_drop(node)

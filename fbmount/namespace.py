@@ -82,6 +82,43 @@ class Node:
     index_etag: str | None = None  # ETag for which the metadata index was last consulted
 
 
+def headers_for(node: Node, name: str | None = None) -> tuple[dict[str, str], str]:
+    """x-amz-meta-* and Content-Type that an upload of `node` (named `name`) must carry.
+
+    Here, beside the node, so that every layer that uploads (fs, write-back, streams)
+    describes a file the same way without asking the filesystem above."""
+    meta = fmt.ObjectMeta(
+        mode=node.mode,
+        uid=node.uid,
+        gid=node.gid,
+        mtime_ns=node.mtime_ns,
+        ctime_ns=node.ctime_ns,
+        atime_ns=node.atime_ns,
+        xattrs=dict(node.xattrs),
+        rdev=node.rdev if stat.S_IFMT(node.mode) in (stat.S_IFCHR, stat.S_IFBLK) else None,
+        cid=node.cid,
+        extra=node.meta_extra,
+    )
+    if node.staged is not None and node.staged.has_data:
+        # Other tools' checksums described the old bytes: gone for good (a later
+        # metadata-only update must not bring them back).
+        meta = meta.for_new_content()
+        node.meta_extra = meta.extra
+    headers = fmt.encode_meta(meta)
+    if node.kind is Kind.DIR:
+        return headers, fmt.DIR_CONTENT_TYPE
+    if node.kind is Kind.LINK:
+        return headers, fmt.LINK_CONTENT_TYPE
+    ctype = node.content_type
+    if ctype is None or (
+        name is not None and fmt.content_type_base(ctype) == fmt.guess_content_type(node.name)
+    ):
+        # A type that came from the name follows a new name (as s3fs sets it on a
+        # rename); one another tool chose is kept.
+        ctype = fmt.guess_content_type(name or node.name)
+    return headers, ctype
+
+
 class Namespace:
     def __init__(
         self,

@@ -24,7 +24,7 @@ from fbmount.config import MIB, Config
 from fbmount.eager import EagerUploads
 from fbmount.errors import CopyNotSupported, FsError
 from fbmount.metaindex import MetaIndex
-from fbmount.namespace import Kind, Namespace, Node
+from fbmount.namespace import Kind, Namespace, Node, headers_for
 from fbmount.staging import Staged, StagingArea, State
 from fbmount.store import MAX_PARTS, S3Store
 from fbmount.tasks import describe, guarded, open_nursery
@@ -154,13 +154,10 @@ def copy_size(node: Node) -> int | None:
 
 
 class UploadHost(Protocol):
-    """What write-back asks of the filesystem above it (it never sees the whole of it)."""
+    """What write-back tells the filesystem above it (it never sees the whole of it)."""
 
-    def headers_for(self, node: Node) -> tuple[dict[str, str], str]:
-        """The metadata headers and Content-Type an upload of `node` carries."""
-
-    def finished_upload(self, staged: Staged) -> None:
-        """`staged` (which has a node) may be CLEAN now: retire it unless still open."""
+    def stored(self, node: Node) -> None:
+        """`node`'s object in S3 is now what this mount staged: open handles read it."""
 
 
 class WriteBack:
@@ -330,7 +327,7 @@ class WriteBack:
         node = self.ns.get(ino)
         if node is None or not node.linked:
             return
-        headers, ctype = self.host.headers_for(node)
+        headers, ctype = headers_for(node)
         await guarded(
             f"storing the directory metadata of {node.name}",
             self.store.put,
@@ -436,7 +433,7 @@ class WriteBack:
             key = staged.key
             node = staged.node
             if node is not None:
-                headers, ctype = self.host.headers_for(node)
+                headers, ctype = headers_for(node)
             else:
                 headers, ctype = staged.record["headers"], staged.record["content_type"]
             cfg = self.cfg
@@ -517,7 +514,22 @@ class WriteBack:
             if node is None:
                 self.staging.remove(staged)
             else:
-                self.host.finished_upload(staged)
+                self.retire(staged)
+
+    def retire(self, staged: Staged) -> None:
+        """Called when `staged` may be CLEAN (in S3): forget it unless still open."""
+        if staged.state is not State.CLEAN:
+            return  # LOADING, DIRTY, UPLOADING: still needed; DISCARDED: its owner removes it
+        node = staged.node
+        if node is not None:
+            self.host.stored(node)
+        if node is not None and staged.handles == 0:
+            if node.staged is staged:
+                node.staged = None
+            self.staging.remove(staged)
+            self.ns._maybe_drop(node)
+        else:
+            self.staging.drop_record(staged)  # clean but open: nothing left to recover
 
     async def flush(self, targets: list[Staged]) -> list[Staged]:
         """Upload `targets` now, whatever their settle window; returns those that failed."""

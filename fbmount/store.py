@@ -19,6 +19,7 @@ import ssl
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -695,13 +696,8 @@ class S3Store:
             metadata, content_type = info.metadata or {}, info.content_type
         part = max(COPY_PART_BYTES, -(-size // MAX_PARTS))
         count = max(1, -(-size // part))
-        upload_id = await self.create_multipart(
-            dst, metadata, content_type or "application/octet-stream"
-        )
-        etags = [""] * count
-        limiter = trio.CapacityLimiter(COPY_PARALLEL)
 
-        async def copy_part(i: int) -> None:
+        async def copy_part(upload_id: str, i: int) -> str:
             start, end = i * part, min(size, (i + 1) * part) - 1
 
             async def go() -> str:
@@ -724,20 +720,51 @@ class S3Store:
                     raise
                 return _etag(r.get("CopyPartResult", {}).get("ETag"))
 
+            return await self._call("UploadPartCopy", f"copy part {i + 1} of {dst}", go)
+
+        return await self.multipart(
+            dst,
+            metadata,
+            content_type or "application/octet-stream",
+            count,
+            copy_part,
+            trio.CapacityLimiter(COPY_PARALLEL),
+            "multipart copy to",
+        )
+
+    async def multipart(
+        self,
+        key: str,
+        metadata: dict[str, str],
+        content_type: str,
+        count: int,
+        send_part: Callable[[str, int], Awaitable[str]],
+        limiter: trio.CapacityLimiter,
+        what: str = "multipart upload of",
+    ) -> str:
+        """One multipart upload of `count` parts sent in parallel, each under `limiter`:
+        `send_part(upload_id, index)` sends part index + 1 and returns its ETag.
+
+        The one place that creates, completes and aborts: a failure (or cancellation)
+        aborts the upload, so none is left open."""
+        upload_id = await self.create_multipart(key, metadata, content_type)
+        etags = [""] * count
+
+        async def send(i: int) -> None:
             async with limiter:
-                etags[i] = await self._call("UploadPartCopy", f"copy part {i + 1} of {dst}", go)
+                etags[i] = await send_part(upload_id, i)
 
         try:
             async with open_nursery() as nursery:
                 for i in range(count):
-                    nursery.start_soon(copy_part, i)
-            return await self.complete_multipart(dst, upload_id, etags)
+                    nursery.start_soon(send, i)
+            return await self.complete_multipart(key, upload_id, etags)
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(30):
                 try:
-                    await self.abort_multipart(dst, upload_id)
+                    await self.abort_multipart(key, upload_id)
                 except FsError as e:
-                    log.error("could not abort the multipart copy to %s: %s", dst, e.message)
+                    log.error("could not abort the %s %s: %s", what, key, e.message)
             raise
 
     async def _copy_object(

@@ -56,28 +56,16 @@ async def multipart_upload(
     A failure (or cancellation) aborts the upload, so no multipart upload is left open.
     """
     part = part_size_for(size, part_size)
-    count = math.ceil(size / part)
-    upload_id = await store.create_multipart(key, headers, content_type)
-    etags: list[str] = [""] * count
-    try:
 
-        async def send(i: int) -> None:
-            async with limiter:
-                length = min(part, size - i * part)
-                etags[i] = await send_part(upload_id, i + 1, i * part, length)
-                progress(length)
+    async def send(upload_id: str, i: int) -> str:
+        length = min(part, size - i * part)
+        etag = await send_part(upload_id, i + 1, i * part, length)
+        progress(length)
+        return etag
 
-        async with open_nursery() as nursery:
-            for i in range(count):
-                nursery.start_soon(send, i)
-        return await store.complete_multipart(key, upload_id, etags)
-    except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(30):
-            try:
-                await store.abort_multipart(key, upload_id)
-            except FsError as e:
-                log.error("could not abort multipart upload of %s: %s", key, e.message)
-        raise
+    return await store.multipart(
+        key, headers, content_type, math.ceil(size / part), send, limiter, "multipart upload of"
+    )
 
 
 async def upload_file(

@@ -6,14 +6,54 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from botocore.exceptions import ClientError
 
 MIB = 1024 * 1024
+HANG_BOUND = 60.0  # seconds: a syscall still blocked after this is a hang
+
+
+# ----- waiting, with a bound (never a timing) ----------------------------------------------
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll `predicate` until it is true and return its value; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def bounded(fn: Callable[..., Any], *args: Any, timeout: float = HANG_BOUND) -> Any:
+    """Run fn(*args) in a thread; fail the test if it is still blocked after `timeout`.
+
+    Returns the result, or the OSError it raised (so callers can check the errno)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except OSError as e:
+            box["error"] = e
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            box["raise"] = e
+
+    worker = threading.Thread(target=run, daemon=True, name=f"bounded-{fn.__name__}")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        pytest.fail(f"{fn.__name__} still blocked after {timeout:.0f} s: a hang")
+    if "raise" in box:
+        raise box["raise"]
+    return box.get("error", box.get("value"))
 
 
 # ----- files through the mount -----------------------------------------------------------

@@ -20,7 +20,6 @@ import random
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,11 +28,10 @@ from typing import Any
 import pytest
 from conftest import Mount, MountFactory
 from faultproxy import FaultProxy
-from helpers import body, open_uploads, read_file
+from helpers import HANG_BOUND, body, bounded, open_uploads, read_file, wait_for
 
 MIB = 1024 * 1024
 STRICT = ("--upload-delay", "0")
-HANG_BOUND = 60.0  # seconds: a syscall still blocked after this is a hang
 
 
 # --------------------------------------------------------------------------- helpers
@@ -46,41 +44,6 @@ def data_of(size: int, seed: str) -> bytes:
         out += hashlib.sha256(block[:64] + i.to_bytes(8, "big")).digest() + block[32:]
         i += 1
     return bytes(out[:size])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
-
-
-def bounded(fn: Callable[..., Any], *args: Any, timeout: float = HANG_BOUND) -> Any:
-    """Run fn(*args) in a thread; fail the test if it is still blocked after `timeout`.
-
-    Returns the result, or the OSError it raised (so callers can check the errno)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn(*args)
-        except OSError as e:
-            box["error"] = e
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            box["raise"] = e
-
-    worker = threading.Thread(target=run, daemon=True, name=f"bounded-{fn.__name__}")
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        pytest.fail(f"{fn.__name__} still blocked after {timeout:.0f} s: a hang")
-    if "raise" in box:
-        raise box["raise"]
-    return box.get("error", box.get("value"))
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -294,7 +257,9 @@ def test_strict_put_failure_keeps_data_staged_until_sync_or_unmount(
         assert st["pending_files"] >= 2, st
         assert body(s3, bucket, "a.bin") is None
         # Failed multipart uploads are aborted (background retries may run one right now).
-        wait_for(lambda: not open_uploads(s3, bucket), 30, "failed multipart uploads aborted")
+        wait_for(
+            lambda: not open_uploads(s3, bucket), "failed multipart uploads aborted", timeout=30
+        )
 
         for rule in failing:
             proxy.remove_rule(rule)
@@ -347,16 +312,18 @@ def test_writeback_failure_is_shown_then_retried(
             entries = [f for f in status(run_fbmount, m)["failed"] if f["key"] == "wb.bin"]
             return entries[0] if entries else None
 
-        entry = wait_for(failed_entry, 30, "wb.bin under 'failed' in fbmount status")
+        entry = wait_for(failed_entry, "wb.bin under 'failed' in fbmount status", timeout=30)
         assert entry["error"] and ("500" in entry["error"] or "disk on fire" in entry["error"])
         assert entry["failures"] >= 1
         assert "wb.bin" in staged_records(m)
         assert body(s3, bucket, "wb.bin") is None
 
         proxy.remove_rule(rule)
-        wait_for(lambda: body(s3, bucket, "wb.bin") == data, 70, "the retry to upload wb.bin")
+        wait_for(
+            lambda: body(s3, bucket, "wb.bin") == data, "the retry to upload wb.bin", timeout=70
+        )
         st = wait_for(
-            lambda: (s := status(run_fbmount, m))["pending_files"] == 0 and s, 30, "nothing pending"
+            lambda: (s := status(run_fbmount, m))["pending_files"] == 0 and s, "nothing pending"
         )
         assert st["failed"] == []
         assert_healthy(m)
@@ -436,9 +403,9 @@ def test_full_cache_disk_gives_enospc_not_corruption(
     assert got == big[:written], (len(got), written)  # exactly what was acknowledged
 
     # The write-back uploads what the file holds; the disk is full while it finishes.
-    wait_for(lambda: body(s3, bucket, "big.bin") is not None, 60, "big.bin uploaded")
+    wait_for(lambda: body(s3, bucket, "big.bin") is not None, "big.bin uploaded", timeout=60)
     assert body(s3, bucket, "big.bin") == big[:written]
-    wait_for(lambda: not staged_records(m), 30, "the staged copy released")
+    wait_for(lambda: not staged_records(m), "the staged copy released", timeout=30)
     assert_healthy(m)
 
     small = {f"s{i}.bin": data_of(200_000 + i, f"s{i}") for i in range(5)}
@@ -582,7 +549,7 @@ def test_bug_in_an_upload_keeps_the_mount_and_the_data(
         failed = {f["key"]: f["error"] for f in status(run_fbmount, m)["failed"]}
         return all("injected fault" in (failed.get(k) or "") for k in ("bug-small", "bug-big"))
 
-    wait_for(both_failed, 30, "both files under 'failed' with the injected fault")
+    wait_for(both_failed, "both files under 'failed' with the injected fault", timeout=30)
     assert m.proc.poll() is None, m.log_text()
     assert bounded(os.listdir, m.path, timeout=30) is not None
     assert (m.path / "bug-big").read_bytes() == big  # still served from the staged copy
@@ -626,7 +593,7 @@ def test_bug_during_crash_recovery_mounts_anyway_and_retries(
             for f in status(run_fbmount, m2)["failed"]
         )
 
-    wait_for(failed, 30, "the recovered file under 'failed' with the injected fault")
+    wait_for(failed, "the recovered file under 'failed' with the injected fault", timeout=30)
     assert body(s3, bucket, "bug-recovered") is None
     assert "bug-recovered" in staged_records(m2)
     faults.unlink()  # the bug is fixed: the backoff retry uploads it

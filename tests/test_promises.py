@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,11 +32,10 @@ from conftest import (
     warm_bucket,
 )
 from faultproxy import FaultProxy, RequestInfo
-from helpers import body, exists, open_uploads, read_file, write_file
+from helpers import HANG_BOUND, body, bounded, exists, open_uploads, read_file, write_file
 
 MIB = 1024 * 1024
 STRICT = ("--upload-delay", "0")
-HANG_BOUND = 60.0  # seconds: a syscall still blocked after this is a hang
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
@@ -54,29 +52,6 @@ def data_of(size: int, seed: str) -> bytes:
 
 def md5_b64(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-
-
-def bounded(fn: Callable[..., Any], *args: Any, timeout: float = HANG_BOUND) -> Any:
-    """fn(*args) in a thread; fail if still blocked after `timeout`. Returns the result or
-    the OSError raised (so callers can check its errno)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn(*args)
-        except OSError as e:
-            box["error"] = e
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            box["raise"] = e
-
-    worker = threading.Thread(target=run, daemon=True, name=f"bounded-{fn.__name__}")
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        pytest.fail(f"{fn.__name__} still blocked after {timeout:.0f} s: a hang")
-    if "raise" in box:
-        raise box["raise"]
-    return box.get("error", box.get("value"))
 
 
 def sync(run_fbmount: Run, mnt: Path) -> None:

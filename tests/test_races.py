@@ -18,7 +18,6 @@ import os
 import random
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 from conftest import Mount, MountFactory
 from faultproxy import FaultProxy, RequestInfo
-from helpers import body, exists, read_file, sync_path
+from helpers import body, exists, read_file, sync_path, wait_for
 
 from fbmount.reader import CHUNK
 from fbmount.staging import Staged, StagingArea, State
@@ -41,18 +40,6 @@ UPLOADS = {"PutObject", "CreateMultipartUpload", "UploadPart", "CopyObject", "Up
 def data_of(n: int, seed: str) -> bytes:
     """Deterministic, never-zero-filled bytes (a zero-filled hole or shift would show)."""
     return random.Random(seed).randbytes(n)
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Poll `predicate` until it is true; fail after `timeout` (a bound, not a timing)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Worker:

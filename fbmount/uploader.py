@@ -5,6 +5,11 @@ and goes up again. Small files are one PutObject, larger ones a multipart upload
 parts are read from the staged file; one limiter shared by all uploads bounds the bodies
 in memory ((--parallel + 2) x part size). A failed multipart upload is aborted, never
 left behind; the staged file stays on disk and is retried with backoff.
+
+Below fs.py: WriteBack gets the store, staging area, namespace, index and the streams
+(eager.py) passed in, and tells the filesystem only what UploadHost says (a node is
+stored: its open handles follow). Deletes and copies live here too, so that one rule
+holds for every write: a queued delete of its key never lands after it (clear_delete).
 """
 
 from __future__ import annotations

@@ -169,8 +169,9 @@ class Filesystem(pyfuse3.Operations):
         )
         self.listed_at: cachetools.LRUCache[int, float] = cachetools.LRUCache(4096)
         self.nursery: trio.Nursery | None = None
-        # The write-back gets what it needs, and this object only as its host (a Protocol
-        # of its own: headers of a file, "this file is now clean", the nursery).
+        # The layers below get what they need passed in, and this object only as a host
+        # seen through a Protocol of theirs: where streams run (eager.StreamHost), "this
+        # node is stored" (uploader.UploadHost).
         bodies = trio.CapacityLimiter(cfg.parallel + 2)  # part bodies in memory, shared
         self.eager = EagerUploads(store, cfg.part_size, bodies, host=self)
         self.uploader = WriteBack(cfg, store, staging, self.ns, index, self.eager, host=self)

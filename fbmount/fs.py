@@ -33,7 +33,7 @@ from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
 from fbmount.staging import Staged, StagingArea, State
 from fbmount.store import ListPage, S3Store
 from fbmount.tasks import guarded, open_nursery
-from fbmount.uploader import WriteBack, copy_size
+from fbmount.uploader import WriteBack
 from fbmount.uploadnotes import UploadNotes
 
 log = logging.getLogger("fbmount.fs")
@@ -1222,9 +1222,7 @@ class Filesystem(pyfuse3.Operations):
         """Rename a file whose bytes are only in S3: copy, then delete the old key (a crash
         in between leaves two copies), then move the name."""
         # A streamed copy has a new ETag (multipart); reads pin it with If-Match.
-        new_etag = await self.uploader.copy_object(
-            old_key, new_key, headers, copy_size(src), src.etag
-        )
+        new_etag = await self.uploader.copy_object(old_key, new_key, src, headers)
         await self.store.delete(old_key)
         self.ns.move(src, new_parent, new_name)
         src.remote = True
@@ -1293,7 +1291,7 @@ class Filesystem(pyfuse3.Operations):
                         await self.store.put(target, b"", hdr[0], hdr[1])
                     elif obj.key not in local_only:
                         new_etags[target] = await self.uploader.copy_object(
-                            obj.key, target, None, copy_size(src), src.etag
+                            obj.key, target, src, None
                         )
 
             async with open_nursery() as nursery:

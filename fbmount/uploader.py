@@ -140,12 +140,6 @@ async def stream_copy(
     )
 
 
-def copy_size(node: Node) -> int | None:
-    """The size a copy of `node`'s object is told: over 5 GiB the store copies in parts. A
-    directory's size says nothing (None: the server's refusal tells)."""
-    return node.size if node.kind is Kind.FILE else None
-
-
 class UploadHost(Protocol):
     """What write-back tells the filesystem above it (it never sees the whole of it)."""
 
@@ -228,35 +222,33 @@ class WriteBack:
             await self.flush_deletes(key=key)
 
     async def copy_object(
-        self,
-        src_key: str,
-        dst_key: str,
-        headers: tuple[dict[str, str], str] | None,
-        size: int | None = None,
-        etag: str | None = None,
+        self, src_key: str, dst_key: str, node: Node, headers: tuple[dict[str, str], str] | None
     ) -> str:
         """Server-side copy when allowed, else stream GET → PUT (bounded memory).
 
         A delete still queued for `dst_key` is sent first (delete_first), so that it
-        cannot land after the copy. `headers` None: the source's are kept; given,
-        `size` and `etag` describe the source (see copy_size)."""
+        cannot land after the copy."""
         await self.delete_first(dst_key)
         if self.store.copy_supported is not False:
             probing = self.store.copy_supported is None
             try:
                 async with self.copy_probe if probing else contextlib.nullcontext():
                     if self.store.copy_supported is not False:  # re-check after the wait
+                        # Over 5 GiB the store copies in parts; a directory's callers pass
+                        # its node, whose size says nothing (the server's refusal tells).
+                        size = node.size if node.kind is Kind.FILE else None
                         meta, ctype = headers if headers is not None else (None, None)
                         return await self.store.copy(src_key, dst_key, meta, ctype, size=size)
             except CopyNotSupported:
                 pass
-        if headers is None or size is None:
+        if headers is None:
             info = await self.store.head(src_key)
             if info is None:
                 raise FsError(errno.ENOENT, f"{src_key} vanished during rename")
-            if headers is None:
-                headers = (info.metadata or {}, info.content_type or "application/octet-stream")
+            headers = (info.metadata or {}, info.content_type or "application/octet-stream")
             size, etag = info.size, info.etag
+        else:
+            size, etag = node.size, node.etag
         return await stream_copy(
             self.store,
             src_key,
@@ -463,9 +455,7 @@ class WriteBack:
                             raise FsError(2, f"{source} vanished before its metadata update")
                         info_size = info.size
                     etag = (
-                        await self.copy_object(
-                            source, key, (headers, ctype), copy_size(node), node.etag
-                        )
+                        await self.copy_object(source, key, node, (headers, ctype))
                         if node is not None
                         else await stream_copy(
                             self.store,

@@ -308,6 +308,21 @@ def test_rename_during_streamed_part_completes_nothing_under_the_old_name(
 
 
 # ----- a delete batch that fails -------------------------------------------------------------
+def refuse_deletes(proxy: FaultProxy) -> tuple[Rule, Rule]:
+    """The next DeleteObjects is held until released; it and every later one (botocore's
+    retries too) are then refused with a 500, until the second rule is removed."""
+    hold = proxy.add_rule("DeleteObjects", "hold", times=1)
+    return hold, proxy.add_rule("DeleteObjects", "status", status=500)
+
+
+async def flush_refused(wb: WriteBack, failures: list[FsError]) -> None:
+    """Send the queued deletes; a refusal is noted in `failures`, not raised."""
+    try:
+        await wb.flush_deletes()
+    except FsError as err:
+        failures.append(err)
+
+
 def test_failed_delete_batch_requeues_its_keys(
     run_engine: Any, proxy: FaultProxy, s3: Any, bucket: str
 ) -> None:
@@ -320,20 +335,12 @@ def test_failed_delete_batch_requeues_its_keys(
     async def scenario(e: Engine) -> None:
         for key in [*keys, "late"]:
             await e.store.put(key, b"x", {}, "application/octet-stream")
-        hold = proxy.add_rule("DeleteObjects", "hold", times=1)
-        refuse = proxy.add_rule("DeleteObjects", "status", status=500)  # retries too
+        hold, refuse = refuse_deletes(proxy)
         for key in keys:
             e.wb.queue_delete(key)
-        failure: list[BaseException] = []
-
-        async def batch() -> None:
-            try:
-                await e.wb.flush_deletes()
-            except FsError as err:
-                failure.append(err)
-
+        failure: list[FsError] = []
         async with open_nursery() as nursery:
-            nursery.start_soon(batch)
+            nursery.start_soon(flush_refused, e.wb, failure)
             await held(hold)
             assert e.wb.deleting == set(keys) and not e.wb.pending_deletes
             assert all(e.wb.is_deleted(k) for k in keys)
@@ -370,18 +377,10 @@ def test_upload_waiting_for_a_failing_delete_of_its_key_survives_the_retry(
     async def scenario(e: Engine) -> None:
         await e.store.put("f", b"old", {}, "application/octet-stream")
         e.wb.queue_delete("f")
-        hold = proxy.add_rule("DeleteObjects", "hold", times=1)
-        refuse = proxy.add_rule("DeleteObjects", "status", status=500)
-        failure: list[BaseException] = []
-
-        async def batch() -> None:
-            try:
-                await e.wb.flush_deletes()
-            except FsError as err:
-                failure.append(err)
-
+        hold, refuse = refuse_deletes(proxy)
+        failure: list[FsError] = []
         async with open_nursery() as nursery:
-            nursery.start_soon(batch)
+            nursery.start_soon(flush_refused, e.wb, failure)
             await held(hold)
             staged = e.create("f")  # not pending, in flight: create cancels nothing
             e.write(staged, new)

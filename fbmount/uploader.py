@@ -9,7 +9,7 @@ left behind; the staged file stays on disk and is retried with backoff.
 Below fs.py: WriteBack gets the store, staging area, namespace, index and the streams
 (eager.py) passed in, and tells the filesystem only what UploadHost says (a node is
 stored: its open handles follow). Deletes and copies live here too, so that one rule
-holds for every write: a queued delete of its key never lands after it (clear_delete).
+holds for every write: a queued delete of its key never lands after it (delete_first).
 """
 
 from __future__ import annotations

@@ -80,9 +80,7 @@ class Engine:
         node.meta_known = True
         staged = self.staging.new(self.ns.key(node))
         staged.node, node.staged = node, staged
-        staged.touch()
-        if self.wb.cancel_delete(staged.key):
-            node.remote = True
+        staged.touch()  # a delete still queued for the name stays queued (delete_first)
         return staged
 
     def write(self, staged: Staged, data: bytes, off: int = 0) -> None:
@@ -360,37 +358,47 @@ def test_failed_delete_batch_requeues_its_keys(
     run_engine(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an upload that waited for a failing delete batch of its key is deleted by "
-    "the batch's retry (the key is requeued after the upload cancelled it); found by this "
-    "tier and left as found (issue #15)",
-)
-def test_upload_waiting_for_a_failing_delete_of_its_key_survives_the_retry(
+def test_upload_waiting_for_a_failing_delete_of_its_key_sends_it_first(
     run_engine: Any, proxy: FaultProxy, s3: Any, bucket: str
 ) -> None:
     """`rm f` (batched), then a new `f` is written and uploaded while the batch deleting
     the old `f` is in flight, and that batch is refused. The upload waits for the batch,
-    as it must; the new `f` must then survive the refused batch's retry."""
+    then sends the delete itself before its PUT; refused again, it sends no PUT and the
+    file stays DIRTY. Allowed, the delete goes, then the PUT: the new `f` is never deleted
+    by the old one's delete."""
     new = data_of(64 * 1024, "new")
 
     async def scenario(e: Engine) -> None:
         await e.store.put("f", b"old", {}, "application/octet-stream")
+        puts = kinds_for(proxy, "f").count("PutObject")  # the old f's
         e.wb.queue_delete("f")
         hold, refuse = refuse_deletes(proxy)
         failure: list[FsError] = []
+        upload_failure: list[FsError] = []
+
+        async def upload(staged: Staged) -> None:
+            try:
+                await e.wb.upload(staged)
+            except FsError as err:
+                upload_failure.append(err)
+
         async with open_nursery() as nursery:
             nursery.start_soon(flush_refused, e.wb, failure)
             await held(hold)
-            staged = e.create("f")  # not pending, in flight: create cancels nothing
+            staged = e.create("f")
             e.write(staged, new)
-            nursery.start_soon(e.wb.upload, staged)
+            nursery.start_soon(upload, staged)
             await until(lambda: staged.state is State.UPLOADING, "the upload waits")
             hold.release()
-        assert failure and staged.state is State.CLEAN
-        assert body(s3, bucket, "f") == new
+        assert failure and upload_failure, "the batch and the upload's own delete refused"
+        assert staged.state is State.DIRTY and body(s3, bucket, "f") == b"old"
+        assert kinds_for(proxy, "f").count("PutObject") == puts, "a PUT before its delete"
         proxy.remove_rule(refuse)
-        await e.wb.flush_deletes()  # what is queued now goes: the refused batch's retry
-        assert body(s3, bucket, "f") == new, "the new f was deleted by the old f's retry"
+        await e.wb.upload(staged)
+        assert staged.state is State.CLEAN and body(s3, bucket, "f") == new
+        kinds = [r.kind for r in proxy.records if r.kind in ("DeleteObjects", "PutObject")]
+        assert kinds[-2:] == ["DeleteObjects", "PutObject"], kinds
+        await e.wb.flush_deletes()
+        assert not e.wb.pending_deletes and body(s3, bucket, "f") == new
 
     run_engine(scenario)

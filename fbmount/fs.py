@@ -363,6 +363,7 @@ class Filesystem(pyfuse3.Operations):
     async def _probe(self, parent: Node, name: str) -> Node | None:
         """No listing cached: HEAD the object and LIST the prefix at once."""
         key = self.ns.key(parent) + name
+        batches = self.uploader.delete_batches  # a delete done after this may be answered
         results: dict[str, Any] = {}
 
         async def head() -> None:
@@ -375,7 +376,7 @@ class Filesystem(pyfuse3.Operations):
             nursery.start_soon(head)
             nursery.start_soon(list_prefix)
         page, info = results["list"], results["head"]
-        if info is not None and self.uploader.is_deleted(key):
+        if info is not None and self.uploader.deleted_since(key, batches):
             info = None
         if page.objects or page.prefixes:
             node = self.ns.add(parent, name, Kind.DIR)
@@ -417,6 +418,7 @@ class Filesystem(pyfuse3.Operations):
         if listing is not None:
             return listing
         prefix = self.ns.key(node)
+        batches = self.uploader.delete_batches  # deletes done after this may be listed
         if max_pages is not None:
             page, token = ListPage(), None
             for _ in range(max_pages):
@@ -435,13 +437,14 @@ class Filesystem(pyfuse3.Operations):
         else:
             page = await self.store.list_all(prefix)
         listing = self.ns.listing_from_page(prefix, page)
-        if self.uploader.pending_deletes or self.uploader.deleting:
+        up = self.uploader
+        if up.pending_deletes or up.deleting or up.delete_batches > batches:
             for name in [
                 n
                 for n, e in listing.items()
-                if e.kind is not Kind.DIR and self.uploader.is_deleted(prefix + n)
+                if e.kind is not Kind.DIR and up.deleted_since(prefix + n, batches)
             ]:
-                del listing[name]  # unlinked, its DeleteObjects not sent yet
+                del listing[name]  # unlinked: DeleteObjects not sent, or done after the LIST
         for (parent_ino, name), ino in list(self.ns.children.items()):
             if parent_ino != node.ino:
                 continue

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import cachetools
 import trio
 
 from fbmount.config import MIB, Config
@@ -178,6 +179,10 @@ class WriteBack:
         self.pending_deletes: dict[str, int] = {}
         self.deleting: dict[str, int] = {}
         self._unlinks = 0
+        # Keys whose DeleteObjects is done, with the number of that batch: a listing the
+        # server answered before the batch may reach us after it (see deleted_since).
+        self.delete_batches = 0
+        self._deleted_in: cachetools.TTLCache[str, int] = cachetools.TTLCache(100_000, 120)
         self._delete_queued_at = 0.0
         self._delete_lock = trio.Lock()
         self.last_delete_error: str | None = None  # shown by `fbmount status`
@@ -206,6 +211,11 @@ class WriteBack:
 
     def is_deleted(self, key: str) -> bool:
         return key in self.pending_deletes or key in self.deleting
+
+    def deleted_since(self, key: str, batches: int) -> bool:
+        """Unlinked and not yet gone, or deleted by a batch done after `batches` (the
+        `delete_batches` read when a LIST was sent): its answer may still show the key."""
+        return self.is_deleted(key) or self._deleted_in.get(key, 0) > batches
 
     def _queued_deletes(self) -> set[tuple[str, int]]:
         """Every unlink whose delete is not done: (key, its number)."""
@@ -278,6 +288,9 @@ class WriteBack:
             try:
                 await self.store.delete_many(sorted(keys))
                 self.last_delete_error = None
+                self.delete_batches += 1
+                for k in keys:
+                    self._deleted_in[k] = self.delete_batches
             except BaseException:
                 # A failure, a bug or unmount: the next flush, as the older unlink.
                 for k, n in keys.items():

@@ -164,3 +164,33 @@ def test_sync_is_not_failed_by_an_unlink_of_the_same_name_made_meanwhile(
         assert m.unmount() == 0
     assert not exists(s3, bucket, "K")
     assert body(s3, bucket, "X") == b"dirty when the sync starts"
+
+
+def test_listing_answered_before_a_delete_does_not_bring_the_name_back(
+    s3: Any,
+    bucket: str,
+    mount: MountFactory,
+    s3_endpoint: str,
+    run_fbmount: Callable[..., Any],
+) -> None:
+    """`rm d/gone`; a listing of `d` that the server answered while the delete was still
+    queued reaches the mount only after the DeleteObjects is done. The name must not come
+    back (the random-operations soak saw an unlinked file listed again): by the time the
+    listing is read, nothing says the key is being deleted any more."""
+    s3.put_object(Bucket=bucket, Key="d/gone", Body=b"x")
+    s3.put_object(Bucket=bucket, Key="d/kept", Body=b"y")
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--upload-delay", "60", "--dir-ttl", "0", endpoint=proxy.endpoint)
+        assert sorted(os.listdir(m.path / "d")) == ["gone", "kept"]
+        os.unlink(m.path / "d" / "gone")  # queued for a batch
+        held = proxy.add_rule("ListObjects", "hold", phase="response", times=1)
+        with ThreadPoolExecutor(1) as pool:
+            listing = pool.submit(os.listdir, m.path / "d")
+            assert held.wait_held(20), "listing d sent no LIST"
+            sync(run_fbmount, m.path)  # the DeleteObjects is sent and answered
+            assert not exists(s3, bucket, "d/gone")
+            held.release()
+            names = listing.result(timeout=60)
+        assert sorted(names) == ["kept"]
+        assert not (m.path / "d" / "gone").exists()
+        assert m.unmount() == 0

@@ -741,12 +741,15 @@ class S3Store:
         send_part: Callable[[str, int], Awaitable[str]],
         limiter: trio.CapacityLimiter,
         what: str = "multipart upload of",
+        unchanged: Callable[[], bool] | None = None,
     ) -> str:
         """One multipart upload of `count` parts sent in parallel, each under `limiter`:
         `send_part(upload_id, index)` sends part index + 1 and returns its ETag.
 
         The one place that creates, completes and aborts: a failure (or cancellation)
-        aborts the upload, so none is left open."""
+        aborts the upload, so none is left open. `unchanged()` False once every part is
+        sent (the source was rewritten meanwhile): aborted too, with EAGAIN, so S3 never
+        holds parts of two versions."""
         upload_id = await self.create_multipart(key, metadata, content_type)
         etags = [""] * count
 
@@ -758,6 +761,8 @@ class S3Store:
             async with open_nursery() as nursery:
                 for i in range(count):
                     nursery.start_soon(send, i)
+            if unchanged is not None and not unchanged():
+                raise FsError(errno.EAGAIN, f"{key} changed during its upload")
             return await self.complete_multipart(key, upload_id, etags)
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(30):

@@ -55,9 +55,10 @@ async def multipart_upload(
     send_part: Callable[[str, int, int, int], Awaitable[str]],
     limiter: trio.CapacityLimiter,
     progress: Callable[[int], None] = lambda n: None,
+    unchanged: Callable[[], bool] | None = None,
 ) -> str:
     """Upload `size` bytes as parallel parts; `send_part(upload_id, number, offset,
-    length)` sends each and returns its ETag.
+    length)` sends each and returns its ETag. `unchanged`: see S3Store.multipart.
 
     A failure (or cancellation) aborts the upload, so no multipart upload is left open.
     """
@@ -70,7 +71,14 @@ async def multipart_upload(
         return etag
 
     return await store.multipart(
-        key, headers, content_type, math.ceil(size / part), send, limiter, "multipart upload of"
+        key,
+        headers,
+        content_type,
+        math.ceil(size / part),
+        send,
+        limiter,
+        "multipart upload of",
+        unchanged,
     )
 
 
@@ -83,8 +91,11 @@ async def upload_file(
     part_size: int,
     limiter: trio.CapacityLimiter,
     progress: Callable[[int], None] = lambda n: None,
+    unchanged: Callable[[], bool] | None = None,
 ) -> tuple[str, int]:
-    """Upload a local file to `key`; returns (etag, size). `progress(n)` after each part.
+    """Upload a local file to `key`; returns (etag, size). `progress(n)` after each part;
+    `unchanged()` False before completing a multipart upload (the file was rewritten
+    while its parts were read): aborted with EAGAIN instead of storing a mix.
 
     `limiter` is shared by every upload of the mount: each token is one body in flight.
     A small file is one PUT of its bytes; a part is read from the file as it is sent, so
@@ -102,7 +113,16 @@ async def upload_file(
             return await store.upload_part_from_file(key, upload_id, number, fd, offset, length)
 
         etag = await multipart_upload(
-            store, key, size, part_size, headers, content_type, send_part, limiter, progress
+            store,
+            key,
+            size,
+            part_size,
+            headers,
+            content_type,
+            send_part,
+            limiter,
+            progress,
+            unchanged,
         )
         return etag, size
     finally:
@@ -458,6 +478,7 @@ class WriteBack:
                         cfg.part_size,
                         self.bodies,
                         progress,
+                        lambda: staged.generation == staged.upload_generation,
                     )
                 else:
                     source = staged.source_key or key

@@ -5,9 +5,6 @@ the fault proxy, and plays the filesystem's part itself (create, write, rename: 
 synchronous steps fs.py takes). The proxy's `hold` keeps one request until the test
 releases it, so two operations happen in exactly the interleaving under test; the outcome
 is checked in S3 with boto3. No kernel, no daemon: each test takes seconds.
-
-A strict xfail here records a gap this tier found and that is left as found: it turns
-into a failure the day the gap is closed, so that the mark is removed then.
 """
 
 from __future__ import annotations
@@ -213,14 +210,16 @@ def test_write_during_upload_goes_up_after_it(
     run_engine(scenario)
 
 
-def rewrite_during_multipart(run_engine: Any, proxy: FaultProxy, s3: Any, bucket: str) -> bytes:
+def test_multipart_upload_rewritten_between_parts_stores_no_mix(
+    run_engine: Any, proxy: FaultProxy, s3: Any, bucket: str
+) -> None:
     """A multipart upload of v1 reads each part from the staged file as it sends it. The
     answer to the first part sent is held (S3 has that part, v1) while the whole file is
     rewritten as v2; one body at a time, so the other parts are read after the rewrite.
-    Checks that the file stays DIRTY and then goes up as v2, whole; returns what the first
-    upload left in S3."""
+    The raced upload must be aborted, not completed as parts of v1 and v2 (another client
+    reading the object meanwhile would get bytes no one wrote), and v2 go up whole at once;
+    no multipart upload is left open."""
     v1, v2 = data_of(2 * PART + MIB, "mp-v1"), data_of(2 * PART + MIB, "mp-v2")
-    first: list[bytes] = []
 
     async def scenario(e: Engine) -> None:
         staged = e.create("mp.bin")
@@ -233,40 +232,13 @@ def rewrite_during_multipart(run_engine: Any, proxy: FaultProxy, s3: Any, bucket
             await held(hold)
             e.write(staged, v2)
             hold.release()
-        stored = body(s3, bucket, "mp.bin")
-        assert stored is not None and len(stored) == len(v1)
-        first.append(stored)
-        assert staged.state is State.DIRTY, "changed during its upload: still to go up"
-        await e.wb.upload(staged)
         assert staged.state is State.CLEAN
-        assert body(s3, bucket, "mp.bin") == v2
+        assert body(s3, bucket, "mp.bin") == v2, "S3 holds parts of v1 and parts of v2"
+        assert proxy.counts["AbortMultipartUpload"] == 1
+        assert proxy.counts["CompleteMultipartUpload"] == 1
 
     run_engine(scenario, bodies=1)
-    return first[0]
-
-
-def test_multipart_upload_rewritten_between_parts_then_goes_up_whole(
-    run_engine: Any, proxy: FaultProxy, s3: Any, bucket: str
-) -> None:
-    """The rewrite is never lost: after the raced upload the file is DIRTY, and the next
-    upload stores v2 whole."""
-    rewrite_during_multipart(run_engine, proxy, s3, bucket)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="parts are read from the staged file as they are sent, so the raced upload "
-    "completes an object of v1 and v2 parts; it is replaced by v2 at the next upload "
-    "(the test above), but S3 serves a mix meanwhile. Left as found (issue #15)",
-)
-def test_multipart_upload_rewritten_between_parts_never_stores_a_mix(
-    run_engine: Any, proxy: FaultProxy, s3: Any, bucket: str
-) -> None:
-    """What the raced upload leaves in S3 is one version, whole (v1 or v2), never parts of
-    both: another client reading the object meanwhile must not get bytes no one wrote."""
-    stored = rewrite_during_multipart(run_engine, proxy, s3, bucket)
-    v1, v2 = data_of(2 * PART + MIB, "mp-v1"), data_of(2 * PART + MIB, "mp-v2")
-    assert stored in (v1, v2), "S3 holds parts of v1 and parts of v2"
+    assert not open_uploads(s3, bucket)
 
 
 # ----- a streamed part held while the file is renamed ---------------------------------------

@@ -32,6 +32,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def sent_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The requests of each kind sent between two `requests()` readings."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
 def requests(mnt: Path) -> dict[str, int]:
     out = subprocess.run(
         [BIN / "fbmount", "status", "--json", str(mnt)], capture_output=True, text=True
@@ -85,9 +90,7 @@ def one(files: int, base: Path, run: int) -> dict[str, float]:
         after_req = requests(mnt)
     finally:
         unmount(mnt, proc)
-    create_req = {
-        k: v - before_req.get(k, 0) for k, v in after_req.items() if v != before_req.get(k, 0)
-    }
+    create_req = sent_between(before_req, after_req)
     proc = mount(data, mnt)
     try:
         before_req = requests(mnt)
@@ -98,9 +101,7 @@ def one(files: int, base: Path, run: int) -> dict[str, float]:
         after_req = requests(mnt)
     finally:
         unmount(mnt, proc)
-    stat_req = {
-        k: v - before_req.get(k, 0) for k, v in after_req.items() if v != before_req.get(k, 0)
-    }
+    stat_req = sent_between(before_req, after_req)
     return {
         "create_ms_per_file": 1000 * create_cpu / files,
         "create_requests": create_req,

@@ -364,6 +364,7 @@ class Filesystem(pyfuse3.Operations):
         """No listing cached: HEAD the object and LIST the prefix at once."""
         key = self.ns.key(parent) + name
         batches = self.uploader.delete_batches  # a delete done after this may be answered
+        sent = time.monotonic()  # a key this mount writes after this may be answered old
         results: dict[str, Any] = {}
 
         async def head() -> None:
@@ -376,6 +377,9 @@ class Filesystem(pyfuse3.Operations):
             nursery.start_soon(head)
             nursery.start_soon(list_prefix)
         page, info = results["list"], results["head"]
+        existing = self.ns.child(parent.ino, name)
+        if existing is not None and existing.stored_at >= sent:
+            return existing  # stored (or moved here) by this mount after the requests left
         if info is not None and self.uploader.deleted_since(key, batches):
             info = None
         if page.objects or page.prefixes:
@@ -384,7 +388,6 @@ class Filesystem(pyfuse3.Operations):
             node.fresh_until = time.monotonic() + self.cfg.dir_ttl
             return node
         if info is None:
-            existing = self.ns.child(parent.ino, name)
             if existing is not None and existing.staged is None:
                 self.ns.unlink(existing)
             self.ns.negative[(parent.ino, name)] = True
@@ -419,6 +422,7 @@ class Filesystem(pyfuse3.Operations):
             return listing
         prefix = self.ns.key(node)
         batches = self.uploader.delete_batches  # deletes done after this may be listed
+        sent = time.monotonic()  # keys this mount writes after this may be missing
         if max_pages is not None:
             page, token = ListPage(), None
             for _ in range(max_pages):
@@ -449,9 +453,10 @@ class Filesystem(pyfuse3.Operations):
             if parent_ino != node.ino:
                 continue
             child = self.ns.nodes[ino]
-            if name in listing:
+            stored_since = child.stored_at >= sent  # newer than the answer: ours stands
+            if name in listing and not stored_since:
                 continue
-            if child.staged is not None or not child.remote:
+            if child.staged is not None or not child.remote or stored_since:
                 listing[name] = self.ns.entry_of(child)
             elif child.kind is not Kind.DIR or child.fresh_until < time.monotonic():
                 self.ns.unlink(child)  # gone from the bucket
@@ -577,6 +582,7 @@ class Filesystem(pyfuse3.Operations):
             node.etag = await self.store.put(
                 self.ns.key(node), target, headers, fmt.LINK_CONTENT_TYPE
             )
+            node.mark_stored()
             self.index.put(self.ns.key(node), node.etag, headers)
             return
         staged = node.staged
@@ -941,7 +947,8 @@ class Filesystem(pyfuse3.Operations):
         except BaseException:
             self.ns.unlink(node)
             raise
-        node.remote = node.meta_known = True
+        node.mark_stored()
+        node.meta_known = True
         node.fresh_until = float("inf")
         self.ns.listings[node.ino] = {}  # known empty: creating files inside needs no LIST
         self.listed_at[node.ino] = time.monotonic()
@@ -1021,7 +1028,8 @@ class Filesystem(pyfuse3.Operations):
             self.ns.unlink(node)
             raise
         self.index.put(self.ns.key(node), node.etag, headers)
-        node.remote = node.meta_known = True
+        node.mark_stored()
+        node.meta_known = True
         node.fresh_until = time.monotonic() + self.cfg.attr_ttl
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
@@ -1080,7 +1088,8 @@ class Filesystem(pyfuse3.Operations):
             self.ns.unlink(node)
             raise
         self.index.put(key, node.etag, headers)
-        node.remote = node.meta_known = True
+        node.mark_stored()
+        node.meta_known = True
         node.fresh_until = time.monotonic() + self.cfg.attr_ttl
         listing = self.ns.listings.get(parent.ino)
         if listing is not None:
@@ -1228,7 +1237,7 @@ class Filesystem(pyfuse3.Operations):
         new_etag = await self.uploader.copy_object(old_key, new_key, src, headers)
         await self.store.delete(old_key)
         self.ns.move(src, new_parent, new_name)
-        src.remote = True
+        src.mark_stored()
         src.etag = new_etag or src.etag
         if headers is not None:
             src.content_type = headers[1]
@@ -1310,8 +1319,10 @@ class Filesystem(pyfuse3.Operations):
             await self._journal_moved(staged_nodes, old_prefix, new_prefix)
             await self.store.delete_many(keys)
             self.ns.move(src, new_parent, new_name)
+        src.stored_at = time.monotonic()  # a listing of new_parent sent before: keep it
         for n in self.ns.descendants(src):
             self.ns.listings.pop(n.ino, None)
+            n.stored_at = src.stored_at
             old_etag = n.etag
             if n.staged is None and new_etags.get(self.ns.key(n)):
                 n.etag = new_etags[self.ns.key(n)]

@@ -80,6 +80,14 @@ class Node:
     storage_class: str | None = None
     cached_etag: str | None = None  # ETag whose bytes the kernel page cache may hold
     index_etag: str | None = None  # ETag for which the metadata index was last consulted
+    # time.monotonic() when this mount last wrote the key: a LIST or HEAD sent before may
+    # be answered without it (or with the old object), and must not override it.
+    stored_at: float = 0.0
+
+    def mark_stored(self) -> None:
+        """This mount just wrote the key (PUT, completed upload, copy)."""
+        self.remote = True
+        self.stored_at = time.monotonic()
 
 
 def headers_for(node: Node, name: str | None = None) -> tuple[dict[str, str], str]:

@@ -516,7 +516,8 @@ class WriteBack:
             self.uploads_done += 1
             self.index.put(key, etag, headers)
             if node is not None and node.staged is staged:
-                node.etag, node.remote = etag, True
+                node.etag = etag
+                node.mark_stored()
                 if not staged.has_data:
                     node.size = size
                 node.cached_etag = None

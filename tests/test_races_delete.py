@@ -194,3 +194,40 @@ def test_listing_answered_before_a_delete_does_not_bring_the_name_back(
         assert sorted(names) == ["kept"]
         assert not (m.path / "d" / "gone").exists()
         assert m.unmount() == 0
+
+
+@pytest.mark.parametrize("history", ["new", "unlinked-then-recreated"])
+def test_listing_answered_before_an_upload_landed_does_not_hide_the_file(
+    s3: Any,
+    bucket: str,
+    mount: MountFactory,
+    s3_endpoint: str,
+    run_fbmount: Callable[..., Any],
+    history: str,
+) -> None:
+    """A listing of `d` that the server answered before `d/f`'s upload landed reaches
+    the mount after it. `f` must stay listed: the random-operations soak saw a file whose
+    upload had just finished vanish from its directory until the listing expired (the
+    listing, older than the upload, was taken as proof that the key was gone; with an
+    unlink and re-create, the delete sent before the PUT made it drop the name too)."""
+    s3.put_object(Bucket=bucket, Key="d/kept", Body=b"y")
+    if history != "new":
+        s3.put_object(Bucket=bucket, Key="d/f", Body=b"old")
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--upload-delay", "60", "--dir-ttl", "0", endpoint=proxy.endpoint)
+        if history != "new":
+            assert sorted(os.listdir(m.path / "d")) == ["f", "kept"]
+            os.unlink(m.path / "d" / "f")  # queued for a batch
+        (m.path / "d" / "f").write_bytes(b"new")  # staged; its upload waits for the sync
+        held = proxy.add_rule("ListObjects", "hold", phase="response", times=1)
+        with ThreadPoolExecutor(1) as pool:
+            listing = pool.submit(os.listdir, m.path / "d")
+            assert held.wait_held(20), "listing d sent no LIST"
+            sync(run_fbmount, m.path)  # the delete (if any) and the PUT are done
+            assert body(s3, bucket, "d/f") == b"new"
+            held.release()
+            names = listing.result(timeout=60)
+        assert sorted(names) == ["f", "kept"]
+        assert (m.path / "d" / "f").read_bytes() == b"new"
+        assert sorted(os.listdir(m.path / "d")) == ["f", "kept"]
+        assert m.unmount() == 0

@@ -209,6 +209,7 @@ class Daemon:
         self.fs: Filesystem | AccountFilesystem | None = None
         self.store: S3Store | None = None
         self.failed_uploads = 0
+        self.aborted = False  # the kernel aborted the FUSE connection: exit 1, as a failure
         self.started = time.monotonic()
         self.throughput = control.Throughput()
         self.local_server = None
@@ -475,7 +476,18 @@ class Daemon:
                 nursery.start_soon(self._announce_ready, on_ready)
                 await nursery.start(control.serve, self.cfg.mountpoint, self.status, self.sync)
                 nursery.start_soon(self._sample_throughput)
-                await pyfuse3.main(min_tasks=4, max_tasks=128)
+                try:
+                    await pyfuse3.main(min_tasks=4, max_tasks=128)
+                except* ConnectionAbortedError:
+                    # Not a bug of ours: `echo 1 > /sys/fs/fuse/connections/N/abort` (or
+                    # `umount -f`) cut the mount off. Staged files are still stored first.
+                    self.aborted = True
+                    log.error(
+                        "the kernel aborted the FUSE connection of %s (written to "
+                        "/sys/fs/fuse/connections/*/abort, or umount -f); storing what is "
+                        "staged, then exiting",
+                        cfg.mountpoint,
+                    )
                 close_fuse()
                 # Background work (streamed parts, uploads in flight) keeps running while
                 # everything staged is flushed; only then is the nursery cancelled.
@@ -693,7 +705,7 @@ def run(cfg: Config) -> int:
         daemon.close()
         if recorded:
             control.remove_record(cfg.mountpoint, os.getpid())
-    return 1 if daemon.failed_uploads else 0
+    return 1 if daemon.failed_uploads or daemon.aborted else 0
 
 
 def describe(error: BaseException) -> str:

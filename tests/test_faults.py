@@ -600,3 +600,35 @@ def test_bug_during_crash_recovery_mounts_anyway_and_retries(
     m2.sync()
     assert body(s3, bucket, "bug-recovered") == data
     assert m2.unmount() == 0
+
+
+def test_aborted_fuse_connection_stores_what_was_staged_and_says_so(
+    s3: Any, bucket: str, mount: MountFactory
+) -> None:
+    """Someone writes to /sys/fs/fuse/connections/N/abort (CI saw it happen mid-test):
+    the mount is cut off, which is not a bug of fbmount's. The daemon stores the files
+    staged before and exits; it never reports the abort as a crash of its own."""
+    m = mount(bucket, "--upload-delay", "60")
+    data = data_of(300_000, "abort")
+    write_file(m.path / "staged.bin", data)
+    assert body(s3, bucket, "staged.bin") is None  # waits for its upload delay
+    connections = Path("/sys/fs/fuse/connections")
+    mounted_fusectl = not os.path.ismount(connections)
+    if mounted_fusectl:  # systemd mounts it at boot; a bare container may not have
+        subprocess.run(["mount", "-t", "fusectl", "none", str(connections)], check=True)
+    try:
+        (connections / str(os.minor(os.stat(m.path).st_dev)) / "abort").write_text("1")
+    finally:
+        if mounted_fusectl:
+            subprocess.run(["umount", str(connections)], check=True)
+    m.proc.wait(timeout=60)
+    log = m.log_text()
+    # The kernel reports an abort as ENODEV (then the daemon cannot tell it from an
+    # unmount: exit 0) or, when the connection asked for abort errors, ECONNABORTED
+    # (exit 1, and the log says so). Either way nothing staged is left behind.
+    if m.proc.returncode == 1:
+        assert "the kernel aborted the FUSE connection" in log, log
+    else:
+        assert m.proc.returncode == 0, log
+    assert "a bug" not in log, log
+    assert body(s3, bucket, "staged.bin") == data

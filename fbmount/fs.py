@@ -522,11 +522,10 @@ class Filesystem(pyfuse3.Operations):
                 raise FsError(errno.EISDIR if node.kind is Kind.DIR else errno.EINVAL)
             staged = await self.ensure_data(node, keep=attr.st_size)
             self.eager.abandon(staged, "truncated")
-            # Dirty *before* the await: an upload of the old bytes that ends meanwhile would
-            # otherwise retire the staged file, and the truncate would be lost.
-            staged.touch()
-            # By path: a worker thread must not use a descriptor a release() may close.
-            await trio.to_thread.run_sync(os.truncate, staged.data_path, attr.st_size)
+            # On the trio thread, in one step with its touch (a local truncate is quick): an
+            # upload's copy of the file (uploader._snapshot) never holds half a truncate,
+            # and an upload of the old bytes cannot end in between and retire the file.
+            os.truncate(staged.data_path, attr.st_size)
             node.size = attr.st_size
             node.mtime_ns = node.ctime_ns = now
             staged.touch()

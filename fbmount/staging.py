@@ -22,6 +22,7 @@ is atomic, so a transition can never be seen half done):
     LOADING   ─load_failed()─▶   DIRTY metadata-only again (if it was), else DISCARDED
     CLEAN     ─touch()─▶         DIRTY          (LOADING/UPLOADING stay, the change is noted)
     DIRTY     ─begin_upload()─▶  UPLOADING
+    UPLOADING ─sending(g)─▶      UPLOADING, sending a copy of generation g (taken after begin)
     UPLOADING ─upload_done(g)─▶  CLEAN, or DIRTY if touched since the upload took generation g
     UPLOADING ─upload_failed()─▶ DIRTY
     any       ─discard()─▶       DISCARDED      (terminal: the name is gone)
@@ -152,6 +153,11 @@ class Staged:
         self.state = State.UPLOADING
         self.upload_generation = self.generation
         return self.generation
+
+    def sending(self, generation: int) -> None:
+        """UPLOADING: the upload sends a copy of `generation`, taken after begin_upload."""
+        self._expect(State.UPLOADING)
+        self.upload_generation = generation
 
     def upload_done(self) -> None:
         """UPLOADING → CLEAN, or DIRTY when it changed while the upload ran."""

@@ -19,8 +19,10 @@ import errno
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Protocol
 
 import cachetools
@@ -36,7 +38,7 @@ from fbmount.store import MAX_PARTS, S3Store
 from fbmount.tasks import describe, guarded, open_nursery
 
 log = logging.getLogger("fbmount.upload")
-RACED_UPLOAD_RETRIES = 2  # uploads retried at once when the file changed under them
+SNAPSHOT_TRIES = 5  # copies of a file that keeps changing, before its upload gives up
 
 
 def part_size_for(size: int, configured: int) -> int:
@@ -432,18 +434,38 @@ class WriteBack:
         """Upload `staged` now (waiting for an upload in flight); FsError on failure.
 
         A failure that a change made during the upload may have caused (a truncate under a
-        part being sent) is no failure of the newer content: that goes up at once."""
-        for _ in range(RACED_UPLOAD_RETRIES):
-            generation = staged.generation
-            try:
-                return await self._upload_once(staged)
-            except FsError:
-                if staged.generation == generation or staged.state is not State.DIRTY:
-                    raise
-                log.debug("upload of %s raced a change; sending the new content", staged.key)
-        await self._upload_once(staged)
+        part being sent) is no failure of the newer content, which goes up at once, from a
+        copy taken between two changes: a file that a writer keeps changing (the crash soak
+        saw `fbmount sync` give up on one) still gets a whole version of it stored."""
+        generation = staged.generation
+        try:
+            return await self._upload_once(staged)
+        except FsError:
+            if staged.generation == generation or staged.state is not State.DIRTY:
+                raise
+        log.debug("upload of %s raced a change; sending a copy of the new content", staged.key)
+        await self._upload_once(staged, snapshot=True)
 
-    async def _upload_once(self, staged: Staged) -> None:
+    async def _snapshot(self, staged: Staged) -> Path:
+        """A copy of the staged file that no change overlapped. Writes and truncates run
+        on the trio thread and bump the generation in the same step, so an unchanged
+        generation after the copy (made in a worker thread) proves it whole."""
+        assert staged.data_path is not None
+        copy = staged.data_path.with_name(f"{staged.id}.snapshot.tmp")  # recovery removes
+        try:
+            for _ in range(SNAPSHOT_TRIES):
+                generation = staged.generation
+                await trio.to_thread.run_sync(shutil.copyfile, staged.data_path, copy)
+                if staged.generation == generation:
+                    staged.sending(generation)
+                    return copy
+        except OSError as e:
+            copy.unlink(missing_ok=True)
+            raise FsError(e.errno or errno.EIO, f"copying {staged.key} for its upload: {e}") from e
+        copy.unlink(missing_ok=True)
+        raise FsError(errno.EAGAIN, f"{staged.key} changed during each of its copies")
+
+    async def _upload_once(self, staged: Staged, snapshot: bool = False) -> None:
         async with staged.lock:
             if staged.state is not State.DIRTY:
                 return  # CLEAN (a concurrent upload did it) or DISCARDED
@@ -465,21 +487,31 @@ class WriteBack:
                 await self.delete_first(key)  # an unlink of this name before it goes first
                 streamed = None
                 if staged.has_data and staged.eager is not None:
-                    streamed = await self.eager.finish(staged, key, headers, ctype)
+                    if snapshot:
+                        self.eager.abandon(staged, "the file changed during its upload")
+                    else:
+                        streamed = await self.eager.finish(staged, key, headers, ctype)
                 if streamed is not None:
                     etag, size, headers = streamed
                 elif staged.has_data:
-                    etag, size = await upload_file(
-                        self.store,
-                        key,
-                        staged.data_path,
-                        headers,
-                        ctype,
-                        cfg.part_size,
-                        self.bodies,
-                        progress,
-                        lambda: staged.generation == staged.upload_generation,
-                    )
+                    path = await self._snapshot(staged) if snapshot else staged.data_path
+                    try:
+                        etag, size = await upload_file(
+                            self.store,
+                            key,
+                            path,
+                            headers,
+                            ctype,
+                            cfg.part_size,
+                            self.bodies,
+                            progress,
+                            None
+                            if snapshot
+                            else lambda: staged.generation == staged.upload_generation,
+                        )
+                    finally:
+                        if snapshot:
+                            path.unlink(missing_ok=True)
                 else:
                     source = staged.source_key or key
                     info_size = node.size if node is not None else None

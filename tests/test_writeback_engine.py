@@ -241,6 +241,46 @@ def test_multipart_upload_rewritten_between_parts_stores_no_mix(
     assert not open_uploads(s3, bucket)
 
 
+def test_file_changed_during_every_upload_still_gets_a_whole_version_stored(
+    run_engine: Any, proxy: FaultProxy, s3: Any, bucket: str
+) -> None:
+    """A writer that keeps truncating and rewriting a file while its upload runs: the first
+    upload is aborted (v1 changed to v2 under it), and the second sends a copy of v2 taken
+    between two changes, so v3, written while that upload is held, cannot mix in or abort
+    it. The crash soak saw `fbmount sync` give up on such a file ("the staged file
+    shrank while being sent") although every change was the writer's own. v3 goes next."""
+    v1, v2, v3 = (data_of(2 * PART + MIB, f"busy-v{i}") for i in (1, 2, 3))
+
+    async def scenario(e: Engine) -> None:
+        staged = e.create("busy.bin")
+        e.write(staged, v1[PART:], PART)  # not front to back: no stream, a plain upload
+        e.write(staged, v1[:PART], 0)
+        first = proxy.add_rule("UploadPart", "hold", key="/busy.bin", phase="response", times=1)
+        async with open_nursery() as nursery:
+            nursery.start_soon(e.wb.upload, staged)
+            await held(first)
+            os.truncate(staged.data_path, 0)  # the writer truncates, then rewrites
+            staged.touch()
+            # The first upload made its one CreateMultipartUpload: this holds the second's.
+            second = proxy.add_rule("CreateMultipartUpload", "hold", key="/busy.bin", times=1)
+            e.write(staged, v2)
+            first.release()
+            await held(second)  # the first was aborted; the copy of v2 is about to be sent
+            os.truncate(staged.data_path, MIB)
+            staged.touch()
+            e.write(staged, v3)
+            second.release()
+        assert body(s3, bucket, "busy.bin") == v2, "not v2 whole: a mix, or nothing"
+        assert staged.state is State.DIRTY, "v3 is not stored yet: it must go up next"
+        await e.wb.upload(staged)
+        assert body(s3, bucket, "busy.bin") == v3
+        assert staged.state is State.CLEAN
+        assert not list(e.staging.root.glob("*.tmp")), "the copy was left behind"
+
+    run_engine(scenario, bodies=1)
+    assert not open_uploads(s3, bucket)
+
+
 # ----- a streamed part held while the file is renamed ---------------------------------------
 @pytest.mark.parametrize("abandon", [True, False], ids=["rename-abandons", "finish-refuses"])
 def test_rename_during_streamed_part_completes_nothing_under_the_old_name(

@@ -357,6 +357,11 @@ def cmd_sync(argv: list[str], unmount: bool) -> int:
         raise StartupError(f"lost the mount's control socket: {e}") from None
     if tty:
         print(file=sys.stderr)
+    if not result:  # the stream ended without an answer: the daemon died during the sync
+        dead = DeadDaemon.find(Path(args.mountpoint).absolute())
+        if dead is not None:
+            raise StartupError(f"{dead.summary()}; fix: {dead.fix}")
+        raise StartupError("the mount's daemon stopped before the sync finished")
     if result.get("result") != "ok":
         for f in result.get("failed", []):
             print(f"fbmount: not uploaded: {f['key']}: {f['error']}", file=sys.stderr)

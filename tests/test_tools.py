@@ -18,6 +18,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -476,6 +477,27 @@ def test_status_of_a_path_that_is_not_mounted(run_fbmount: Run, tmp_path: Path) 
 
 
 # --------------------------------------------------------------------------- sync
+def test_sync_whose_daemon_dies_says_so(
+    run_fbmount: Run, s3_endpoint: str, bucket: str, mount: MountFactory
+) -> None:
+    """A `fbmount sync` in flight when the daemon is killed exits 1 naming the dead
+    daemon. It used to print "0 file(s) not in S3 yet" (the crash soak saw it), which
+    says nothing of what happened."""
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--upload-delay", "60", endpoint=proxy.endpoint)
+        write_file(m.path / "f", b"x")
+        held = proxy.add_rule("PutObject", "hold", times=1)
+        with ThreadPoolExecutor(1) as pool:
+            sync = pool.submit(run_fbmount, "sync", str(m.path), timeout=60)
+            assert held.wait_held(20), "the sync sent no PUT"
+            m.kill9(unmount=False)
+            held.release()
+            r = sync.result(timeout=60)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"its fbmount daemon (pid {m.proc.pid}) is gone" in r.stderr, r.stderr
+    assert "0 file(s)" not in r.stderr, r.stderr
+
+
 def test_sync_waits_for_s3_and_reports_refusals(
     s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str, run_fbmount: Run
 ) -> None:

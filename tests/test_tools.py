@@ -261,16 +261,28 @@ def test_local_is_seaweedfs_and_umount_waits_for_its_server(
 ) -> None:
     """A --local mount gets the seaweedfs profile and no rate limit (not Filebase's 100/s,
     picked from the default endpoint before the local one is known) unless --max-rps says
-    so; `fbmount umount` returns only once the daemon and its weed have exited, so the same
-    DIR mounts again at once."""
+    so; a second --local of the same DIR is refused; `fbmount umount` returns only once
+    the daemon and its weed have exited, so the same DIR mounts again at once."""
     name = f"fbm-local-{uuid.uuid4().hex[:10]}"
-    local_dir, mnt = tmp_path / name, tmp_path / "mnt"
+    local_dir, mnt, other = tmp_path / name, tmp_path / "mnt", tmp_path / "other"
     mnt.mkdir()
-    with reap_local(mnt, name):
+    other.mkdir()
+    with reap_local(mnt, name), reap_local(other, name):
         r = run_fbmount("--local", str(local_dir), str(mnt), timeout=120)
         assert r.returncode == 0, r.stderr + local_log(local_dir)
         st = status_json(run_fbmount, mnt)
         assert (st["provider"], st["max_rps"]) == ("seaweedfs", 0), st
+        # Two mounts of one bucket each get a cache dir, but a --local DIR is also its
+        # server's data: a second `--local DIR` is refused in one line, before any weed.
+        daemons, weeds = split_local_pids(name)
+        r = run_fbmount("--local", str(local_dir), str(other), timeout=120)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert r.stderr == (
+            f"fbmount: {local_dir} is in use by another fbmount --local; unmount that first "
+            "(fbmount umount MOUNTPOINT)\n"
+        ), r.stderr
+        assert not is_mounted(other)
+        assert split_local_pids(name) == (daemons, weeds), pids_naming(name)
         write_file(mnt / "first.txt", b"first run\n")
         r = run_fbmount("umount", str(mnt), timeout=120)
         assert r.returncode == 0, r.stderr
@@ -288,29 +300,6 @@ def test_local_is_seaweedfs_and_umount_waits_for_its_server(
         assert r.returncode == 0, r.stderr
         assert split_local_pids(name) == ([], []), pids_naming(name)
         assert not is_mounted(mnt)
-
-
-def test_second_local_mount_of_one_dir_is_refused(run_fbmount: Run, tmp_path: Path) -> None:
-    """Two mounts of one bucket each get a cache dir, but a --local DIR is also its
-    server's data: a second `--local DIR` is refused in one line, before it starts a weed."""
-    name = f"fbm-local-{uuid.uuid4().hex[:10]}"
-    local_dir, mnt, other = tmp_path / name, tmp_path / "mnt", tmp_path / "other"
-    mnt.mkdir()
-    other.mkdir()
-    with reap_local(mnt, name), reap_local(other, name):
-        r = run_fbmount("--local", str(local_dir), str(mnt), timeout=120)
-        assert r.returncode == 0, r.stderr + local_log(local_dir)
-        daemons, weeds = split_local_pids(name)
-        r = run_fbmount("--local", str(local_dir), str(other), timeout=120)
-        assert r.returncode == 1, (r.stdout, r.stderr)
-        assert r.stderr == (
-            f"fbmount: {local_dir} is in use by another fbmount --local; unmount that first "
-            "(fbmount umount MOUNTPOINT)\n"
-        ), r.stderr
-        assert not is_mounted(other)
-        assert split_local_pids(name) == (daemons, weeds), pids_naming(name)
-        r = run_fbmount("umount", str(mnt), timeout=120)
-        assert r.returncode == 0, r.stderr
 
 
 # --------------------------------------------------------------------------- status

@@ -9,17 +9,7 @@ import os
 import time
 from typing import Any
 
-from helpers import body
-
-
-def wait_until(predicate: Any, timeout: float) -> bool:
-    """Poll a condition with a bound: the contracts below promise visibility within one."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+from helpers import body, wait_for
 
 
 def test_strict_uploads_at_close_and_sees_changes_at_the_next_stat(
@@ -39,7 +29,7 @@ def test_strict_uploads_at_close_and_sees_changes_at_the_next_stat(
 
     assert "new.txt" not in os.listdir(m.path)
     s3.put_object(Bucket=bucket, Key="new.txt", Body=b"n")
-    assert wait_until(lambda: (m.path / "new.txt").exists(), 3.0)  # a listing: <= 1 s
+    wait_for(lambda: (m.path / "new.txt").exists(), "new.txt seen", timeout=3.0)  # listing <= 1 s
     assert m.unmount() == 0
 
 
@@ -49,11 +39,13 @@ def test_second_mount_lists_a_new_file_within_seconds(s3: Any, bucket: str, moun
     writer = mount(bucket)
     reader = mount(bucket)
     os.mkdir(writer.path / "shared")
-    assert wait_until(lambda: os.path.isdir(reader.path / "shared"), 5.0)
+    wait_for(lambda: os.path.isdir(reader.path / "shared"), "shared/ seen", timeout=5.0)
     assert os.listdir(reader.path / "shared") == []  # the reader caches this listing
     start = time.monotonic()
     (writer.path / "shared" / "hello.txt").write_bytes(b"hello")
-    assert wait_until(lambda: "hello.txt" in os.listdir(reader.path / "shared"), 5.0)
+    wait_for(
+        lambda: "hello.txt" in os.listdir(reader.path / "shared"), "hello.txt listed", timeout=5.0
+    )
     print(f"listed on the second mount after {time.monotonic() - start:.1f} s")
     assert (reader.path / "shared" / "hello.txt").read_bytes() == b"hello"
     assert writer.unmount() == 0

@@ -12,7 +12,6 @@ import errno
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import MountFactory
 from faultproxy import FaultProxy
-from helpers import body, open_uploads, write_file
+from helpers import body, open_uploads, wait_for, write_file
 
 MIB = 1 << 20
 PART = ("--part-size", "5")
@@ -31,15 +30,6 @@ def data_of(n: int, seed: int) -> bytes:
     """`n` bytes that differ for each seed (and from one MiB to the next)."""
     block = bytes((i * 7 + seed) % 251 for i in range(65536 + seed))
     return (block * (n // len(block) + 1))[:n]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll until `predicate()` holds; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def sync(run_fbmount: Callable[..., Any], mnt: Path) -> None:
@@ -94,8 +84,8 @@ def test_streamed_file_renamed_while_parts_fly_and_old_name_reused(
             syncing = pool.submit(sync, run_fbmount, m.path)
             wait_for(
                 lambda: f"/{bucket}/{old}" in proxy.paths("PutObject") or syncing.done(),
-                60,
                 f"the new `{old}` to be stored",
+                timeout=60,
             )
             old_name_done.release()
             syncing.result(timeout=120)
@@ -207,7 +197,7 @@ def test_open_reader_never_mixes_versions(
             os.stat(path)
             return os.getxattr(path, "user.fbmount.etag").decode() == new_etag
 
-        wait_for(mount_learnt, 30, "the mount to learn the new ETag")
+        wait_for(mount_learnt, "the mount to learn the new ETag")
         eio = 0
         for off in range(KERNEL_READ, len(old), KERNEL_READ):
             try:

@@ -21,7 +21,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 from conftest import MountFactory, is_mounted
 from faultproxy import FaultProxy
-from helpers import read_file
+from helpers import read_file, wait_for
 from listrewrite import ListRewriteProxy, running
 
 MIB = 1024 * 1024
@@ -46,15 +45,6 @@ def put_many(s3: Any, bucket: str, objects: dict[str, bytes], workers: int = 8) 
                 lambda kv: s3.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), objects.items()
             )
         )
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll until `predicate()` holds; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def assert_no_traceback(log: str) -> None:
@@ -362,17 +352,19 @@ def test_change_behind_the_mount_is_seen_after_ttl(
     def shows_new() -> bool:
         return os.path.getsize(path) == len(new)
 
-    wait_for(shows_new, 15, "the new size after --attr-ttl 1")
+    wait_for(shows_new, "the new size after --attr-ttl 1", timeout=15)
     data = read_file(path)
     assert data == new
-    wait_for(lambda: read_file(m.path / "small") == b"v2", 15, "the small file's new bytes")
-    wait_for(lambda: "appeared" in os.listdir(m.path), 15, "a new key after --dir-ttl 1")
+    wait_for(lambda: read_file(m.path / "small") == b"v2", "the small file's new bytes", timeout=15)
+    wait_for(lambda: "appeared" in os.listdir(m.path), "a new key after --dir-ttl 1", timeout=15)
     assert read_file(m.path / "appeared") == b"new file"
 
     # Deleted behind the mount's back: gone after the TTL.
     s3.delete_object(Bucket=bucket, Key="appeared")
-    wait_for(lambda: "appeared" not in os.listdir(m.path), 15, "a deleted key to vanish")
-    wait_for(lambda: not os.path.exists(m.path / "appeared"), 15, "ENOENT for a deleted key")
+    wait_for(lambda: "appeared" not in os.listdir(m.path), "a deleted key to vanish", timeout=15)
+    wait_for(
+        lambda: not os.path.exists(m.path / "appeared"), "ENOENT for a deleted key", timeout=15
+    )
     assert_no_traceback(m.log_text())
 
 

@@ -8,12 +8,11 @@ kill -9).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 from faultproxy import FaultProxy
-from helpers import body, open_uploads
+from helpers import body, open_uploads, wait_for
 
 MiB = 1 << 20
 PART = ("--part-size", "5")
@@ -24,15 +23,6 @@ def data_of(n: int, seed: int) -> bytes:
     return (block * (n // len(block) + 1))[:n]
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_parts_go_up_before_close(s3: Any, bucket: str, mount: Callable, s3_endpoint: str):
     data = data_of(23 * MiB, 1)
     with FaultProxy(s3_endpoint) as proxy:
@@ -41,7 +31,9 @@ def test_parts_go_up_before_close(s3: Any, bucket: str, mount: Callable, s3_endp
         try:
             os.write(fd, data[: 20 * MiB])
             # Still open: the first full parts are already uploading.
-            assert wait_for(lambda: proxy.counts["UploadPart"] >= 2), proxy.counts
+            wait_for(
+                lambda: proxy.counts["UploadPart"] >= 2, "two parts sent before close", timeout=20
+            )
             assert proxy.counts["CreateMultipartUpload"] == 1
             os.write(fd, data[20 * MiB :])
             os.fsync(fd)
@@ -65,9 +57,11 @@ def test_rewrite_below_sent_parts_abandons_the_stream(
         try:
             os.write(fd, data)
             # Until a part has been stored (answered), so the rewrite is below a sent part.
-            assert wait_for(
-                lambda: any(r.kind == "UploadPart" and r.status == 200 for r in proxy.records)
-            ), proxy.counts
+            wait_for(
+                lambda: any(r.kind == "UploadPart" and r.status == 200 for r in proxy.records),
+                "a part stored",
+                timeout=20,
+            )
             os.pwrite(fd, b"REWRITTEN", 100)
             data[100:109] = b"REWRITTEN"
             os.fsync(fd)
@@ -120,7 +114,7 @@ def test_kill9_while_streaming_leaves_no_open_upload(s3: Any, bucket: str, mount
     m = mount(bucket, *PART, "--upload-delay", "60")
     fd = os.open(m.path / "crash.bin", os.O_WRONLY | os.O_CREAT, 0o644)
     os.write(fd, data_of(16 * MiB, 5))
-    assert wait_for(lambda: len(open_uploads(s3, bucket)) == 1)
+    wait_for(lambda: len(open_uploads(s3, bucket)) == 1, "the stream's upload open", timeout=20)
     m.kill9()
     try:
         os.close(fd)  # its mount died with the daemon

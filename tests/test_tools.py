@@ -34,7 +34,7 @@ from conftest import (
     warm_bucket,
 )
 from faultproxy import FaultProxy
-from helpers import body, pid_alive, status_json, wait_gone, write_file
+from helpers import body, pid_alive, status_json, wait_for, wait_gone, write_file
 
 from fbmount import control
 from fbmount.localserver import LocalS3Server
@@ -74,17 +74,6 @@ def split_local_pids(fragment: str) -> tuple[list[int], list[int]]:
         elif any("fbmount" in a for a in args):
             daemons.append(pid)
     return daemons, weeds
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 def closed_port() -> int:
@@ -363,8 +352,8 @@ def test_status_shows_upload_progress(
 
         st = wait_for(
             lambda: (s := status_json(run_fbmount, m.path))["pending_files"] == 0 and s,
-            60,
             "the upload to finish",
+            timeout=60,
         )
         assert st["pending_bytes"] == 0 and st["uploading"] == [] and st["failed"] == [], st
         assert st["uploads_done"] >= 1, st

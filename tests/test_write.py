@@ -17,7 +17,6 @@ import os
 import random
 import stat
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
-from helpers import body, exists, open_uploads, read_file, sync_path, write_file
+from helpers import body, exists, open_uploads, read_file, sync_path, wait_for, write_file
 
 from fbmount import format as fmt
 
@@ -58,15 +57,6 @@ def seed_many(s3: Any, bucket: str, keys: list[str], workers: int = 8) -> None:
     """PUT small objects in parallel (the bucket is already warmed by the fixture)."""
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    """Bounded poll (a liveness bound, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not reached within {timeout:.0f} s")
-        time.sleep(0.1)
 
 
 def gen_blocks(total: int, block: int = MiB, seed: int = 7) -> Iterator[bytes]:
@@ -800,7 +790,7 @@ def test_upload_failure_reports_eio_and_recovers(
             seen = {u["UploadId"] for u in open_uploads(s3, bucket)}
             wait_for(
                 lambda: not seen & {u["UploadId"] for u in open_uploads(s3, bucket)},
-                what="failed multipart uploads aborted",
+                "failed multipart uploads aborted",
             )
             assert not exists(s3, bucket, "a.bin")
 

@@ -8,6 +8,7 @@ flight when the daemon is killed; a reader half-way through an object that chang
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MountFactory
-from faultproxy import FaultProxy
+from conftest import Mount, MountFactory
+from faultproxy import FaultProxy, Rule
 from helpers import body, open_uploads, wait_for, write_file
 
 MIB = 1 << 20
@@ -30,6 +31,23 @@ def data_of(n: int, seed: int) -> bytes:
     """`n` bytes that differ for each seed (and from one MiB to the next)."""
     block = bytes((i * 7 + seed) % 251 for i in range(65536 + seed))
     return (block * (n // len(block) + 1))[:n]
+
+
+def kill9_during_rename(m: Mount, src: Path, dst: Path, held: Rule, what: str) -> None:
+    """Rename `src` to `dst` in a thread, wait until the proxy holds `held` (sent by the
+    rename), SIGKILL the daemon there, and make sure the rename's caller returned (with
+    an error: its mount died under it)."""
+
+    def rename() -> None:
+        with contextlib.suppress(OSError):
+            os.rename(src, dst)
+
+    mover = threading.Thread(target=rename, daemon=True)
+    mover.start()
+    assert held.wait_held(30), f"the rename sent no {what}"
+    m.kill9()
+    mover.join(10)
+    assert not mover.is_alive()
 
 
 def sync(run_fbmount: Callable[..., Any], mnt: Path) -> None:
@@ -128,20 +146,7 @@ def test_kill9_during_rename_of_staged_file_already_in_s3(
             delete = proxy.add_rule(
                 kind=("DeleteObject", "DeleteObjects"), action="hold", phase=phase, times=1
             )
-            errors: list[OSError] = []
-
-            def rename() -> None:
-                try:
-                    os.rename(m.path / "a", m.path / "b")
-                except OSError as e:  # the daemon died under it
-                    errors.append(e)
-
-            mover = threading.Thread(target=rename, daemon=True)
-            mover.start()
-            assert delete.wait_held(20), "the rename sent no delete of the old key"
-            m.kill9()
-            mover.join(10)
-            assert not mover.is_alive()
+            kill9_during_rename(m, m.path / "a", m.path / "b", delete, "a delete of the old key")
         finally:
             if fd >= 0:
                 try:
@@ -266,20 +271,7 @@ def test_kill9_during_directory_rename_loses_nothing(
             os.write(fd, opened)
             os.fsync(fd)  # in S3, clean; held open, so still staged
             delete = proxy.add_rule("DeleteObjects", "hold", phase="response", times=1)
-            errors: list[OSError] = []
-
-            def rename() -> None:
-                try:
-                    os.rename(d, m.path / "e")
-                except OSError as e:  # the daemon died under it
-                    errors.append(e)
-
-            mover = threading.Thread(target=rename, daemon=True)
-            mover.start()
-            assert delete.wait_held(30), "the directory rename sent no DeleteObjects"
-            m.kill9()
-            mover.join(10)
-            assert not mover.is_alive()
+            kill9_during_rename(m, d, m.path / "e", delete, "a DeleteObjects")
         finally:
             try:
                 os.close(fd)

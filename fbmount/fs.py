@@ -1174,7 +1174,6 @@ class Filesystem(pyfuse3.Operations):
                 break
         if dst is not None and dst.kind is Kind.DIR:
             await self.store.delete(self.ns.key(dst))
-        self.index.rename_prefix(old_key, new_key)
         self._readers_follow(src, old_etag)
         self.uploader.kick()
 
@@ -1213,6 +1212,10 @@ class Filesystem(pyfuse3.Operations):
         was_remote = src.remote
         src.remote = dst_remote
         self.ns.move(src, new_parent, new_name)
+        # Neither key's index entry describes what S3 will hold: the old object goes, and
+        # the new key gets this file's upload (which records its own headers).
+        self.index.delete(old_key)
+        self.index.delete(new_key)
         if was_remote:
             self.uploader.queue_delete(old_key)
             if self.cfg.upload_delay <= 0:  # strict mode: gone before rename returns
@@ -1234,6 +1237,15 @@ class Filesystem(pyfuse3.Operations):
         in between leaves two copies), then move the name."""
         # A streamed copy has a new ETag (multipart); reads pin it with If-Match.
         new_etag = await self.uploader.copy_object(old_key, new_key, src, headers)
+        # The index entry of new_key is what the copy stored, not the old key's: a chmod
+        # still staged went up with the copy, and the copy has the same bytes, so most
+        # servers give it the old key's ETag, which the old entry's headers would then
+        # claim after a remount (crash soak: a chmod undone after rename over a file).
+        self.index.delete(old_key)
+        if headers is not None and new_etag:
+            self.index.put(new_key, new_etag, headers[0])
+        else:
+            self.index.delete(new_key)
         await self.store.delete(old_key)
         self.ns.move(src, new_parent, new_name)
         src.mark_stored()

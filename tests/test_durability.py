@@ -433,3 +433,39 @@ def test_kill9_mid_multipart_upload_leaves_no_open_upload(
 
 def open_multipart(s3: Any, bucket: str) -> list[dict]:
     return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def test_chmod_then_rename_over_a_file_survives_kill9_and_remount(
+    s3: Any, bucket: str, mount: MountFactory
+) -> None:
+    """Crash soak, seed 3 (issue #15): fsync f2 (mode 0660), chmod f2 0664 (staged), mv f2
+    over f3, fsync f3, kill -9. The rename copies f2 to f3 with mode 0664; the copy has
+    f2's bytes, hence f2's ETag, so the next mount took f2's old metadata index entry
+    (moved to f3 by the rename: mode 0660) for f3's and showed the chmod undone."""
+    m = mount(bucket, "--upload-delay", "60", "--part-size", "5")
+    root = m.path
+    (root / "f3").write_bytes(b"replaced by the rename\n")
+    fd = os.open(root / "f2", os.O_WRONLY | os.O_CREAT, 0o660)
+    try:
+        os.fchmod(fd, 0o660)
+        os.write(fd, b"C" * 1000)
+        os.fsync(fd)  # in S3 with mode 0660
+    finally:
+        os.close(fd)
+    os.chmod(root / "f2", 0o664)  # staged, not due for 60 s
+    os.rename(root / "f2", root / "f3")
+    fd = os.open(root / "f3", os.O_RDWR)  # for writing: no HEAD (close-to-open) first
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    m.kill9()
+    obj = s3.get_object(Bucket=bucket, Key="f3")
+    assert obj["Body"].read() == b"C" * 1000
+    assert stat.S_IMODE(int(obj["Metadata"]["mode"])) == 0o664
+
+    m2 = mount(bucket, "--upload-delay", "60", cache_dir=m.cache_dir, mountpoint=m.path)
+    assert sorted(os.listdir(m2.path)) == ["f3"]
+    assert (m2.path / "f3").read_bytes() == b"C" * 1000
+    assert stat.S_IMODE((m2.path / "f3").stat().st_mode) == 0o664
+    assert m2.unmount() == 0

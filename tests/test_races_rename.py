@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import Mount, MountFactory
 from faultproxy import FaultProxy, Rule
-from helpers import body, open_uploads, wait_for, write_file
+from helpers import body, exists, open_uploads, wait_for, write_file
 
 MIB = 1 << 20
 PART = ("--part-size", "5")
@@ -294,3 +294,44 @@ def test_kill9_during_directory_rename_loses_nothing(
         for name, older in (("open", (opened,)), ("dirty", (stored, changed)), ("meta", (stored,))):
             assert body(s3, bucket, f"d/{name}") in (None, *older)
         assert again.unmount() == 0
+
+
+# --------------------------------------------------------------------------- race 11
+def test_chmod_renamed_while_a_sync_waits_to_upload_it(
+    s3: Any,
+    bucket: str,
+    mount: MountFactory,
+    s3_endpoint: str,
+    run_fbmount: Callable[..., Any],
+) -> None:
+    """`chmod 700 a` (a file only in S3: a metadata-only change), `mv a b` and a `fbmount
+    sync` that started while the rename's copy was in flight. The rename carries the new
+    mode to `b` in its copy and deletes `a`; the sync, waiting for the change's lock
+    meanwhile, must not then copy `a` onto itself (the crash soak saw "COPY w0/f4 → w0/f4:
+    NoSuchKey" fail a sync with the daemon alive). Held: the rename's CopyObject, until the
+    sync is uploading another dirty file (so it has taken the chmod as a target too)."""
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--upload-delay", "60", endpoint=proxy.endpoint)
+        write_file(m.path / "a", b"only in S3")
+        m.sync()  # uploaded and closed: `a` is no longer staged
+        os.chmod(m.path / "a", 0o700)  # staged: a metadata-only change, not yet uploaded
+        (m.path / "y").write_bytes(b"another dirty file")
+        copy = proxy.add_rule("CopyObject", "hold", where=lambda i: i.key == "b", times=1)
+        put_y = proxy.add_rule("PutObject", "hold", where=lambda i: i.key == "y", times=1)
+        with ThreadPoolExecutor(2) as pool:
+            moving = pool.submit(os.rename, m.path / "a", m.path / "b")
+            assert copy.wait_held(20), "the rename sent no CopyObject"
+            syncing = pool.submit(run_fbmount, "sync", str(m.path), timeout=120)
+            assert put_y.wait_held(30), "the sync did not upload y"
+            copy.release()
+            moving.result(timeout=30)
+            put_y.release()
+            r = syncing.result(timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr + m.log_text()
+        assert stat.S_IMODE(os.stat(m.path / "b").st_mode) == 0o700
+        assert m.unmount() == 0
+    assert not exists(s3, bucket, "a")
+    assert body(s3, bucket, "b") == b"only in S3"
+    assert s3.head_object(Bucket=bucket, Key="b")["Metadata"].get("mode") == str(
+        stat.S_IFREG | 0o700
+    )

@@ -1169,6 +1169,10 @@ class Filesystem(pyfuse3.Operations):
                     # upload and a write turning it into a data copy out meanwhile)
                     headers = self.headers_for(src, name=new_name)
                     await self._rename_object(src, new_parent, new_name, old_key, new_key, headers)
+                    # Done: the copy stored it. Discarded, not only removed: an upload that
+                    # took it before (a sync's) waits for this lock, and must not then
+                    # copy the old key, deleted now, onto itself.
+                    self.staging.discard(staged)
                     self.staging.remove(staged)
                     src.staged = None
                 break

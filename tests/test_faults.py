@@ -197,14 +197,14 @@ def test_cut_get_body_never_reaches_the_reader(
 def test_answer_that_never_comes_fails_within_the_deadline(
     s3: Any, bucket: str, mount: MountFactory, s3_endpoint: str
 ) -> None:
-    """A server that accepts a request and then says nothing: with -o timeout=5 the read
+    """A server that accepts a request and then says nothing: with -o timeout=2 the read
     and the strict-mode close() fail (EIO/ETIMEDOUT) instead of hanging; the written data
     stays staged and goes up once the server answers again."""
     seed = data_of(500_000, "seed")
     s3.put_object(Bucket=bucket, Key="seed.bin", Body=seed)
     new = data_of(123_456, "new")
     with FaultProxy(s3_endpoint) as proxy:
-        m = mount(bucket, "--endpoint", proxy.endpoint, *STRICT, "-o", "timeout=5,retries=2")
+        m = mount(bucket, "--endpoint", proxy.endpoint, *STRICT, "-o", "timeout=2,retries=2")
         assert os.stat(m.path / "seed.bin").st_size == len(seed)
         stall_get = proxy.add_rule("GetObject", "delay", seconds=120)
         stall_put = proxy.add_rule("PutObject", "delay", seconds=120)

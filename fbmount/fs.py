@@ -9,7 +9,6 @@ rsync's temp-file + rename + chmod + utime costs one PUT.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -30,6 +29,7 @@ from fbmount.errors import FsError
 from fbmount.metaindex import MetaIndex
 from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node, headers_for
 from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
+from fbmount.rename import Renamer
 from fbmount.staging import Staged, StagingArea, State
 from fbmount.store import ListPage, S3Store
 from fbmount.tasks import guarded, open_nursery
@@ -175,6 +175,9 @@ class Filesystem(pyfuse3.Operations):
         bodies = trio.CapacityLimiter(cfg.parallel + 2)  # part bodies in memory, shared
         self.eager = EagerUploads(store, cfg.part_size, bodies, host=self)
         self.uploader = WriteBack(cfg, store, staging, self.ns, index, self.eager, host=self)
+        self.renamer = Renamer(
+            cfg, self.ns, staging, store, index, self.uploader, self.eager, host=self
+        )
 
     # ===== helpers ======================================================================
     def _node(self, ino: int) -> Node:
@@ -326,9 +329,9 @@ class Filesystem(pyfuse3.Operations):
             if headers is not None:
                 self._apply_headers(node, headers)
             elif head_unknown:
-                await self._head_into(node)
+                await self.head_into(node)
         elif node.kind is not Kind.DIR and not node.meta_known and head_unknown:
-            await self._head_into(node)
+            await self.head_into(node)
         return node
 
     def _apply_headers(self, node: Node, headers: dict[str, str]) -> None:
@@ -338,7 +341,7 @@ class Filesystem(pyfuse3.Operations):
             node.mode = self.ns.default_mode(kind)
         self.ns.apply_meta(node, headers)
 
-    async def _head_into(self, node: Node) -> bool:
+    async def head_into(self, node: Node) -> bool:
         key = self.ns.key(node)
         info = await self.store.head(key)
         if info is None:
@@ -503,7 +506,7 @@ class Filesystem(pyfuse3.Operations):
             and node.fresh_until < time.monotonic()
             and not node.opens
         ):
-            if self.cfg.attr_ttl <= 0 and await self._head_into(node):
+            if self.cfg.attr_ttl <= 0 and await self.head_into(node):
                 return self.attrs(node)  # strict: every stat asks S3, a listing is not enough
             parent = self.ns.get(node.parent)
             if parent is not None:
@@ -672,7 +675,7 @@ class Filesystem(pyfuse3.Operations):
     def stored(self, node: Node) -> None:
         """Write-back's word (uploader.UploadHost) that `node`'s upload is in S3: its
         open handles now read the version this mount stored."""
-        self._readers_follow(node)
+        self.readers_follow(node)
 
     # ===== files ========================================================================
     @fuse_errors
@@ -698,7 +701,7 @@ class Filesystem(pyfuse3.Operations):
             staged.writers += 1
         elif node.staged is None and node.remote:
             if node.fresh_until < time.monotonic():
-                await self._head_into(node)  # close-to-open: see changes made elsewhere
+                await self.head_into(node)  # close-to-open: see changes made elsewhere
             self._pin(handle, fi)
         if node.staged is not None:
             node.staged.handles += 1
@@ -899,7 +902,7 @@ class Filesystem(pyfuse3.Operations):
 
             async def head(child: Node) -> None:
                 async with limiter:
-                    await self._head_into(child)
+                    await self.head_into(child)
 
             async with open_nursery() as nursery:
                 for child in unknown:
@@ -1129,135 +1132,12 @@ class Filesystem(pyfuse3.Operations):
         # staged file's upload and a directory's new marker carry it.
         src.ctime_ns = time.time_ns()
         if src.kind is Kind.DIR:
-            await self._rename_dir(src, new_parent, new_name, dst)
+            await self.renamer.rename_dir(src, new_parent, new_name, dst)
         else:
-            await self._rename_file(src, new_parent, new_name, dst)
+            await self.renamer.rename_file(src, new_parent, new_name, dst)
         self._dir_changed(old_parent, new_parent)
 
-    async def _rename_file(
-        self, src: Node, new_parent: Node, new_name: str, dst: Node | None
-    ) -> None:
-        old_key = self.ns.key(src)
-        new_key = self.ns.child_key(new_parent, new_name, src.kind)
-        old_etag = src.etag
-        dst_remote = dst is not None and dst.remote
-        if dst is not None and dst.staged is not None:
-            async with dst.staged.lock:
-                # Read it under the lock: an upload of dst in flight makes the key exist.
-                dst_remote = dst.remote
-                self.discard(dst)
-        while True:
-            staged = src.staged
-            if staged is None:
-                # The copy replaces the metadata so that it carries the new ctime; what it
-                # keeps (mode, owner, times, xattrs) must be known first.
-                if not src.meta_known:
-                    await self._head_into(src)
-                if src.staged is not None:
-                    continue  # a change was staged while we asked: look again
-                headers = self.headers_for(src, name=new_name)
-                await self._rename_object(src, new_parent, new_name, old_key, new_key, headers)
-                break
-            async with staged.lock:  # waits for an upload in flight, which may retire it
-                if src.staged is not staged:
-                    continue  # retired or replaced while we waited: look again
-                if staged.has_data:
-                    await self._rename_staged(
-                        src, new_parent, new_name, old_key, new_key, dst_remote
-                    )
-                else:  # metadata-only change pending: carry it along (the lock keeps its
-                    # upload and a write turning it into a data copy out meanwhile)
-                    headers = self.headers_for(src, name=new_name)
-                    await self._rename_object(src, new_parent, new_name, old_key, new_key, headers)
-                    # Done: the copy stored it. Discarded, not only removed: an upload that
-                    # took it before (a sync's) waits for this lock, and must not then
-                    # copy the old key, deleted now, onto itself.
-                    self.staging.discard(staged)
-                    self.staging.remove(staged)
-                    src.staged = None
-                break
-        if dst is not None and dst.kind is Kind.DIR:
-            await self.store.delete(self.ns.key(dst))
-        self._readers_follow(src, old_etag)
-        self.uploader.kick()
-
-    async def _rename_staged(
-        self,
-        src: Node,
-        new_parent: Node,
-        new_name: str,
-        old_key: str,
-        new_key: str,
-        dst_remote: bool,
-    ) -> None:
-        """Rename a file staged with local data (its lock held): no copy, the upload goes
-        to the new key; an old object in S3 is deleted.
-
-        The journal names the new key durably before the old key's delete can be sent: a
-        kill -9 in between leaves two copies (recovery uploads the new name), never none.
-        """
-        staged = src.staged
-        if staged.eager is not None:  # bound to the old key, which may be reused
-            self.eager.abandon(staged, "renamed")
-        headers, ctype = self.headers_for(src, name=new_name)
-        previous, staged.key = staged.key, new_key
-        staged.touch()
-        record = self.staging.journal_record(staged, headers, ctype)
-        try:
-            await self.staging.commit(staged, record)
-        except BaseException:
-            staged.key = previous
-            raise
-        # No await from here on: the name moves and the old key's delete is queued in one
-        # step, so a new file taking the old name finds it queued, and its own first write
-        # sends it before (uploader.delete_first): it never deletes the new file's object.
-        # A delete already queued for the new key (an unlink of that name) stays queued
-        # likewise: a `fbmount sync` may have counted on it.
-        was_remote = src.remote
-        src.remote = dst_remote
-        self.ns.move(src, new_parent, new_name)
-        # Neither key's index entry describes what S3 will hold: the old object goes, and
-        # the new key gets this file's upload (which records its own headers).
-        self.index.delete(old_key)
-        self.index.delete(new_key)
-        if was_remote:
-            self.uploader.queue_delete(old_key)
-            if self.cfg.upload_delay <= 0:  # strict mode: gone before rename returns
-                try:
-                    await self.uploader.flush_deletes(old_key)
-                except FsError as e:  # the rename stands; the delete stays queued
-                    log.warning("%s renamed, old key not deleted yet: %s", old_key, e.message)
-
-    async def _rename_object(
-        self,
-        src: Node,
-        new_parent: Node,
-        new_name: str,
-        old_key: str,
-        new_key: str,
-        headers: tuple[dict[str, str], str] | None,
-    ) -> None:
-        """Rename a file whose bytes are only in S3: copy, then delete the old key (a crash
-        in between leaves two copies), then move the name."""
-        # A streamed copy has a new ETag (multipart); reads pin it with If-Match.
-        new_etag = await self.uploader.copy_object(old_key, new_key, src, headers)
-        # The index entry of new_key is what the copy stored, not the old key's: a chmod
-        # still staged went up with the copy, and the copy has the same bytes, so most
-        # servers give it the old key's ETag, which the old entry's headers would then
-        # claim after a remount (crash soak: a chmod undone after rename over a file).
-        self.index.delete(old_key)
-        if headers is not None and new_etag:
-            self.index.put(new_key, new_etag, headers[0])
-        else:
-            self.index.delete(new_key)
-        await self.store.delete(old_key)
-        self.ns.move(src, new_parent, new_name)
-        src.mark_stored()
-        src.etag = new_etag or src.etag
-        if headers is not None:
-            src.content_type = headers[1]
-
-    def _readers_follow(self, node: Node | None, copied_etag: str | None = None) -> None:
+    def readers_follow(self, node: Node | None, copied_etag: str | None = None) -> None:
         """The mount itself moved or replaced `node`'s object: its open handles follow.
 
         After an upload (copied_etag None) every handle reads the version this mount
@@ -1279,99 +1159,6 @@ class Filesystem(pyfuse3.Operations):
                     handle.reader.etag = node.etag or None  # keeps the chunks it fetched
             if handle.reader is not None:
                 handle.reader.key = key
-
-    async def _rename_dir(
-        self, src: Node, new_parent: Node, new_name: str, dst: Node | None
-    ) -> None:
-        old_prefix = self.ns.key(src)
-        new_prefix = self.ns.child_key(new_parent, new_name, Kind.DIR)
-        if new_prefix.startswith(old_prefix):
-            raise FsError(errno.EINVAL, "cannot move a directory into itself")
-        await self.uploader.flush_deletes(old_prefix)
-        await self.uploader.delete_first(new_prefix.rstrip("/"))  # as in mkdir: `x/` beside `x`
-        staged_nodes = [n for n in self.ns.descendants(src) if n.staged is not None]
-        async with contextlib.AsyncExitStack() as stack:
-            for n in staged_nodes:
-                await stack.enter_async_context(n.staged.lock)
-            # Uploads that finished while we waited released their staged copies.
-            staged_nodes = [n for n in staged_nodes if n.staged is not None]
-            local_only = {
-                self.ns.key(n) for n in staged_nodes if n.staged.has_data and not n.staged.discarded
-            }
-            page = await self.store.list_all(old_prefix, delimiter=None)
-            keys = [o.key for o in page.objects]
-            # Directory keys go last, deepest first: servers with real folders (SeaweedFS)
-            # otherwise keep the emptied old tree visible; on S3 these deletes are no-ops.
-            dirs = {old_prefix} | {
-                k[: i + 1] for k in keys for i in range(len(old_prefix), len(k)) if k[i] == "/"
-            }
-            keys = [k for k in keys if k not in dirs] + sorted(dirs, key=lambda d: -d.count("/"))
-            new_etags: dict[str, str] = {}  # streamed copies get new ETags; reads pin them
-            limiter = trio.CapacityLimiter(self.cfg.parallel)
-
-            async def move_one(obj: Any) -> None:
-                async with limiter:
-                    target = new_prefix + obj.key[len(old_prefix) :]
-                    if obj.key.endswith("/"):
-                        marker = self.ns.get(src.ino) if obj.key == old_prefix else None
-                        hdr = self.headers_for(marker) if marker else ({}, fmt.DIR_CONTENT_TYPE)
-                        await self.store.put(target, b"", hdr[0], hdr[1])
-                    elif obj.key not in local_only:
-                        new_etags[target] = await self.uploader.copy_object(
-                            obj.key, target, src, None
-                        )
-
-            async with open_nursery() as nursery:
-                for obj in page.objects:
-                    nursery.start_soon(move_one, obj)
-            # (dst's marker is the new prefix itself: it was just rewritten, never delete it)
-            if not any(o.key == old_prefix for o in page.objects):
-                headers, ctype = self.headers_for(src)
-                await self.store.put(new_prefix, b"", headers, ctype)  # keep empty dirs alive
-            # The journal names the new keys durably before any old key is deleted: a
-            # file staged with local data is not copied, so a kill -9 in between would
-            # otherwise leave it nowhere (or its chmod undone); now it leaves two copies.
-            await self._journal_moved(staged_nodes, old_prefix, new_prefix)
-            await self.store.delete_many(keys)
-            self.ns.move(src, new_parent, new_name)
-        src.stored_at = time.monotonic()  # a listing of new_parent sent before: keep it
-        for n in self.ns.descendants(src):
-            self.ns.listings.pop(n.ino, None)
-            n.stored_at = src.stored_at
-            old_etag = n.etag
-            if n.staged is None and new_etags.get(self.ns.key(n)):
-                n.etag = new_etags[self.ns.key(n)]
-            if n.opens:
-                self._readers_follow(n, old_etag)
-        self.index.rename_prefix(old_prefix, new_prefix)
-        self.uploader.kick()
-
-    async def _journal_moved(self, nodes: list[Node], old_prefix: str, new_prefix: str) -> None:
-        """Point the staged files below a directory being renamed (locks held) at their new
-        keys and journal each durably; their names move afterwards. If a record cannot be
-        written, every key goes back and the rename fails (a record already written names
-        the new key: a crash then leaves that file under both names, never none)."""
-        moved: list[tuple[Node, str, str | None, str | None, bool]] = []
-        try:
-            for n in nodes:
-                staged = n.staged
-                key = self.ns.key(n)
-                moved.append((n, staged.key, staged.source_key, staged.source_etag, n.remote))
-                if staged.eager is not None:  # bound to the old key, which may be reused
-                    self.eager.abandon(staged, "renamed with its directory")
-                staged.key = new_prefix + key[len(old_prefix) :]
-                if not staged.has_data:  # metadata-only: its body was copied already
-                    staged.source_key, staged.source_etag = staged.key, None
-                elif not staged.discarded:
-                    n.remote = False  # not copied: the upload stores it under the new key
-                    staged.touch()
-                await self.journal_durable(staged)
-        except BaseException:
-            for n, key, source_key, source_etag, remote in moved:
-                staged = n.staged
-                staged.key, staged.source_key, staged.source_etag = key, source_key, source_etag
-                n.remote = remote
-            raise
 
     # ===== life cycle ===================================================================
     async def recover(self) -> None:
@@ -1454,7 +1241,7 @@ class Filesystem(pyfuse3.Operations):
     async def _meta_node(self, inode: int) -> Node:
         node = self._node(inode)
         if node.kind is not Kind.DIR and not node.meta_known and node.staged is None:
-            await self._head_into(node)
+            await self.head_into(node)
         return node
 
     @fuse_errors

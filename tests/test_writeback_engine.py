@@ -90,7 +90,7 @@ class Engine:
         self.eager.wrote(staged, node.name, off, off + written)
 
     def rename(self, staged: Staged, new_name: str, abandon: bool = True) -> None:
-        """fs._rename_staged without the journal: the stream bound to the old key is
+        """rename.Renamer._rename_staged without the journal: the stream bound to the old key is
         abandoned (abandon=False leaves it, to show finish() refuses it all the same),
         the name and the upload's key move in one step."""
         node = staged.node

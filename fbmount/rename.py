@@ -204,12 +204,21 @@ class Renamer:
             raise FsError(errno.EINVAL, "cannot move a directory into itself")
         await self.uploader.flush_deletes(old_prefix)
         await self.uploader.delete_first(new_prefix.rstrip("/"))  # as in mkdir: `x/` beside `x`
-        staged_nodes = [n for n in self.ns.descendants(src) if n.staged is not None]
         async with contextlib.AsyncExitStack() as stack:
-            for n in staged_nodes:
-                await stack.enter_async_context(n.staged.lock)
-            # Uploads that finished while we waited released their staged copies.
-            staged_nodes = [n for n in staged_nodes if n.staged is not None]
+            # Every staged file below holds its lock until the tree has moved. The files
+            # staged may change while we wait for a lock: an upload that ends retires its
+            # file (the soak saw `n.staged` gone by its turn: EIO), a write stages a new
+            # one. So lock what is staged now, and look again until nothing is missing.
+            held: dict[int, Staged] = {}
+            while missing := [
+                n.staged
+                for n in self.ns.descendants(src)
+                if n.staged is not None and id(n.staged) not in held
+            ]:
+                for staged in missing:
+                    held[id(staged)] = staged
+                    await stack.enter_async_context(staged.lock)
+            staged_nodes = [n for n in self.ns.descendants(src) if n.staged is not None]
             local_only = {
                 self.ns.key(n) for n in staged_nodes if n.staged.has_data and not n.staged.discarded
             }

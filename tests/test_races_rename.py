@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -335,3 +336,47 @@ def test_chmod_renamed_while_a_sync_waits_to_upload_it(
     assert s3.head_object(Bucket=bucket, Key="b")["Metadata"].get("mode") == str(
         stat.S_IFREG | 0o700
     )
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_directory_rename_while_its_files_uploads_end(
+    s3: Any,
+    bucket: str,
+    mount: MountFactory,
+    s3_endpoint: str,
+    run_fbmount: Callable[..., Any],
+    first: str,
+) -> None:
+    """`mv d e` while the uploads of d/a and d/b are in flight: the rename waits for each
+    file's lock, and one upload ends (retiring its staged copy) while it waits for the
+    other. The random-operations soak saw that rename fail with EIO (the staged copy it
+    was about to lock was gone). Both orders of the uploads' ends are driven here."""
+    data = {"a": b"alpha" * 1000, "b": b"beta" * 1000}
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--upload-delay", "60", endpoint=proxy.endpoint)
+        m_path = m.path
+        d = m_path / "d"
+        d.mkdir()
+        for name, body_ in data.items():
+            write_file(d / name, body_)
+        holds = {n: proxy.add_rule("PutObject", "hold", key=f"/d/{n}", times=1) for n in data}
+        with ThreadPoolExecutor(2) as pool:
+            syncing = pool.submit(run_fbmount, "sync", str(m_path), timeout=120)
+            for n, rule in holds.items():
+                assert rule.wait_held(20), f"the sync sent no PUT of d/{n}"
+            moving = pool.submit(os.rename, d, m_path / "e")
+            time.sleep(0.5)  # the rename reaches the daemon and waits for a file's lock
+            holds[first].release()
+            wait_for(lambda: exists(s3, bucket, f"d/{first}"), f"d/{first} stored")
+            time.sleep(0.5)  # its staged copy is retired
+            holds["b" if first == "a" else "a"].release()
+            moving.result(timeout=60)  # EIO before the fix
+            assert syncing.result(timeout=120).returncode == 0
+        assert sorted(os.listdir(m_path / "e")) == ["a", "b"]
+        for name, body_ in data.items():
+            assert (m_path / "e" / name).read_bytes() == body_
+        sync(run_fbmount, m_path)
+        for name, body_ in data.items():
+            assert body(s3, bucket, f"e/{name}") == body_
+            assert not exists(s3, bucket, f"d/{name}")
+        assert m.unmount() == 0

@@ -509,6 +509,8 @@ class Daemon:
             left = await fs.uploader.flush_all(deadline=self.cfg.flush_timeout)
             if left:
                 failed.append((fs, left))
+            with trio.move_on_after(self.cfg.flush_timeout):
+                await fs.eager.settle()
 
         async with open_nursery() as nursery:
             nursery.start_soon(self._keep_systemd_waiting)

@@ -82,6 +82,7 @@ class EagerUploads:
         self.part_size = part_size
         self.bodies = bodies
         self.host = host
+        self.aborting = 0  # abandoned streams whose multipart upload is not aborted yet
 
     # ----- called synchronously from fs.write / setattr / discard ---------------------
     def wrote(self, staged: Staged, name: str, off: int, end: int) -> None:
@@ -126,9 +127,21 @@ class EagerUploads:
         if stream is not None and nursery is not None:
             stream.failed = why
             log.debug("stream of %s abandoned: %s", staged.key, why)
-            nursery.start_soon(
-                guarded, f"aborting the stream of {staged.key}", self._abort, staged, stream
-            )
+            self.aborting += 1
+            nursery.start_soon(self._abort_abandoned, staged, stream)
+
+    async def _abort_abandoned(self, staged: Staged, stream: Stream) -> None:
+        try:
+            await guarded(f"aborting the stream of {staged.key}", self._abort, staged, stream)
+        finally:
+            self.aborting -= 1
+
+    async def settle(self) -> None:
+        """Return once every abandoned stream is aborted: an unmount that cancelled one
+        midway (a part still in flight) left its multipart upload open until the next
+        mount (`mv` of a file being streamed, then `umount`)."""
+        while self.aborting:
+            await trio.sleep(0.05)
 
     # ----- background work ------------------------------------------------------------
     async def _create(self, staged: Staged, stream: Stream) -> None:

@@ -8,11 +8,13 @@ kill -9).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from faultproxy import FaultProxy
-from helpers import body, open_uploads, wait_for
+from helpers import body, exists, open_uploads, wait_for
 
 MiB = 1 << 20
 PART = ("--part-size", "5")
@@ -123,3 +125,31 @@ def test_kill9_while_streaming_leaves_no_open_upload(s3: Any, bucket: str, mount
     again = mount(bucket, *PART, cache_dir=m.cache_dir, mountpoint=m.path)
     assert open_uploads(s3, bucket) == []  # the next mount aborted the stream
     assert again.unmount() == 0
+
+
+def test_unmount_right_after_renaming_a_streamed_file_leaves_no_open_upload(
+    s3: Any, bucket: str, mount: Callable, s3_endpoint: str
+) -> None:
+    """`mv` of a file whose parts are streaming abandons the stream, whose multipart
+    upload is then aborted once its part in flight ends. An unmount right after used to
+    cancel that abort when its flush was done (CI saw the upload left open): it waits
+    for it now. The part is held until the final flush has stored the renamed file."""
+    data = data_of(16 * MiB, 6)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, *PART, "--endpoint", proxy.endpoint)
+        held = proxy.add_rule("UploadPart", "hold", key="/a.bin", times=1)
+        fd = os.open(m.path / "a.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            assert held.wait_held(20), "no part of the stream was sent"
+        finally:
+            os.close(fd)
+        os.rename(m.path / "a.bin", m.path / "b.bin")
+        with ThreadPoolExecutor(1) as pool:
+            unmounting = pool.submit(m.unmount)
+            wait_for(lambda: exists(s3, bucket, "b.bin"), "b.bin stored by the final flush")
+            time.sleep(0.5)  # the flush is over: only the abandoned stream's abort is left
+            held.release()
+            assert unmounting.result(timeout=120) == 0
+    assert body(s3, bucket, "b.bin") == data
+    assert open_uploads(s3, bucket) == []

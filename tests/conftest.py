@@ -290,8 +290,17 @@ class Mount:
         Idempotent; safe to call on a mount that is already gone.
         """
         try:
-            if self.is_mounted():
-                _fusermount(self.path)
+            # `fusermount3 -u` fails with EBUSY while anything holds the mount for a moment
+            # (a path walk from another worker's `fbmount status` of every mount): retry
+            # a little, and say why if it never works.
+            for _ in range(20):
+                if not self.is_mounted():
+                    break
+                r = _fusermount(self.path)
+                if r.returncode == 0:
+                    break
+                print(f"fusermount3 -u {self.path}: {r.stderr.strip()}", file=sys.stderr)
+                time.sleep(0.25)
             if self.proc.poll() is None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=timeout)

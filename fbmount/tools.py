@@ -325,6 +325,17 @@ def format_status(st: dict) -> str:
 
 
 # ----- sync / umount ------------------------------------------------------------------------
+
+
+def _daemon_gone(mountpoint: str, otherwise: str) -> StartupError:
+    """The error for a sync that lost its daemon: the dead daemon and its fix when one is
+    recorded, else `otherwise`."""
+    dead = DeadDaemon.find(Path(mountpoint).absolute())
+    if dead is not None:
+        return StartupError(f"{dead.summary()}; fix: {dead.fix}")
+    return StartupError(otherwise)
+
+
 def cmd_sync(argv: list[str], unmount: bool) -> int:
     name = "umount" if unmount else "sync"
     p = argparse.ArgumentParser(
@@ -351,17 +362,11 @@ def cmd_sync(argv: list[str], unmount: bool) -> int:
             elif "result" in msg:
                 result = msg
     except OSError as e:
-        dead = DeadDaemon.find(Path(args.mountpoint).absolute())
-        if dead is not None:
-            raise StartupError(f"{dead.summary()}; fix: {dead.fix}") from None
-        raise StartupError(f"lost the mount's control socket: {e}") from None
+        raise _daemon_gone(args.mountpoint, f"lost the mount's control socket: {e}") from None
     if tty:
         print(file=sys.stderr)
     if not result:  # the stream ended without an answer: the daemon died during the sync
-        dead = DeadDaemon.find(Path(args.mountpoint).absolute())
-        if dead is not None:
-            raise StartupError(f"{dead.summary()}; fix: {dead.fix}")
-        raise StartupError("the mount's daemon stopped before the sync finished")
+        raise _daemon_gone(args.mountpoint, "the mount's daemon stopped before the sync finished")
     if result.get("result") != "ok":
         for f in result.get("failed", []):
             print(f"fbmount: not uploaded: {f['key']}: {f['error']}", file=sys.stderr)

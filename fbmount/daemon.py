@@ -506,10 +506,11 @@ class Daemon:
         failed: list[tuple[Filesystem, list[tuple[str, str]]]] = []
 
         async def drain(fs: Filesystem) -> None:
+            end = trio.current_time() + self.cfg.flush_timeout  # one bound for both waits
             left = await fs.uploader.flush_all(deadline=self.cfg.flush_timeout)
             if left:
                 failed.append((fs, left))
-            with trio.move_on_after(self.cfg.flush_timeout):
+            with trio.move_on_at(end):
                 await fs.eager.settle()
 
         async with open_nursery() as nursery:

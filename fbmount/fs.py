@@ -239,19 +239,15 @@ class Filesystem(pyfuse3.Operations):
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
         return a
 
-    def headers_for(self, node: Node, name: str | None = None) -> tuple[dict[str, str], str]:
-        """x-amz-meta-* and Content-Type that an upload of `node` (named `name`) must carry."""
-        return headers_for(node, name)
-
     def journal(self, staged: Staged, durable: bool) -> None:
         node = staged.node
-        headers, ctype = self.headers_for(node)
+        headers, ctype = headers_for(node)
         record = self.staging.journal_record(staged, headers, ctype)
         self.staging.write_journal(staged, record, durable)
 
     async def journal_durable(self, staged: Staged) -> None:
         node = staged.node
-        headers, ctype = self.headers_for(node)
+        headers, ctype = headers_for(node)
         record = self.staging.journal_record(staged, headers, ctype)
         await self.staging.commit(staged, record)  # shares a write + fsync with others
 
@@ -580,7 +576,7 @@ class Filesystem(pyfuse3.Operations):
                 else (await self.store.get_object(self.ns.key(node)))
             )
             node.link_target = os.fsdecode(target)
-            headers, _ = self.headers_for(node)
+            headers, _ = headers_for(node)
             node.etag = await self.store.put(
                 self.ns.key(node), target, headers, fmt.LINK_CONTENT_TYPE
             )
@@ -939,7 +935,7 @@ class Filesystem(pyfuse3.Operations):
         node.uid, node.gid = ctx.uid, ctx.gid
         node.mtime_ns = node.ctime_ns = node.atime_ns = time.time_ns()
         node.remote = False  # until its marker exists: a concurrent re-list must keep it
-        headers, ctype = self.headers_for(node)
+        headers, ctype = headers_for(node)
         try:
             # A file of this name unlinked a moment ago may still be in S3 (its delete is
             # batched): stores with a real directory tree (SeaweedFS, MinIO) refuse `x/`
@@ -1021,7 +1017,7 @@ class Filesystem(pyfuse3.Operations):
         node.link_target = os.fsdecode(target)
         body = target
         node.size = len(body)
-        headers, _ = self.headers_for(node)
+        headers, _ = headers_for(node)
         try:
             key = self.ns.key(node)
             await self.uploader.delete_first(key)
@@ -1081,7 +1077,7 @@ class Filesystem(pyfuse3.Operations):
         node.uid, node.gid = ctx.uid, ctx.gid
         node.size = 0
         node.mtime_ns = node.ctime_ns = node.atime_ns = time.time_ns()
-        headers, ctype = self.headers_for(node)
+        headers, ctype = headers_for(node)
         key = self.ns.key(node)
         try:
             await self.uploader.delete_first(key)
@@ -1348,7 +1344,7 @@ class Filesystem(pyfuse3.Operations):
         node = await self._meta_node(inode)
         old = node.xattrs.get(sname)
         node.xattrs[sname] = bytes(value)
-        if fmt.metadata_size(self.headers_for(node)[0]) > fmt.MAX_USER_METADATA_BYTES:
+        if fmt.metadata_size(headers_for(node)[0]) > fmt.MAX_USER_METADATA_BYTES:
             if old is None:  # refused: leave the node as it was
                 del node.xattrs[sname]
             else:

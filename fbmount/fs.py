@@ -27,7 +27,7 @@ from fbmount.config import DEFAULT_UMASK, PRIVATE_UMASK, PUBLIC_UMASK, Config
 from fbmount.eager import EagerUploads
 from fbmount.errors import FsError
 from fbmount.metaindex import MetaIndex
-from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node, headers_for
+from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node, headers_for, miss_trusted_for
 from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
 from fbmount.rename import Renamer
 from fbmount.staging import Staged, StagingArea, State
@@ -57,8 +57,7 @@ EXPECTED_ERRNOS = {
 }
 HEAD_ON_LIST_LIMIT = 256  # readdir HEADs unknown entries only in directories this small
 # `ls` (opendir) re-lists a small directory whose cached listing is older than this, so a file
-# another mount uploaded shows within a second of its upload, not after --dir-ttl; name
-# lookups (rsync's stat of each file) keep using the listing for the whole --dir-ttl.
+# another mount uploaded shows within a second of its upload, not after --dir-ttl.
 RELIST_ON_OPENDIR_AFTER = 1.0
 LIST_PAGE = 1000  # a bigger directory costs several LIST pages: it waits for --dir-ttl
 LOOKUP_PAGES = 10  # a lookup lists a directory of up to 10,000 entries: as dear as 5 probes
@@ -270,8 +269,20 @@ class Filesystem(pyfuse3.Operations):
             entry = listing.get(name)
             if entry is not None:
                 return await self._node_from_entry(parent, name, entry, head_unknown=True)
-            if not ask_on_miss or not fmt.valid_name(name):
+            if not fmt.valid_name(name):
                 return None
+            if not ask_on_miss:
+                if (
+                    len(listing) >= LIST_PAGE
+                    or parent.ino in self.big_dirs
+                    or now - self.listed_at.get(parent.ino, 0.0) <= miss_trusted_for(len(listing))
+                ):
+                    return None  # young enough, or a directory too big to re-list
+                listing = await self.list_dir(parent, max_pages=1, again=True)
+                entry = listing.get(name) if listing is not None else None
+                if entry is None:
+                    return None
+                return await self._node_from_entry(parent, name, entry, head_unknown=True)
             node = await self._probe(parent, name)
             if node is not None and self.ns.listings.get(parent.ino) is listing:
                 listing[name] = self.ns.entry_of(node)
@@ -410,14 +421,17 @@ class Filesystem(pyfuse3.Operations):
             raise FsError(errno.ENOENT)
         return parent, node, sname
 
-    async def list_dir(self, node: Node, max_pages: int | None = None) -> dict[str, Entry] | None:
+    async def list_dir(
+        self, node: Node, max_pages: int | None = None, again: bool = False
+    ) -> dict[str, Entry] | None:
         """The directory's entries: S3's listing (cached) merged with staged children.
 
         max_pages: list at most that many pages; None (and the directory remembered as
         big) if the directory has more entries than they hold.
+        again: list even if a listing is cached (it is replaced when the new one arrives).
         """
         listing = self.ns.listings.get(node.ino)
-        if listing is not None:
+        if listing is not None and not again:
             return listing
         prefix = self.ns.key(node)
         batches = self.uploader.delete_batches  # deletes done after this may be listed
@@ -435,8 +449,8 @@ class Filesystem(pyfuse3.Operations):
                 self.big_dirs[node.ino] = True
                 return None
             listing = self.ns.listings.get(node.ino)
-            if listing is not None:  # a concurrent lookup or readdir listed it meanwhile
-                return listing
+            if listing is not None and (not again or self.listed_at.get(node.ino, 0.0) >= sent):
+                return listing  # a concurrent lookup or readdir listed it meanwhile
         else:
             page = await self.store.list_all(prefix)
         listing = self.ns.listing_from_page(prefix, page)
@@ -480,7 +494,7 @@ class Filesystem(pyfuse3.Operations):
             a = pyfuse3.EntryAttributes()
             a.st_ino = 0
             # kernel-side negative cache; none in strict mode (a miss is asked of S3)
-            a.entry_timeout = self.cfg.dir_ttl if self.cfg.attr_ttl > 0 else 0
+            a.entry_timeout = self.ns.negative.ttl if self.cfg.attr_ttl > 0 else 0
             return a
         if node.kind is Kind.DIR and not node.meta_known and node.ino != self.ns.root_ino:
             await self._head_marker(node)

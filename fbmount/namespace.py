@@ -30,6 +30,19 @@ from fbmount.staging import Staged
 from fbmount.store import ListPage
 
 ROOT_INO = 1
+# Default mode: a name missing from a small directory's listing is absent for a moment (here
+# and in the kernel's cache); after it, the next miss re-lists the directory: one LIST for
+# every name in it, not a HEAD per name. So a file another client just stored is found by name
+# within a quarter of a second, and rsync's stat of each new name costs at most four LISTs
+# per directory and second. A listing of n entries is trusted for n ms if that is longer:
+# re-listing then parses at most about a thousand entries a second per directory.
+MISS_TRUSTED_FOR = 0.25
+RELIST_ENTRIES_PER_SECOND = 1000
+
+
+def miss_trusted_for(entries: int) -> float:
+    """How long a listing of this many entries answers "no such name" without asking S3."""
+    return max(MISS_TRUSTED_FOR, entries / RELIST_ENTRIES_PER_SECOND)
 
 
 class Kind(enum.Enum):
@@ -152,7 +165,7 @@ class Namespace:
             max_listings, dir_ttl, timer=time.monotonic
         )
         self.negative: cachetools.TTLCache[tuple[int, str], bool] = cachetools.TTLCache(
-            65536, dir_ttl, timer=time.monotonic
+            65536, min(dir_ttl, MISS_TRUSTED_FOR), timer=time.monotonic
         )
         self._next_ino = root_ino + 1
         root = Node(

@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+from faultproxy import FaultProxy
 from helpers import body, wait_for
 
 
@@ -68,3 +69,47 @@ def test_strict_sees_a_name_created_elsewhere_at_the_next_lookup(
     assert os.path.isdir(m.path / "d" / "sub")
     assert sorted(os.listdir(m.path / "d")) == ["new.txt", "sub"]
     assert m.unmount() == 0
+
+
+def test_default_mode_finds_a_name_stored_elsewhere_within_a_second(
+    s3: Any, bucket: str, mount: Any
+) -> None:
+    """Default mode: a lookup of a name missing from a cached listing (--dir-ttl 10 s) re-lists
+    the directory once the listing is a quarter of a second old, so a file another client
+    stored is there by name at once, not 10 s later; `ls` is not needed for it."""
+    m = mount(bucket)
+    os.mkdir(m.path / "d")
+    assert os.listdir(m.path / "d") == []  # the listing is cached now
+    assert not (m.path / "d" / "new.txt").exists()  # and the name was looked up: absent
+    s3.put_object(Bucket=bucket, Key="d/new.txt", Body=b"n")
+    s3.put_object(Bucket=bucket, Key="d/sub/f", Body=b"f")
+    start = time.monotonic()
+    wait_for(lambda: (m.path / "d" / "new.txt").exists(), "new.txt found", timeout=1.5)
+    print(f"found by name after {time.monotonic() - start:.2f} s")
+    assert (m.path / "d" / "new.txt").read_bytes() == b"n"
+    assert (m.path / "d" / "sub" / "f").read_bytes() == b"f"
+    assert m.unmount() == 0
+
+
+def test_default_mode_misses_cost_a_few_lists_a_second(
+    s3_endpoint: str, bucket: str, mount: Any
+) -> None:
+    """rsync and tar look up each new name before creating it: in a directory whose listing
+    is cached, a stream of misses costs at most four LISTs a second, never a request each."""
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint)
+        os.mkdir(m.path / "d")
+        assert os.listdir(m.path / "d") == []
+        assert proxy.wait_idle()
+        proxy.reset()
+        start, names = time.monotonic(), 0
+        while time.monotonic() - start < 1.5:
+            assert not (m.path / "d" / f"absent-{names}").exists()
+            names += 1
+        elapsed = time.monotonic() - start
+        kinds = [e.kind for e in proxy.log]
+        print(f"{names} misses in {elapsed:.2f} s: {len(kinds)} requests")
+        assert names > 100
+        assert set(kinds) <= {"ListObjects"}, kinds
+        assert len(kinds) <= elapsed / 0.25 + 1, kinds
+        assert m.unmount() == 0

@@ -1061,7 +1061,7 @@ class Filesystem(pyfuse3.Operations):
 
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
-        raise FsError(errno.EPERM, "hard links cannot be stored in S3")
+        raise FsError(errno.EOPNOTSUPP, "hard links cannot be stored in S3")
 
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:

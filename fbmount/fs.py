@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import stat
 import time
 from dataclasses import dataclass
@@ -167,6 +168,7 @@ class Filesystem(pyfuse3.Operations):
             4096, cfg.dir_ttl, timer=time.monotonic
         )
         self.listed_at: cachetools.LRUCache[int, float] = cachetools.LRUCache(4096)
+        self.whole_copies: set[int] = set()  # inodes being fetched whole for random reads
         self.nursery: trio.Nursery | None = None
         # The layers below get what they need passed in, and this object only as a host
         # seen through a Protocol of theirs: where streams run (eager.StreamHost), "this
@@ -813,11 +815,41 @@ class Filesystem(pyfuse3.Operations):
                 self.read_budget,
             )
         try:
-            return await handle.reader.read(off, size)
+            data = await handle.reader.read(off, size)
         except FsError as e:
             if e.errno == errno.EIO and "changed on the server" in e.message:
                 node.fresh_until = 0  # next open sees the new version
             raise
+        if (
+            handle.reader.wants_whole_copy
+            and node.staged is None
+            and node.ino not in self.whole_copies
+            and handle.version == (node.etag, node.size)
+        ):
+            self.whole_copies.add(node.ino)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._copy_whole, handle)
+        return data
+
+    async def _copy_whole(self, handle: FileHandle) -> None:
+        """A file read at random all over: fetch it to local disk (parallel 8 MiB GETs, as
+        a write to it would) so the rest of its reads cost no round trip. The copy is CLEAN
+        and goes when its last handle closes; any failure leaves reads remote."""
+        node = handle.node
+        try:
+            if shutil.disk_usage(self.staging.root).free < 2 * node.size:
+                return  # the cache disk is for staged writes first
+            staged = await self.ensure_data(node)
+        except (FsError, OSError) as e:
+            log.debug("local copy of %s for random reads: %s", self.ns.key(node), e)
+            return
+        finally:
+            self.whole_copies.discard(node.ino)
+        if handle.staged is None and any(h is handle for h in self.handles.values()):
+            staged.handles += 1  # counted: its release retires the copy
+            handle.staged = staged
+        elif staged.handles == 0 and staged.state is State.CLEAN:
+            self.uploader.retire(staged)  # closed meanwhile: nobody reads it
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

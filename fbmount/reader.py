@@ -3,9 +3,14 @@
 The kernel asks for 128 KiB at a time, so one GET per kernel read would cap throughput at
 one round trip per 128 KiB. A sequential reader instead keeps a window of `chunk`-sized
 GETs in flight ahead of it, growing from one chunk to `read_ahead`; a read that does not
-follow the previous one fetches exactly the bytes asked for (one GET per miss, never the
-whole object). Every GET carries If-Match with the ETag seen at open, so a reader never
-mixes bytes of two versions. Memory per reader is bounded by the window.
+follow the previous one fetches exactly the bytes asked for (one GET per miss). Every GET
+carries If-Match with the ETag seen at open, so a reader never mixes bytes of two versions.
+Memory per reader is bounded by the window.
+
+Random reads cost a round trip each: 30 ms apiece on a far link, where fetching the whole
+object once and reading it locally (what s3fs always does) wins after a few dozen. The
+reader cannot know how many will follow, so it rents until renting has cost a fair share of
+buying (`wants_whole_copy`); the caller then fetches the object to local disk.
 """
 
 from __future__ import annotations
@@ -18,6 +23,16 @@ from fbmount.errors import FsError
 from fbmount.store import S3Store
 
 CHUNK = 8 * 1024 * 1024
+# A whole object is fetched as parallel 8 MiB GETs at about this rate or better (the far-link
+# benchmark reads 110-150 MB/s; loopback 300-400).
+WHOLE_COPY_BYTES_PER_S = 100e6
+# Random GETs have waited this share of the whole fetch's estimated time: buy. A reader that
+# stops right after has paid at most (1 + 1/share) times the cheaper choice.
+WHOLE_COPY_AFTER_SHARE = 0.25
+# ... but only where a round trip is what random reads pay for: on loopback or a LAN a GET
+# of 4 KiB costs a millisecond or two, and moving the whole object through the daemon costs
+# more CPU than the reads it saves (measured: 300 random reads in 128 MiB, 580 -> 360/s).
+WHOLE_COPY_MIN_LATENCY = 0.010
 
 
 class MemoryBudget:
@@ -77,7 +92,19 @@ class RemoteReader:
         self.chunks: dict[int, _Chunk] = {}
         self.next_offset = 0
         self.streak = 0
+        self.random_wait = 0.0  # seconds spent waiting for exact (random) GETs
+        self.random_gets = 0
         self.closed = False
+
+    @property
+    def wants_whole_copy(self) -> bool:
+        """Random reads on a far link have waited long enough that a local copy is the
+        cheaper way on."""
+        return (
+            self.random_gets >= 4
+            and self.random_wait >= WHOLE_COPY_MIN_LATENCY * self.random_gets
+            and self.random_wait >= WHOLE_COPY_AFTER_SHARE * self.size / WHOLE_COPY_BYTES_PER_S
+        )
 
     async def read(self, off: int, size: int) -> bytes:
         if off >= self.size or size <= 0:
@@ -88,7 +115,12 @@ class RemoteReader:
         if not sequential:
             self.streak = 0
             self.window = 1
-            return bytes(await self.store.get_range(self.key, off, end, self.etag))
+            started = trio.current_time()
+            try:
+                return bytes(await self.store.get_range(self.key, off, end, self.etag))
+            finally:
+                self.random_wait += trio.current_time() - started
+                self.random_gets += 1
         self.streak += 1
         first, last = off // self.chunk, (end - 1) // self.chunk
         if self.streak > 1 and self.window < self.max_window and off % self.chunk < size:

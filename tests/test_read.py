@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from conftest import MountFactory, is_mounted
 from faultproxy import FaultProxy
-from helpers import read_file, wait_for
+from helpers import body, read_file, wait_for
 from listrewrite import ListRewriteProxy, running
 
 MIB = 1024 * 1024
@@ -275,6 +275,50 @@ def test_large_objects_sequential_random_and_read_ahead(
         assert 1 <= gets < 40 * MIB // KERNEL_READ, gets
         assert gets <= 40, f"{gets} GETs for 40 MiB: read-ahead hardly batches"
     m.unmount()
+    assert_no_traceback(m.log_text())
+
+
+def test_a_file_read_at_random_all_over_is_fetched_once_to_local_disk(
+    s3: Any, bucket: str, s3_endpoint: str, mount: MountFactory
+) -> None:
+    """On a far link (here: 20 ms added to each GET), random reads cost a GET each until
+    their round trips add up to a quarter of what one whole fetch would take
+    (reader.WHOLE_COPY_*); then the file is fetched once, in 8 MiB GETs, and later reads
+    send nothing. The copy is never uploaded and goes at close."""
+    size = 16 * MIB
+    data = os.urandom(size)
+    s3.put_object(Bucket=bucket, Key="rand.bin", Body=data)
+    rng = random.Random(7)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint)
+        assert os.path.getsize(m.path / "rand.bin") == size
+        proxy.add_rule("GetObject", "delay", seconds=0.02)
+        fd = os.open(m.path / "rand.bin", os.O_RDONLY)
+        try:
+            proxy.wait_idle(5)
+            before = proxy.counts
+            batches = []
+            for _ in range(40):
+                start = proxy.counts
+                for _ in range(50):
+                    off = rng.randrange(0, size - 4096)
+                    assert os.pread(fd, 4096, off) == data[off : off + 4096], off
+                proxy.wait_idle(5)
+                batches.append((proxy.counts - start)["GetObject"])
+                if batches[-1] == 0:
+                    break
+            print(f"GETs per 50 random reads: {batches}")
+            assert batches[-1] == 0, f"random reads never stopped sending GETs: {batches}"
+            gets = (proxy.counts - before)["GetObject"]
+            assert gets < 50 * len(batches), gets
+            staged = list(m.cache_dir.rglob("*.data"))
+            assert len(staged) == 1 and staged[0].read_bytes() == data
+        finally:
+            os.close(fd)
+        wait_for(lambda: not list(m.cache_dir.rglob("*.data")), "the copy removed at close")
+        assert proxy.counts["PutObject"] == 0
+        assert body(s3, bucket, "rand.bin") == data
+    assert m.unmount() == 0
     assert_no_traceback(m.log_text())
 
 

@@ -307,8 +307,15 @@ class Filesystem(pyfuse3.Operations):
         return await self._probe(parent, name)
 
     async def _node_from_entry(
-        self, parent: Node, name: str, entry: Entry, head_unknown: bool
+        self,
+        parent: Node,
+        name: str,
+        entry: Entry,
+        head_unknown: bool,
+        index_rows: dict[str, tuple[str, str]] | None = None,
     ) -> Node:
+        """index_rows: the metadata index's entries of the directory, read at once
+        (MetaIndex.under) by a caller that walks all of it."""
         existing = self.ns.child(parent.ino, name)
         if existing is not None:
             if existing.staged is not None:
@@ -334,7 +341,11 @@ class Filesystem(pyfuse3.Operations):
         if node.kind is not Kind.DIR and not node.meta_known and node.index_etag != node.etag:
             node.index_etag = node.etag
             key = self.ns.key(node)
-            headers = self.index.get(key, node.etag)
+            if index_rows is None:
+                headers = self.index.get(key, node.etag)
+            else:
+                row = index_rows.get(key)
+                headers = json.loads(row[1]) if row is not None and row[0] == node.etag else None
             if headers is not None:
                 self._apply_headers(node, headers)
             elif head_unknown:
@@ -929,13 +940,19 @@ class Filesystem(pyfuse3.Operations):
             self.ns.listings.pop(node.ino, None)  # one LIST sees what other clients did
         listing = await self.list_dir(node)
         names = sorted(listing)
+        # A big directory's index entries in one query, not one query per name.
+        index_rows = (
+            self.index.under(self.ns.key(node), 4 * len(names)) if len(names) > 64 else None
+        )
         unknown = []
         snapshot = []
         for name in names:
             entry = listing.get(name)
             if entry is None:
                 continue
-            child = await self._node_from_entry(node, name, entry, head_unknown=False)
+            child = await self._node_from_entry(
+                node, name, entry, head_unknown=False, index_rows=index_rows
+            )
             snapshot.append((name, child.ino))
             if child.kind is not Kind.DIR and not child.meta_known and child.staged is None:
                 unknown.append(child)

@@ -50,6 +50,19 @@ class MetaIndex:
         return json.loads(row[1])
 
     @_best_effort
+    def under(self, prefix: str, limit: int) -> dict[str, tuple[str, str]] | None:
+        """Every entry whose key starts with `prefix`: key -> (etag, headers JSON), in one
+        range query where `get` per name of a big directory would be thousands. None if
+        there are more than `limit` (keys deeper down count too: then ask per name)."""
+        rows = self._db.execute(
+            "SELECT key, etag, headers FROM meta WHERE key >= ? AND key < ? LIMIT ?",
+            (prefix, prefix + "\U0010ffff", limit + 1),
+        ).fetchall()
+        if len(rows) > limit:
+            return None
+        return {key: (etag, headers) for key, etag, headers in rows}
+
+    @_best_effort
     def put(self, key: str, etag: str, headers: dict[str, str]) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO meta (key, etag, headers) VALUES (?, ?, ?)",

@@ -47,3 +47,31 @@ def test_cold_stat_of_names_in_a_directory_bigger_than_a_page_is_a_listing(
     assert counts.get("ListObjects", 0) <= 4, counts
     assert counts.get("HeadObject", 0) <= 1, counts
     assert sum(counts.values()) <= 5, counts
+
+
+def test_ls_of_a_directory_the_index_knows_sends_no_head(
+    s3_endpoint: str, bucket: str, mount: MountFactory
+) -> None:
+    """A fresh mount with the same cache dir lists a 200-file directory with every mode
+    from the metadata index (read for the whole directory at once: MetaIndex.under) and
+    no HEAD; readdir would HEAD each unknown entry of a directory this small."""
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint)
+        d = m.path / "d"
+        d.mkdir()
+        for i in range(200):
+            (d / f"f{i:03d}").write_bytes(b"x")
+            os.chmod(d / f"f{i:03d}", 0o600 | (i % 8) << 3)
+        sync_path(m.path)
+        assert m.unmount() == 0, m.log_text()
+
+        m = mount(bucket, "--endpoint", proxy.endpoint, cache_dir=m.cache_dir)
+        proxy.wait_idle()
+        proxy.reset()
+        names = sorted(os.listdir(m.path / "d"))
+        assert len(names) == 200
+        for i, name in enumerate(names):
+            assert os.lstat(m.path / "d" / name).st_mode & 0o777 == 0o600 | (i % 8) << 3, name
+        proxy.wait_idle()
+        counts = dict(proxy.counts)
+    assert counts.get("HeadObject", 0) <= 1, counts  # d/'s marker at most

@@ -30,6 +30,8 @@ from conftest import Mount, MountFactory
 from faultproxy import FaultProxy
 from helpers import HANG_BOUND, body, bounded, open_uploads, read_file, wait_for
 
+from fbmount.staging import read_journal_record
+
 MIB = 1024 * 1024
 STRICT = ("--upload-delay", "0")
 
@@ -64,7 +66,7 @@ def staged_records(m: Mount) -> dict[str, dict]:
     out = {}
     for state in m.cache_dir.iterdir():
         for p in (state / "staging").glob("*.json"):
-            record = json.loads(p.read_text())
+            record, _ = read_journal_record(p.read_bytes())
             out[record["key"]] = record
     return out
 

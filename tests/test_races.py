@@ -29,7 +29,7 @@ from faultproxy import FaultProxy, RequestInfo
 from helpers import body, exists, read_file, sync_path, wait_for
 
 from fbmount.reader import CHUNK
-from fbmount.staging import Staged, StagingArea, State
+from fbmount.staging import SLOT, Staged, StagingArea, State, read_journal_record
 
 MIB = 1 << 20
 HANG_BOUND = 60.0  # a syscall still blocked after this long is a hang
@@ -332,8 +332,17 @@ def staged_file(area: StagingArea, key: str = "k", data: bytes = b"data") -> Sta
     return staged
 
 
+def overwrite(path: Path, data: bytes) -> None:
+    """What a crash in the middle of a rewrite leaves at the start of a record file."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+    finally:
+        os.close(fd)
+
+
 def record_of(area: StagingArea, staged: Staged) -> dict:
-    return json.loads((area.root / f"{staged.id}.json").read_text())
+    return read_journal_record((area.root / f"{staged.id}.json").read_bytes())[0]
 
 
 def test_journal_concurrent_writes_keep_the_newest(tmp_path: Path) -> None:
@@ -395,6 +404,51 @@ def test_discard_drops_the_record_while_the_copy_stays_open(tmp_path: Path) -> N
     assert not area.write_journal(staged, late, durable=True)
     assert [p.name for p in area.root.iterdir()] == [f"{staged.id}.data"]
     assert os.pread(staged.fd, 10, 0) == b"data"
+
+
+def test_journal_rewrites_alternate_slots_and_a_torn_one_leaves_the_record_before(
+    tmp_path: Path,
+) -> None:
+    """The first record is a whole file; each later one goes into the slot that does not
+    hold the newest. A crash in the middle of a rewrite (its slot torn) recovers the record
+    before it, never nothing; a record file of an older fbmount (plain JSON) is read and
+    then rewritten whole."""
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+    staged = staged_file(area, "f.txt", b"bytes")
+    path = root / f"{staged.id}.json"
+    seen = []
+    for n in range(4):
+        assert area.write_journal(staged, area.journal_record(staged, {"n": str(n)}, "t"), True)
+        record, slot = read_journal_record(path.read_bytes())
+        assert record["headers"] == {"n": str(n)}
+        seen.append(slot)
+    assert seen == [0, 1, 0, 1]
+    assert path.stat().st_size < 2 * SLOT  # the second slot only as long as its record
+
+    # A crash while record 4 was going into slot 0: half of it written.
+    torn = area.journal_record(staged, {"n": "4"}, "t")
+    overwrite(path, b"FBJ2\xff\xff" + b"{" * 100)
+    area.close_fd(staged)
+    (found,) = StagingArea(root).recover()
+    assert found[1]["headers"] == {"n": "3"} and found[0].journal_slot == 1
+    assert torn["seq"] > found[1]["seq"]
+
+    # Both slots unreadable: the entry is quarantined, its bytes kept.
+    overwrite(path, b"\0" * (SLOT + 64))
+    assert StagingArea(root).recover() == []
+    assert (root / "quarantine" / f"{staged.id}.data").read_bytes() == b"bytes"
+
+    # An older fbmount's record: plain JSON, read as is, then replaced by a slot file.
+    old = staged_file(area, "old.txt", b"old")
+    legacy = area.journal_record(old, {"v": "1"}, "t")
+    (root / f"{old.id}.json").write_text(json.dumps(legacy))
+    area.close_fd(old)
+    after = StagingArea(root)
+    ((recovered, record),) = after.recover()
+    assert record["headers"] == {"v": "1"} and recovered.journal_slot == -1
+    assert after.write_journal(recovered, after.journal_record(recovered, {"v": "2"}, "t"), True)
+    assert read_journal_record((root / f"{old.id}.json").read_bytes()) == (recovered.record, 0)
 
 
 def test_recover_quarantines_unreadable_records(

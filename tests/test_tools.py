@@ -38,6 +38,7 @@ from helpers import body, pid_alive, status_json, wait_for, wait_gone, write_fil
 
 from fbmount import control
 from fbmount.localserver import LocalS3Server
+from fbmount.staging import read_journal_record
 
 MIB = 1024 * 1024
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -505,7 +506,10 @@ def test_sync_waits_for_s3_and_reports_refusals(
         failed = [f for f in st["failed"] if f["key"] == "b.txt"]
         assert failed and "AccessDenied" in failed[0]["error"], st
         assert st["pending_files"] >= 1, st
-        journal = [json.loads(p.read_text())["key"] for p in m.cache_dir.glob("*/staging/*.json")]
+        journal = [
+            read_journal_record(p.read_bytes())[0]["key"]
+            for p in m.cache_dir.glob("*/staging/*.json")
+        ]
         assert "b.txt" in journal, journal
         human = run_fbmount("status", str(m.path), timeout=30).stdout
         assert "FAILED b.txt" in human and "AccessDenied" in human, human

@@ -93,7 +93,11 @@ def read_journal_record(raw: bytes) -> tuple[dict, int]:
         payload = raw[start : start + length]
         if magic != _SLOT_MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
             continue  # torn by a crash while being rewritten: the other slot stands
-        record = json.loads(payload)
+        try:
+            record = json.loads(payload)
+            int(record["seq"])
+        except (ValueError, KeyError, TypeError):
+            continue
         if best is None or int(record["seq"]) > int(best[0]["seq"]):
             best = (record, slot)
     if best is None:
@@ -117,7 +121,9 @@ class InvalidTransition(RuntimeError):
 
 @dataclass(eq=False)
 class Staged:
-    """One file waiting to be uploaded (or being written). Mutated only from the trio thread."""
+    """One file waiting to be uploaded (or being written). Mutated only from the trio
+    thread, except the journal_* fields: journal writes in worker threads change them under
+    the StagingArea's journal lock (journal_slot, journal_on_disk) or journal_io."""
 
     id: str
     key: str
@@ -412,20 +418,35 @@ class StagingArea:
         return outcomes
 
     def _place(self, staged: Staged, record: dict, durable: bool) -> bool:
+        if durable and record["has_data"] and staged.data_path is not None:
+            try:
+                _fsync_path(staged.data_path)  # its own fd: the shared one may be closed
+            except FileNotFoundError:
+                return False  # removed meanwhile (uploaded and retired, or discarded)
+        blob = _slot_bytes(record)
         with staged.journal_io:  # the slot logic needs one writer of an entry at a time
-            if durable and record["has_data"] and staged.data_path is not None:
-                try:
-                    _fsync_path(staged.data_path)  # its own fd: the shared one may be closed
-                except FileNotFoundError:
-                    return False  # removed meanwhile (uploaded and retired, or discarded)
-            blob = _slot_bytes(record)
             with self._journal_lock:
-                if staged.journal_closed or record["seq"] <= staged.journal_on_disk:
-                    return False
+                closed = staged.journal_closed
+                superseded = record["seq"] <= staged.journal_on_disk
                 slot = staged.journal_slot
+            if closed:
+                return False
+            if superseded:
+                if durable and staged.journal_unsynced:
+                    # The newer record was written without fsync: this caller is told its
+                    # change is on disk, so the record that carries it must be.
+                    self._sync_record(staged)
+                return False
             if slot < 0:
                 return self._place_new(staged, record, blob, durable)
             return self._place_in_slot(staged, record, blob, durable, 1 - slot)
+
+    def _sync_record(self, staged: Staged) -> None:
+        try:
+            _fsync_path(self.root / f"{staged.id}.json")
+        except FileNotFoundError:
+            return  # removed meanwhile
+        staged.journal_unsynced = False
 
     def _place_new(self, staged: Staged, record: dict, blob: bytes, durable: bool) -> bool:
         """The entry's first record (or first since drop_record): a whole file, renamed
@@ -434,7 +455,7 @@ class StagingArea:
         tmp = self.root / f"{staged.id}.json.{seq}-{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, blob)
+            _write_all(fd, blob, 0)
             if durable:
                 os.fsync(fd)
         except BaseException:
@@ -464,7 +485,7 @@ class StagingArea:
             if staged.journal_unsynced:
                 os.fdatasync(fd)  # the newest record must be on disk before its twin goes
                 staged.journal_unsynced = False
-            os.pwrite(fd, blob, target * SLOT)
+            _write_all(fd, blob, target * SLOT)
             if durable:
                 os.fdatasync(fd)
         finally:
@@ -548,6 +569,9 @@ class StagingArea:
                     journal_seq=seq,
                     journal_on_disk=seq,
                     journal_slot=slot,  # -1 (an older fbmount's record): rewritten whole
+                    # What we read may have been only in the page cache (kill -9, not a
+                    # power cut): synced before the other slot is overwritten.
+                    journal_unsynced=slot >= 0,
                 )
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 self.quarantine(sid, f"unreadable journal record ({e})")
@@ -562,6 +586,13 @@ class StagingArea:
 
     def usage_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*.data"))
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite all of `data` or raise: a short write (a full disk) must not count as put."""
+    written = os.pwrite(fd, data, offset)
+    if written != len(data):
+        raise OSError(28, f"short write of a journal record ({written} of {len(data)} bytes)")
 
 
 def _fsync_path(path: Path) -> None:

@@ -451,6 +451,26 @@ def test_journal_rewrites_alternate_slots_and_a_torn_one_leaves_the_record_befor
     assert read_journal_record((root / f"{old.id}.json").read_bytes()) == (recovered.record, 0)
 
 
+def test_durable_record_overtaken_by_an_unsynced_one_syncs_it(tmp_path: Path) -> None:
+    """close() (durable) queued behind a truncate's record (not fsynced, newer): close()'s
+    record is skipped as older, so the newer one carrying its change is synced before
+    close() is told its change is on disk. A recovered record counts as unsynced too."""
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+    staged = staged_file(area)
+    assert area.write_journal(staged, area.journal_record(staged, {"n": "1"}, "t"), True)
+    closing = area.journal_record(staged, {"n": "2"}, "t")
+    truncating = area.journal_record(staged, {"n": "3"}, "t")
+    assert area.write_journal(staged, truncating, durable=False)
+    assert staged.journal_unsynced
+    assert not area.write_journal(staged, closing, durable=True)  # older: skipped ...
+    assert not staged.journal_unsynced  # ... but the newer record is on disk now
+    assert record_of(area, staged)["headers"] == {"n": "3"}
+    area.close_fd(staged)
+    ((recovered, _),) = StagingArea(root).recover()
+    assert recovered.journal_unsynced and recovered.journal_slot == 1
+
+
 def test_recover_quarantines_unreadable_records(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

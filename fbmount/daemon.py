@@ -512,6 +512,7 @@ class Daemon:
                 failed.append((fs, left))
             with trio.move_on_at(end):
                 await fs.eager.settle()
+            fs.staging.remove_settled()
 
         async with open_nursery() as nursery:
             nursery.start_soon(self._keep_systemd_waiting)

@@ -529,6 +529,14 @@ class StagingArea:
         # scan of the directory per retired file made rsync of many files quadratic.)
         self.entries.pop(staged.id, None)
 
+    def remove_settled(self) -> None:
+        """At exit, once FUSE is closed: forget the entries that are in S3 or discarded.
+        An upload that ends before the kernel's RELEASE of its file arrives keeps the
+        local copy for the open handle (`drop_record`); no handle is left now."""
+        for staged in list(self.entries.values()):
+            if staged.state in (State.CLEAN, State.DISCARDED):
+                self.remove(staged)
+
     def quarantine(self, sid: str, why: str) -> None:
         """Move an entry's files aside (never delete what may be someone's only copy) and
         say where in the log."""

@@ -620,7 +620,7 @@ class Filesystem(pyfuse3.Operations):
                 state=State.CLEAN,
             )
             staged.node, node.staged = node, staged
-        staged.touch()
+        staged.touch(data=False)
         await self.journal_durable(staged)
         self.uploader.kick()
 

@@ -139,7 +139,7 @@ class Renamer:
             self.eager.abandon(staged, "renamed")
         headers, ctype = headers_for(src, name=new_name)
         previous, staged.key = staged.key, new_key
-        staged.touch()
+        staged.touch(data=False)
         record = self.staging.journal_record(staged, headers, ctype)
         try:
             await self.staging.commit(staged, record)
@@ -288,7 +288,7 @@ class Renamer:
                     staged.source_key, staged.source_etag = staged.key, None
                 elif not staged.discarded:
                     n.remote = False  # not copied: the upload stores it under the new key
-                    staged.touch()
+                    staged.touch(data=False)
                 await self.host.journal_durable(staged)
         except BaseException:
             for n, key, source_key, source_etag, remote in moved:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import os
 import secrets
 import struct
@@ -156,6 +157,13 @@ class Staged:
     journal_unsynced: bool = False  # that slot was written without fsync (synced before
     # the other slot is overwritten, which may hold the last durable record)
     journal_io: threading.Lock = field(default_factory=threading.Lock)  # one writer at a time
+    # What a durable record may skip: the data file's fsync when its bytes have not changed
+    # since the last one (chmod, utime, rename of a closed file), and the directory's when
+    # the data file's name is on disk already and no record file was renamed into place.
+    data_version: int = 1  # bumped by every change of the local bytes (touch(), load)
+    data_synced: int = 0  # the data_version the last data fsync covered
+    data_file: int = 1  # bumped when the data file is created
+    data_file_synced: int = 0  # the data_file a directory fsync covered
 
     # ----- what the state says --------------------------------------------------------
     @property
@@ -189,9 +197,12 @@ class Staged:
         if self.state not in allowed:
             raise InvalidTransition(f"{self.key}: {self.state.name} is not one of {allowed}")
 
-    def touch(self) -> None:
-        """A change of bytes or metadata: CLEAN → DIRTY; LOADING notes it for later."""
+    def touch(self, data: bool = True) -> None:
+        """A change of bytes (or of metadata only, data=False): CLEAN → DIRTY; LOADING
+        notes it for later."""
         self.generation += 1
+        if data:
+            self.data_version += 1
         self.last_change = time.monotonic()
         if self.state is State.CLEAN:
             self.state = State.DIRTY
@@ -232,6 +243,7 @@ class Staged:
         self.state = State.DIRTY if self.pending else State.CLEAN
         self.pending = False
         self.source_key = self.source_etag = None  # the body is the local file now
+        self.data_version += 1  # the download's bytes
 
     def discard(self) -> None:
         """Any state → DISCARDED: the name is gone, nothing of it may reach S3 any more."""
@@ -296,6 +308,8 @@ class StagingArea:
         staged.state = State.LOADING
         staged.data_path = self.root / f"{staged.id}.data"
         staged.fd = os.open(staged.data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        staged.data_file += 1
+        staged.data_version += 1
 
     def load_failed(self, staged: Staged) -> bool:
         """LOADING → back to the metadata-only change it was (DIRTY), else DISCARDED and
@@ -340,6 +354,9 @@ class StagingArea:
             "source_key": staged.source_key,
             "source_etag": staged.source_etag,
             "written": time.time(),
+            # Which bytes and which data file this record vouches for (see Staged).
+            "data_version": staged.data_version,
+            "data_file": staged.data_file,
         }
 
     def write_journal(self, staged: Staged, record: dict, durable: bool) -> bool:
@@ -403,26 +420,43 @@ class StagingArea:
         """Write each record to a temp of its own (fsynced with its data when durable),
         rename those still newest into place, then fsync the directory once for all."""
         outcomes: list[bool | BaseException] = []
+        renamed: list[bool] = []  # a record file renamed into place: the directory must sync
         for staged, record in items:
             try:
-                outcomes.append(self._place(staged, record, durable))
+                outcomes.append(self._place(staged, record, durable, renamed))
             except Exception as e:  # noqa: BLE001 - this record's caller gets it
                 outcomes.append(e)
+                renamed.append(True)
         if durable:
-            try:
-                # Also for records superseded: the newer record's rename must be durable
-                # before ours is reported on disk.
-                _fsync_path(self.root)
-            except OSError as e:
-                return [e] * len(items)
+            files = [(s, r.get("data_file", 0)) for s, r in items if s.data_path is not None]
+            if renamed or any(s.data_file_synced < version for s, version in files):
+                try:
+                    _fsync_path(self.root)
+                except OSError as e:
+                    return [e] * len(items)
+                with self._journal_lock:
+                    for s, version in files:
+                        s.data_file_synced = max(s.data_file_synced, version)
         return outcomes
 
-    def _place(self, staged: Staged, record: dict, durable: bool) -> bool:
-        if durable and record["has_data"] and staged.data_path is not None:
+    def _place(
+        self, staged: Staged, record: dict, durable: bool, renamed: list[bool] | None = None
+    ) -> bool:
+        renamed = [] if renamed is None else renamed
+        version = record.get("data_version", math.inf)
+        # (A data_version already synced: these bytes are on disk, the fsync is skipped.)
+        if (
+            durable
+            and record["has_data"]
+            and staged.data_path is not None
+            and staged.data_synced < version
+        ):
             try:
                 _fsync_path(staged.data_path)  # its own fd: the shared one may be closed
             except FileNotFoundError:
                 return False  # removed meanwhile (uploaded and retired, or discarded)
+            with self._journal_lock:
+                staged.data_synced = max(staged.data_synced, version)
         blob = _slot_bytes(record)
         with staged.journal_io:  # the slot logic needs one writer of an entry at a time
             with self._journal_lock:
@@ -432,12 +466,15 @@ class StagingArea:
             if closed:
                 return False
             if superseded:
-                if durable and staged.journal_unsynced:
-                    # The newer record was written without fsync: this caller is told its
-                    # change is on disk, so the record that carries it must be.
-                    self._sync_record(staged)
+                if durable:
+                    # This caller is told its change is on disk, so the newer record that
+                    # carries it must be: its bytes, and its name if it was just renamed.
+                    renamed.append(True)
+                    if staged.journal_unsynced:
+                        self._sync_record(staged)
                 return False
             if slot < 0:
+                renamed.append(True)
                 return self._place_new(staged, record, blob, durable)
             return self._place_in_slot(staged, record, blob, durable, 1 - slot)
 

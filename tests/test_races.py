@@ -471,6 +471,44 @@ def test_durable_record_overtaken_by_an_unsynced_one_syncs_it(tmp_path: Path) ->
     assert recovered.journal_unsynced and recovered.journal_slot == 1
 
 
+def test_durable_records_skip_the_syncs_already_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rsync's close, utime and rename are three durable records of one file: the first
+    syncs the data, the record and the directory; the later ones only their slot, unless
+    the bytes changed since (or the entry was recovered after a crash)."""
+    import fbmount.staging as staging_module
+
+    synced: list[str] = []
+    real = staging_module._fsync_path
+    monkeypatch.setattr(
+        staging_module, "_fsync_path", lambda p: (synced.append(Path(p).suffix or "dir"), real(p))
+    )
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+    staged = staged_file(area)
+
+    def durable_record(data_changed: bool) -> list[str]:
+        synced.clear()
+        staged.touch(data=data_changed)
+        assert area.write_journal(staged, area.journal_record(staged, {}, "t"), durable=True)
+        return sorted(synced)
+
+    assert durable_record(True) == [".data", "dir"]  # close: a whole record file (its own fsync)
+    assert durable_record(False) == []  # utime: the slot's fdatasync only
+    assert durable_record(False) == []  # rename
+    os.pwrite(staged.fd, b"more", 4)
+    assert durable_record(True) == [".data"]  # written again: its bytes first
+    area.close_fd(staged)
+    after = StagingArea(root)
+    ((recovered, _),) = after.recover()
+    synced.clear()
+    assert after.write_journal(recovered, after.journal_record(recovered, {}, "t"), True)
+    # After a crash nothing is assumed: the data, the directory, and (fdatasync, not
+    # counted here) the recovered record before its twin slot is overwritten.
+    assert sorted(synced) == [".data", "dir"] and not recovered.journal_unsynced
+
+
 def test_recover_quarantines_unreadable_records(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -164,6 +164,8 @@ class Staged:
     data_synced: int = 0  # the data_version the last data fsync covered
     data_file: int = 1  # bumped when the data file is created
     data_file_synced: int = 0  # the data_file a directory fsync covered
+    names: int = 0  # bumped by every rename of a record file into place (durable or not)
+    names_synced: int = 0  # the names a directory fsync covered
 
     # ----- what the state says --------------------------------------------------------
     @property
@@ -360,10 +362,11 @@ class StagingArea:
         }
 
     def write_journal(self, staged: Staged, record: dict, durable: bool) -> bool:
-        """Replace `<id>.json` by `record` atomically; durable=True also fsyncs the data,
-        the record and the directory. Safe to run in several worker threads at once: each
-        writes a temp file of its own, and the rename is skipped when a newer record is
-        already in place or the entry was removed meanwhile. Returns whether it was put."""
+        """Put `record` in `<id>.json` (whole, or into a slot); durable=True also makes it,
+        the data bytes it describes and both files' names durable (each fsync skipped when
+        already done: see Staged). Safe to run in several worker threads at once: writes of
+        one entry take turns, and a record older than the one on disk, or of an entry
+        removed meanwhile, is skipped. Returns whether it was put."""
         (outcome,) = self._write_group([(staged, record)], durable)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -428,13 +431,21 @@ class StagingArea:
                 outcomes.append(e)
                 renamed.append(True)
         if durable:
+            with self._journal_lock:  # what a directory fsync started now will cover
+                names = [(s, s.names) for s, _ in items]
             files = [(s, r.get("data_file", 0)) for s, r in items if s.data_path is not None]
-            if renamed or any(s.data_file_synced < version for s, version in files):
+            if (
+                renamed
+                or any(s.names_synced < n for s, n in names)
+                or any(s.data_file_synced < version for s, version in files)
+            ):
                 try:
                     _fsync_path(self.root)
                 except OSError as e:
                     return [e] * len(items)
                 with self._journal_lock:
+                    for s, n in names:
+                        s.names_synced = max(s.names_synced, n)
                     for s, version in files:
                         s.data_file_synced = max(s.data_file_synced, version)
         return outcomes
@@ -504,6 +515,7 @@ class StagingArea:
             put = not staged.journal_closed and seq > staged.journal_on_disk
             if put:
                 os.replace(tmp, self.root / f"{staged.id}.json")
+                staged.names += 1  # not on disk until a directory fsync (a durable group)
                 staged.journal_on_disk, staged.record = seq, record
                 staged.journal_slot, staged.journal_unsynced = 0, not durable
             else:
@@ -617,6 +629,7 @@ class StagingArea:
                     # What we read may have been only in the page cache (kill -9, not a
                     # power cut): synced before the other slot is overwritten.
                     journal_unsynced=slot >= 0,
+                    names=1,  # its name, too, may have been only in memory
                 )
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 self.quarantine(sid, f"unreadable journal record ({e})")

@@ -499,6 +499,12 @@ def test_durable_records_skip_the_syncs_already_done(
     assert durable_record(False) == []  # rename
     os.pwrite(staged.fd, b"more", 4)
     assert durable_record(True) == [".data"]  # written again: its bytes first
+    # Uploaded while still open (its record dropped), truncated (a record renamed into
+    # place without fsync), written and closed: the directory is synced for that name.
+    area.drop_record(staged)
+    staged.touch()
+    assert area.write_journal(staged, area.journal_record(staged, {}, "t"), durable=False)
+    assert durable_record(True) == [".data", "dir"]
     area.close_fd(staged)
     after = StagingArea(root)
     ((recovered, _),) = after.recover()

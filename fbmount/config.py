@@ -84,8 +84,7 @@ IGNORED_MOUNT_OPTIONS = {
 
 # `--consistency strict` is s3fs's contract in one switch: close() returns once the object
 # is in S3, and a change made elsewhere shows at the next stat (attributes are always asked
-# again; a listing answers "no such name" for at most a second, so rsync's stat of each
-# new name stays one LIST per directory and second instead of a request per name). Options
+# again, and a name missing from a cached listing is asked of S3: HEAD + LIST). Options
 # given explicitly win over the preset.
 CONSISTENCY_PRESETS: dict[str, dict[str, float]] = {
     "default": {},

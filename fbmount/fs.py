@@ -27,7 +27,7 @@ from fbmount import format as fmt
 from fbmount.config import DEFAULT_UMASK, PRIVATE_UMASK, PUBLIC_UMASK, Config
 from fbmount.eager import EagerUploads
 from fbmount.errors import FsError
-from fbmount.metaindex import MetaIndex
+from fbmount.metaindex import MetaIndex, current_headers
 from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node, headers_for, miss_trusted_for
 from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
 from fbmount.rename import Renamer
@@ -281,10 +281,7 @@ class Filesystem(pyfuse3.Operations):
                 ):
                     return None  # young enough, or a directory too big to re-list
                 listing = await self.list_dir(parent, max_pages=1, again=True)
-                entry = listing.get(name) if listing is not None else None
-                if entry is None:
-                    return None
-                return await self._node_from_entry(parent, name, entry, head_unknown=True)
+                return await self._answer(parent, name, listing) if listing is not None else None
             node = await self._probe(parent, name)
             if node is not None and self.ns.listings.get(parent.ino) is listing:
                 listing[name] = self.ns.entry_of(node)
@@ -300,11 +297,15 @@ class Filesystem(pyfuse3.Operations):
             # round trips when one page was all a lookup would list, 2 LISTs now.
             listing = await self.list_dir(parent, max_pages=LOOKUP_PAGES)
             if listing is not None:
-                entry = listing.get(name)
-                if entry is None:
-                    return None
-                return await self._node_from_entry(parent, name, entry, head_unknown=True)
+                return await self._answer(parent, name, listing)
         return await self._probe(parent, name)
+
+    async def _answer(self, parent: Node, name: str, listing: dict[str, Entry]) -> Node | None:
+        """What a listing just taken says of parent/name: its node, or None (absent)."""
+        entry = listing.get(name)
+        if entry is None:
+            return None
+        return await self._node_from_entry(parent, name, entry, head_unknown=True)
 
     async def _node_from_entry(
         self,
@@ -344,8 +345,7 @@ class Filesystem(pyfuse3.Operations):
             if index_rows is None:
                 headers = self.index.get(key, node.etag)
             else:
-                row = index_rows.get(key)
-                headers = json.loads(row[1]) if row is not None and row[0] == node.etag else None
+                headers = current_headers(index_rows.get(key), node.etag)
             if headers is not None:
                 self._apply_headers(node, headers)
             elif head_unknown:
@@ -839,7 +839,10 @@ class Filesystem(pyfuse3.Operations):
         ):
             self.whole_copies.add(node.ino)
             assert self.nursery is not None
-            self.nursery.start_soon(self._copy_whole, handle)
+            # guarded: a bug in it costs the copy (reads stay remote), never the mount
+            self.nursery.start_soon(
+                guarded, f"local copy of {self.ns.key(node)}", self._copy_whole, handle
+            )
         return data
 
     async def _copy_whole(self, handle: FileHandle) -> None:

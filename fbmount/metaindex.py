@@ -33,6 +33,13 @@ def _best_effort(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def current_headers(row: tuple[str, str] | None, etag: str) -> dict[str, str] | None:
+    """The headers of an index row (etag, headers JSON) if it describes version `etag`."""
+    if row is None or row[0] != etag:
+        return None
+    return json.loads(row[1])
+
+
 class MetaIndex:
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
@@ -45,9 +52,7 @@ class MetaIndex:
     @_best_effort
     def get(self, key: str, etag: str) -> dict[str, str] | None:
         row = self._db.execute("SELECT etag, headers FROM meta WHERE key=?", (key,)).fetchone()
-        if row is None or row[0] != etag:
-            return None
-        return json.loads(row[1])
+        return current_headers(row, etag)
 
     @_best_effort
     def under(self, prefix: str, limit: int) -> dict[str, tuple[str, str]] | None:

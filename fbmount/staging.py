@@ -52,7 +52,6 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import math
 import os
 import secrets
 import struct
@@ -420,8 +419,8 @@ class StagingArea:
     def _write_group(
         self, items: list[tuple[Staged, dict]], durable: bool
     ) -> list[bool | BaseException]:
-        """Write each record to a temp of its own (fsynced with its data when durable),
-        rename those still newest into place, then fsync the directory once for all."""
+        """Place each record (`_place`), then, when durable, fsync the directory once for
+        all, unless no name in the group is waiting for it."""
         outcomes: list[bool | BaseException] = []
         renamed: list[bool] = []  # a record file renamed into place: the directory must sync
         for staged, record in items:
@@ -433,7 +432,7 @@ class StagingArea:
         if durable:
             with self._journal_lock:  # what a directory fsync started now will cover
                 names = [(s, s.names) for s, _ in items]
-            files = [(s, r.get("data_file", 0)) for s, r in items if s.data_path is not None]
+            files = [(s, r["data_file"]) for s, r in items if s.data_path is not None]
             if (
                 renamed
                 or any(s.names_synced < n for s, n in names)
@@ -450,11 +449,10 @@ class StagingArea:
                         s.data_file_synced = max(s.data_file_synced, version)
         return outcomes
 
-    def _place(
-        self, staged: Staged, record: dict, durable: bool, renamed: list[bool] | None = None
-    ) -> bool:
-        renamed = [] if renamed is None else renamed
-        version = record.get("data_version", math.inf)
+    def _place(self, staged: Staged, record: dict, durable: bool, renamed: list[bool]) -> bool:
+        """Put one record (True if it was put); appends to `renamed` when the directory
+        must be fsynced for it."""
+        version = record["data_version"]
         # (A data_version already synced: these bytes are on disk, the fsync is skipped.)
         if (
             durable

@@ -44,10 +44,11 @@ def requests(mnt: Path) -> dict[str, int]:
     return json.loads(out.stdout).get("requests", {})
 
 
-def mount(data: Path, mnt: Path) -> subprocess.Popen:
+def mount(data: Path, mnt: Path, *extra: str) -> subprocess.Popen:
+    """`fbmount --local DATA MNT -f EXTRA...`, once the mount is up."""
     with open(data.parent / "fbmount.log", "a") as log:  # the child keeps its own copy
         proc = subprocess.Popen(
-            [BIN / "fbmount", "--local", str(data), str(mnt), "-f"],
+            [BIN / "fbmount", "--local", str(data), str(mnt), "-f", *extra],
             stdout=subprocess.DEVNULL,
             stderr=log,
         )

@@ -22,26 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cpu import BIN, cpu_seconds, requests, sent_between, unmount  # noqa: E402
+from bench.cpu import cpu_seconds, mount, requests, sent_between, unmount  # noqa: E402
 
 DIR_TTL = 30.0
 
 
 def start(data: Path, mnt: Path, *extra: str) -> subprocess.Popen:
     mnt.mkdir(exist_ok=True)
-    with open(data.parent / "fbmount.log", "a") as log:
-        proc = subprocess.Popen(
-            [BIN / "fbmount", "--local", str(data), str(mnt), "-f", *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-    for _ in range(600):
-        if mnt.is_mount():
-            return proc
-        if proc.poll() is not None:
-            raise SystemExit(f"fbmount exited with {proc.returncode}")
-        time.sleep(0.05)
-    raise SystemExit("mount did not come up")
+    return mount(data, mnt, *extra)
 
 
 def seed(data: Path, n: int) -> None:

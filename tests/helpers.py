@@ -130,3 +130,16 @@ def status_json(
     r = run_fbmount("status", str(mnt), "--json", timeout=30)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def fail_lines(out: str, own_root: Path) -> list[str]:
+    """doctor's FAIL lines, minus stale mounts of *other* test runs on this machine (the
+    stale-mount check looks at every fbmount mount, not only ours)."""
+    lines = []
+    for line in out.splitlines():
+        if not line.startswith("FAIL"):
+            continue
+        if line.startswith("FAIL  stale mount: ") and str(own_root) not in line:
+            continue
+        lines.append(line)
+    return lines

@@ -34,7 +34,7 @@ from conftest import (
     warm_bucket,
 )
 from faultproxy import FaultProxy
-from helpers import body, pid_alive, status_json, wait_for, wait_gone, write_file
+from helpers import body, fail_lines, pid_alive, status_json, wait_for, wait_gone, write_file
 
 from fbmount import control
 from fbmount.localserver import LocalS3Server
@@ -82,19 +82,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def fail_lines(out: str, own_root: Path) -> list[str]:
-    """doctor's FAIL lines, minus stale mounts of *other* test runs on this machine (the
-    stale-mount check looks at every fbmount mount, not only ours)."""
-    lines = []
-    for line in out.splitlines():
-        if not line.startswith("FAIL"):
-            continue
-        if line.startswith("FAIL  stale mount: ") and str(own_root) not in line:
-            continue
-        lines.append(line)
-    return lines
 
 
 def fix_after(out: str, fail_prefix: str) -> str:

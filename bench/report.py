@@ -78,7 +78,7 @@ def table(metrics: list[Metric], results: dict, stats: dict, tools: list[str]) -
         *tools,
         "fbmount / best peer",
         "fbmount peak RSS MiB",
-        "fbmount CPU s",
+        "daemon CPU s (" + " / ".join(t for t in tools if t != "native") + ")",
     ]
     rows: list[list[str]] = []
     seen_workloads: set[str] = set()
@@ -86,16 +86,18 @@ def table(metrics: list[Metric], results: dict, stats: dict, tools: list[str]) -
         row = results.get(m.key)
         if not row:
             continue
-        st = stats.get(m.workload, {}).get("fbmount") if m.workload not in seen_workloads else None
+        first = m.workload not in seen_workloads  # RSS and CPU once per workload
         seen_workloads.add(m.workload)
+        per_tool = stats.get(m.workload, {}) if first else {}
+        st = per_tool.get("fbmount")
         rows.append(
             [
                 m.label,
                 m.unit + (" ↑" if m.higher_is_better else " ↓"),
                 *(cell(row.get(t)) for t in tools),
                 ratio_text(m, row),
-                fmt(st["hwm_mib"]) if st else "",
-                fmt(st["cpu_s"]) if st else "",
+                fmt(st["hwm_mib"]) if st and "hwm_mib" in st else "",
+                cpu_cell(per_tool, tools),
             ]
         )
     widths = [
@@ -114,8 +116,59 @@ def table(metrics: list[Metric], results: dict, stats: dict, tools: list[str]) -
         "(so > 1 is better on ↑ rows, < 1 is better on ↓ rows). BAD = data check failed. "
         "> N s = that step was cut off after N s by the time budget (--timeout), "
         "skipped = not reached after a cut. "
-        "RSS/CPU: fbmount daemon, per workload (one fresh mount each)."
+        "RSS: fbmount's daemon; CPU: each tool's daemon (utime + stime), per workload "
+        "(one fresh mount each)."
     )
+    return "\n".join(out)
+
+
+def cpu_cell(per_tool: dict, tools: list[str]) -> str:
+    """The daemons' CPU seconds in one workload, in the order of `tools` ("-": none)."""
+    mounts = [t for t in tools if t != "native"]
+    if not any("cpu_s" in per_tool.get(t, {}) for t in mounts):
+        return ""
+    return " / ".join(
+        fmt(per_tool[t]["cpu_s"]) if "cpu_s" in per_tool.get(t, {}) else "-" for t in mounts
+    )
+
+
+def best_peer(metric: Metric, row: dict[str, dict]) -> str:
+    """The best peer's cell on one row (the one fbmount is divided by)."""
+    done = [
+        p
+        for p in PEERS
+        if p in row and row[p].get("status") == "ok" and row[p].get("value") is not None
+    ]
+    if not done:
+        return " / ".join(f"{p} {cell(row[p])}" for p in PEERS if p in row)
+    pick = max if metric.higher_is_better else min
+    p = pick(done, key=lambda t: row[t]["value"])
+    return f"{cell(row[p])} ({p})"
+
+
+def links_table(metrics: list[Metric], runs: list[tuple[str, dict]]) -> str:
+    """One row per measurement, fbmount / best peer / ratio for each link side by side:
+    `runs` is (link name, results) per link, in the order measured."""
+    cols = ["workload", "unit"]
+    for name, _ in runs:
+        cols += [f"fbmount, {name}", f"best peer, {name}", f"ratio, {name}"]
+    rows = []
+    for m in metrics:
+        if not any(results.get(m.key) for _, results in runs):
+            continue
+        r = [m.label, m.unit + (" ↑" if m.higher_is_better else " ↓")]
+        for _, results in runs:
+            row = results.get(m.key, {})
+            r += [cell(row.get("fbmount")), best_peer(m, row), ratio_text(m, row)]
+        rows.append(r)
+    widths = [
+        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)
+    ]
+    just = [lambda c, w: c.ljust(w)] * 2 + [lambda c, w: c.rjust(w)] * (len(cols) - 2)
+    out = [" | ".join(just[i](c, widths[i]) for i, c in enumerate(cols))]
+    out.append("-+-".join("-" * w for w in widths))
+    out += [" | ".join(just[i](c, widths[i]) for i, c in enumerate(r)) for r in rows]
+    out.append("ratio = fbmount / best peer on that link (> 1 better on ↑ rows, < 1 on ↓ rows).")
     return "\n".join(out)
 
 

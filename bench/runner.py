@@ -73,12 +73,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--far-ms",
-        type=float,
-        default=0.0,
-        metavar="MS",
+        default="0",
+        metavar="MS[,MS...]",
         help="put every mount behind bench/farlink.py, a proxy on 127.0.0.1 that delays "
         "each byte MS ms each way (so a 2*MS round trip, and one more for each new "
-        "connection); seeding and checking stay direct (default 0: plain loopback)",
+        "connection); seeding and checking stay direct (default 0: plain loopback). "
+        "A list (0,15) runs the whole table once per link and prints them side by side",
     )
     p.add_argument("--tmp-dir", type=Path, help="parent of the scratch directory (default $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, data)")
@@ -93,8 +93,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOADS)}")
     args.wl = [w for w in WORKLOADS if w in args.wl]  # canonical order
     args.count = [] if args.count_gets == "none" else args.count_gets.split(",")
-    if args.far_ms < 0:
+    try:
+        args.links = [float(ms) for ms in args.far_ms.split(",") if ms.strip()]
+    except ValueError:
+        p.error(f"--far-ms takes numbers, not {args.far_ms!r}")
+    if not args.links or any(ms < 0 for ms in args.links):
         p.error("--far-ms must be >= 0")
+    args.far_ms = args.links[0]
     return args
 
 
@@ -472,24 +477,48 @@ def main(argv: list[str] | None = None) -> int:
             "bench: not root: cannot drop the page cache; 'cold' reads may be warm", file=sys.stderr
         )
     signal.signal(signal.SIGTERM, _sigterm)
-    runner = Runner(args)
-    _say(
-        runner.t0,
-        f"scratch {runner.tmp}; tools {args.tools}; workloads {args.wl}; "
-        f"timeout {runner.sizes.timeout:.0f} s per workload and tool; " + link_label(args.far_ms),
+    runs: list[Runner] = []
+    for far_ms in args.links:  # one whole run per link, each with its own server
+        runner = Runner(argparse.Namespace(**{**vars(args), "far_ms": far_ms}))
+        _say(
+            runner.t0,
+            f"scratch {runner.tmp}; tools {args.tools}; workloads {args.wl}; "
+            f"timeout {runner.sizes.timeout:.0f} s per workload and tool; " + link_label(far_ms),
+        )
+        try:
+            runner.setup()
+            _say(runner.t0, f"SeaweedFS at {runner.server.endpoint}")
+            runner.run_all()
+            print(runner.write_report(), flush=True)
+            runs.append(runner)
+        except KeyboardInterrupt:
+            _say(runner.t0, "interrupted; cleaning up")
+            return 130
+        finally:
+            runner.cleanup()
+    if len(runs) > 1:
+        print("\n" + write_links_report(args, runs))
+    return 0
+
+
+def link_name(far_ms: float) -> str:
+    return f"far {2 * far_ms:g} ms RTT" if far_ms else "loopback"
+
+
+def write_links_report(args: argparse.Namespace, runs: list[Runner]) -> str:
+    """The runs of one command on several links, side by side (README's table)."""
+    text = "Every link, one command: " + "; ".join(link_label(r.args.far_ms) for r in runs)
+    text += "\n" + report.links_table(
+        runs[0].metrics, [(link_name(r.args.far_ms), r.results) for r in runs]
     )
-    try:
-        runner.setup()
-        _say(runner.t0, f"SeaweedFS at {runner.server.endpoint}")
-        runner.run_all()
-        text = runner.write_report()
-        print(text)
-        return 0
-    except KeyboardInterrupt:
-        _say(runner.t0, "interrupted; cleaning up")
-        return 130
-    finally:
-        runner.cleanup()
+    stem = ("bench-quick" if args.quick else "bench-full") + "-links"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.txt").write_text(text + "\n")
+    report.save_json(
+        args.out / f"{stem}.json",
+        {r.args.far_ms: {"meta": r.meta(), "results": r.results, "stats": r.stats} for r in runs},
+    )
+    return text
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ EXPECTED_ERRNOS = {
     errno.ELOOP,
 }
 HEAD_ON_LIST_LIMIT = 256  # readdir HEADs unknown entries only in directories this small
+# An object this big is no symlink (a target is under PATH_MAX): the listing types it, and
+# its HEAD waits until its attributes are asked for (`rm -rf` never asks).
+TYPED_BY_SIZE = 4096
+PENDING_HEAD_BATCH = 64  # a stat of one such entry HEADs this many of its siblings at once
 # `ls` (opendir) re-lists a small directory whose cached listing is older than this, so a file
 # another mount uploaded shows within a second of its upload, not after --dir-ttl.
 RELIST_ON_OPENDIR_AFTER = 1.0
@@ -169,6 +173,9 @@ class Filesystem(pyfuse3.Operations):
         )
         self.listed_at: cachetools.LRUCache[int, float] = cachetools.LRUCache(4096)
         self.whole_copies: set[int] = set()  # inodes being fetched whole for random reads
+        # meta_pending entries being HEADed (getattr waits for its own) and failures seen.
+        self.pending_heads: dict[int, trio.Event] = {}
+        self.pending_head_errors: dict[int, FsError] = {}
         self.nursery: trio.Nursery | None = None
         # The layers below get what they need passed in, and this object only as a host
         # seen through a Protocol of theirs: where streams run (eager.StreamHost), "this
@@ -226,7 +233,7 @@ class Filesystem(pyfuse3.Operations):
         a.st_ino = node.ino
         a.generation = 0
         a.entry_timeout = self.cfg.attr_ttl
-        a.attr_timeout = self.cfg.attr_ttl
+        a.attr_timeout = 0 if node.meta_pending and not node.meta_known else self.cfg.attr_ttl
         a.st_mode = node.mode
         a.st_nlink = 2 if node.kind is Kind.DIR else 1
         a.st_uid, a.st_gid = node.uid, node.gid
@@ -376,6 +383,61 @@ class Filesystem(pyfuse3.Operations):
         node.fresh_until = time.monotonic() + self.cfg.attr_ttl
         return True
 
+    async def _head_pending(self, node: Node) -> None:
+        """Fetch a meta_pending entry's headers, with those of up to PENDING_HEAD_BATCH of
+        its pending siblings (`ls -l` stats them next): one round of parallel HEADs, in
+        the background, so this stat waits for its own answer only."""
+        event = self.pending_heads.get(node.ino)
+        if event is None:
+            batch = [node]
+            for name in self.ns.listings.get(node.parent) or ():
+                sibling = self.ns.child(node.parent, name)
+                if len(batch) >= PENDING_HEAD_BATCH:
+                    break
+                if (
+                    sibling is not None
+                    and sibling is not node
+                    and sibling.meta_pending
+                    and sibling.ino not in self.pending_heads
+                ):
+                    batch.append(sibling)
+            events = {child.ino: trio.Event() for child in batch}
+            self.pending_heads.update(events)
+            assert self.nursery is not None
+            self.nursery.start_soon(
+                guarded, f"HEAD of {len(batch)} listed files", self._head_batch, batch, events
+            )
+            event = events[node.ino]
+        await event.wait()
+        error = self.pending_head_errors.pop(node.ino, None)
+        if error is not None:
+            raise error
+
+    async def _head_batch(self, batch: list[Node], events: dict[int, trio.Event]) -> None:
+        limiter = trio.CapacityLimiter(16)
+
+        async def head(child: Node) -> None:
+            try:
+                async with limiter:
+                    if child.meta_pending and not child.meta_known:
+                        await self.head_into(child)
+            except FsError as e:  # the stat waiting for it gets the error; a later one retries
+                self.pending_head_errors[child.ino] = e
+            else:
+                child.meta_pending = False
+            finally:
+                self.pending_heads.pop(child.ino, None)
+                events[child.ino].set()
+
+        try:
+            async with open_nursery() as nursery:
+                for child in batch:
+                    nursery.start_soon(head, child)
+        finally:  # a bug: no stat may wait forever
+            for child in batch:
+                self.pending_heads.pop(child.ino, None)
+                events[child.ino].set()
+
     async def _head_marker(self, node: Node) -> None:
         """Directory mode/owner/times live on the `dir/` marker (when the server keeps them)."""
         node.meta_known = True  # asked once per node, whatever the answer
@@ -521,6 +583,8 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         node = self._node(inode)
+        if node.meta_pending and not node.meta_known:
+            await self._head_pending(node)
         if (
             node.kind is not Kind.DIR
             and node.staged is None
@@ -968,7 +1032,10 @@ class Filesystem(pyfuse3.Operations):
 
             async with open_nursery() as nursery:
                 for child in unknown:
-                    nursery.start_soon(head, child)
+                    if child.kind is Kind.FILE and child.size >= TYPED_BY_SIZE:
+                        child.meta_pending = True
+                    else:
+                        nursery.start_soon(head, child)
         fh = self._new_fh()
         self.dir_handles[fh] = snapshot
         return fh

@@ -78,6 +78,9 @@ class Node:
     etag: str = ""
     remote: bool = True  # the key exists in S3 right now
     meta_known: bool = False  # x-amz-meta-* is known (HEAD, index, or written by us)
+    # A listed regular file whose x-amz-meta-* is fetched when its attributes are asked
+    # for (fs.Filesystem.getattr); until then the kernel may not cache them.
+    meta_pending: bool = False
     fresh_until: float = 0.0
     lookups: int = 0
     opens: int = 0

@@ -9,6 +9,7 @@ it used to cost a HEAD + LIST per name as soon as the directory held more than o
 from __future__ import annotations
 
 import os
+import subprocess
 from typing import Any
 
 from conftest import MountFactory
@@ -75,3 +76,54 @@ def test_ls_of_a_directory_the_index_knows_sends_no_head(
         proxy.wait_idle()
         counts = dict(proxy.counts)
     assert counts.get("HeadObject", 0) <= 1, counts  # d/'s marker at most
+
+
+def test_rm_rf_of_files_another_client_wrote_heads_only_what_could_be_a_symlink(
+    s3: Any, s3_endpoint: str, bucket: str, mount: MountFactory
+) -> None:
+    """`rm -rf` reads each directory (getdents) and unlinks; it never stats a file. On a
+    fresh mount with an empty cache dir, readdir HEADs only the entries a listing cannot
+    type (under 4,096 bytes: a symlink's target fits); a bigger one is a regular file for
+    sure, and its mode, owner and times are fetched when something asks for them (a
+    `stat` HEADs that entry's unknown siblings together)."""
+    for i in range(40):
+        s3.put_object(
+            Bucket=bucket,
+            Key=f"t/big{i:02d}",
+            Body=b"b" * (4096 + i),
+            Metadata={"mode": str(0o100640 if i == 7 else 0o100644), "mtime": "1500000000"},
+        )
+    for i in range(3):
+        s3.put_object(Bucket=bucket, Key=f"t/small{i}", Body=b"s")
+    s3.put_object(Bucket=bucket, Key="t/link", Body=b"big00", Metadata={"mode": str(0o120777)})
+    s3.put_object(Bucket=bucket, Key="u/big", Body=b"b" * 5000, Metadata={"mode": "33216"})
+    for i in range(30):
+        s3.put_object(Bucket=bucket, Key=f"r/d{i % 3}/f{i:02d}", Body=b"r" * 8192)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint)
+        proxy.wait_idle()
+        proxy.reset()
+        entries = {e.name: e for e in os.scandir(m.path / "t")}
+        assert entries["link"].is_symlink()
+        assert entries["big03"].is_file() and not entries["big03"].is_symlink()
+        proxy.wait_idle()
+        heads = proxy.counts.get("HeadObject", 0)
+        assert heads <= 4 + 1, dict(proxy.counts)  # small0-2, link and t/'s marker
+
+        # Asked for, the attributes are the object's own: x-amz-meta-mode and -mtime.
+        st = os.stat(m.path / "t" / "big07")
+        assert st.st_mode & 0o777 == 0o640 and st.st_mtime == 1500000000
+        assert os.lstat(m.path / "t" / "big08").st_mode & 0o777 == 0o644
+        assert os.readlink(m.path / "t" / "link") == "big00"
+        assert os.stat(m.path / "u" / "big").st_mode & 0o777 == 0o700  # a lookup HEADs
+        proxy.wait_idle()
+        proxy.reset()
+
+        subprocess.run(["rm", "-rf", m.path / "r", m.path / "t"], check=True, timeout=60)
+        assert not (m.path / "r").exists() and not (m.path / "t").exists()
+        proxy.wait_idle()
+        counts = dict(proxy.counts)
+    assert counts.get("HeadObject", 0) <= 4, counts  # the directories' markers at most
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])) == [
+        "u/big"
+    ]

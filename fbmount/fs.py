@@ -368,10 +368,12 @@ class Filesystem(pyfuse3.Operations):
             node.mode = self.ns.default_mode(kind)
         self.ns.apply_meta(node, headers)
 
-    async def head_into(self, node: Node) -> bool:
+    async def head_into(self, node: Node, unless_known: bool = False) -> bool:
+        """HEAD the node's object into it; unless_known: not if its metadata became known
+        (a chmod, a write) while the HEAD was out, which the answer must not undo."""
         key = self.ns.key(node)
         info = await self.store.head(key)
-        if info is None:
+        if info is None or (unless_known and (node.meta_known or node.staged is not None)):
             return False
         node.size, node.etag = info.size, info.etag
         node.content_type, node.storage_class = info.content_type, info.storage_class
@@ -413,6 +415,15 @@ class Filesystem(pyfuse3.Operations):
         if error is not None:
             raise error
 
+    async def know_meta(self, node: Node) -> None:
+        """Before a change rewrites a file's metadata (chmod, chown, utime, a write): what
+        it keeps (owner, times, xattrs) must be known, not the listing's defaults."""
+        if node.kind is Kind.FILE and node.staged is None and node.remote and not node.meta_known:
+            if node.meta_pending:
+                await self._head_pending(node)
+            else:
+                await self.head_into(node)
+
     async def _head_batch(self, batch: list[Node], events: dict[int, trio.Event]) -> None:
         limiter = trio.CapacityLimiter(16)
 
@@ -420,7 +431,7 @@ class Filesystem(pyfuse3.Operations):
             try:
                 async with limiter:
                     if child.meta_pending and not child.meta_known:
-                        await self.head_into(child)
+                        await self.head_into(child, unless_known=True)
             except FsError as e:  # the stat waiting for it gets the error; a later one retries
                 self.pending_head_errors[child.ino] = e
             else:
@@ -606,6 +617,7 @@ class Filesystem(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
         self._writable()
         node = self._node(inode)
+        await self.know_meta(node)
         now = time.time_ns()
         if fields.update_size:
             if node.kind is not Kind.FILE:
@@ -778,6 +790,7 @@ class Filesystem(pyfuse3.Operations):
         fi = pyfuse3.FileInfo()
         handle = FileHandle(node, writable, bool(flags & os.O_APPEND))
         if writable:
+            await self.know_meta(node)
             staged = await self.ensure_data(node, keep=0 if flags & os.O_TRUNC else None)
             if flags & os.O_TRUNC and (staged.size() or node.size):  # keep=0: nothing local
                 os.ftruncate(self.staging.open_fd(staged), 0)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
 from conftest import MountFactory
 from faultproxy import FaultProxy
 from helpers import sync_path
@@ -127,3 +129,35 @@ def test_rm_rf_of_files_another_client_wrote_heads_only_what_could_be_a_symlink(
     assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])) == [
         "u/big"
     ]
+
+
+@pytest.mark.parametrize("fillers", [0, 300])
+def test_a_change_to_a_listed_file_keeps_the_metadata_it_was_not_asked_for(
+    s3: Any, bucket: str, mount: MountFactory, fillers: int
+) -> None:
+    """A chmod or a write to a file whose headers were never fetched (a listed entry of
+    4,096 bytes or more: readdir leaves its HEAD for later; any entry of a directory too
+    big for readdir to HEAD) fetches them first: the object keeps its owner and times,
+    and only what was changed changes."""
+    meta = {"mode": str(0o100644), "uid": "1234", "gid": "4321", "mtime": "1500000000"}
+    for name in ("chmod", "write"):
+        s3.put_object(Bucket=bucket, Key=f"t/{name}", Body=b"b" * 5000, Metadata=meta)
+    with ThreadPoolExecutor(16) as pool:
+        list(
+            pool.map(
+                lambda i: s3.put_object(Bucket=bucket, Key=f"t/x{i:03d}", Body=b"x"), range(fillers)
+            )
+        )
+    m = mount(bucket)
+    assert len(os.listdir(m.path / "t")) == 2 + fillers
+    os.chmod(m.path / "t" / "chmod", 0o600)
+    with open(m.path / "t" / "write", "r+b") as f:
+        f.write(b"w")
+    for name in ("chmod", "write"):
+        sync_path(m.path / "t" / name)
+    for name, mode in (("chmod", 0o100600), ("write", 0o100644)):
+        got = s3.head_object(Bucket=bucket, Key=f"t/{name}")["Metadata"]
+        assert int(got["mode"]) == mode, (name, got)
+        assert (got["uid"], got["gid"]) == ("1234", "4321"), (name, got)
+    got = s3.head_object(Bucket=bucket, Key="t/chmod")["Metadata"]
+    assert got["mtime"].startswith("1500000000"), got

@@ -16,7 +16,7 @@ import os
 import shutil
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cachetools
@@ -66,6 +66,14 @@ PENDING_HEAD_BATCH = 64  # a stat of one such entry HEADs this many of its sibli
 RELIST_ON_OPENDIR_AFTER = 1.0
 LIST_PAGE = 1000  # a bigger directory costs several LIST pages: it waits for --dir-ttl
 LOOKUP_PAGES = 10  # a lookup lists a directory of up to 10,000 entries: as dear as 5 probes
+
+
+@dataclass(eq=False)
+class PendingHead:
+    """One meta_pending entry's HEAD in a batch: what every stat waiting for it gets."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: FsError | None = None
 
 
 @dataclass(eq=False)
@@ -173,9 +181,10 @@ class Filesystem(pyfuse3.Operations):
         )
         self.listed_at: cachetools.LRUCache[int, float] = cachetools.LRUCache(4096)
         self.whole_copies: set[int] = set()  # inodes being fetched whole for random reads
-        # meta_pending entries being HEADed (getattr waits for its own) and failures seen.
-        self.pending_heads: dict[int, trio.Event] = {}
-        self.pending_head_errors: dict[int, FsError] = {}
+        # meta_pending entries whose HEAD is out (getattr waits for its own), and one limit
+        # on the HEADs readdir and those batches send at a time.
+        self.pending_heads: dict[int, PendingHead] = {}
+        self.head_limiter = trio.CapacityLimiter(16)
         self.nursery: trio.Nursery | None = None
         # The layers below get what they need passed in, and this object only as a host
         # seen through a Protocol of theirs: where streams run (eager.StreamHost), "this
@@ -233,7 +242,7 @@ class Filesystem(pyfuse3.Operations):
         a.st_ino = node.ino
         a.generation = 0
         a.entry_timeout = self.cfg.attr_ttl
-        a.attr_timeout = 0 if node.meta_pending and not node.meta_known else self.cfg.attr_ttl
+        a.attr_timeout = 0 if node.meta_pending else self.cfg.attr_ttl
         a.st_mode = node.mode
         a.st_nlink = 2 if node.kind is Kind.DIR else 1
         a.st_uid, a.st_gid = node.uid, node.gid
@@ -373,7 +382,9 @@ class Filesystem(pyfuse3.Operations):
         (a chmod, a write) while the HEAD was out, which the answer must not undo."""
         key = self.ns.key(node)
         info = await self.store.head(key)
-        if info is None or (unless_known and (node.meta_known or node.staged is not None)):
+        if info is None:
+            return False
+        if unless_known and (node.meta_known or node.staged is not None or not node.linked):
             return False
         node.size, node.etag = info.size, info.etag
         node.content_type, node.storage_class = info.content_type, info.storage_class
@@ -388,14 +399,15 @@ class Filesystem(pyfuse3.Operations):
     async def _head_pending(self, node: Node) -> None:
         """Fetch a meta_pending entry's headers, with those of up to PENDING_HEAD_BATCH of
         its pending siblings (`ls -l` stats them next): one round of parallel HEADs, in
-        the background, so this stat waits for its own answer only."""
-        event = self.pending_heads.get(node.ino)
-        if event is None:
+        the background, so this stat waits for its own answer only. Raises what its HEAD
+        raised (ENOENT: the object is gone); every caller waiting on it gets that."""
+        pending = self.pending_heads.get(node.ino)
+        if pending is None:
             batch = [node]
             for name in self.ns.listings.get(node.parent) or ():
-                sibling = self.ns.child(node.parent, name)
                 if len(batch) >= PENDING_HEAD_BATCH:
                     break
+                sibling = self.ns.child(node.parent, name)
                 if (
                     sibling is not None
                     and sibling is not node
@@ -403,51 +415,57 @@ class Filesystem(pyfuse3.Operations):
                     and sibling.ino not in self.pending_heads
                 ):
                     batch.append(sibling)
-            events = {child.ino: trio.Event() for child in batch}
-            self.pending_heads.update(events)
+            heads = {child.ino: PendingHead() for child in batch}
+            self.pending_heads.update(heads)
             assert self.nursery is not None
             self.nursery.start_soon(
-                guarded, f"HEAD of {len(batch)} listed files", self._head_batch, batch, events
+                guarded, f"HEAD of {len(batch)} listed files", self._head_batch, batch, heads
             )
-            event = events[node.ino]
-        await event.wait()
-        error = self.pending_head_errors.pop(node.ino, None)
-        if error is not None:
-            raise error
+            pending = heads[node.ino]
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
 
-    async def know_meta(self, node: Node) -> None:
-        """Before a change rewrites a file's metadata (chmod, chown, utime, a write): what
-        it keeps (owner, times, xattrs) must be known, not the listing's defaults."""
-        if node.kind is Kind.FILE and node.staged is None and node.remote and not node.meta_known:
-            if node.meta_pending:
-                await self._head_pending(node)
-            else:
-                await self.head_into(node)
-
-    async def _head_batch(self, batch: list[Node], events: dict[int, trio.Event]) -> None:
-        limiter = trio.CapacityLimiter(16)
-
+    async def _head_batch(self, batch: list[Node], heads: dict[int, PendingHead]) -> None:
         async def head(child: Node) -> None:
+            pending = heads[child.ino]
             try:
-                async with limiter:
-                    if child.meta_pending and not child.meta_known:
-                        await self.head_into(child, unless_known=True)
-            except FsError as e:  # the stat waiting for it gets the error; a later one retries
-                self.pending_head_errors[child.ino] = e
-            else:
-                child.meta_pending = False
+                async with self.head_limiter:
+                    found = not child.meta_pending or await self.head_into(child, unless_known=True)
+                if not found and not child.meta_known and child.staged is None:
+                    pending.error = FsError(errno.ENOENT, "gone from the bucket")
+            except FsError as e:  # its waiters get it; the next stat asks again
+                pending.error = e
             finally:
                 self.pending_heads.pop(child.ino, None)
-                events[child.ino].set()
+                pending.done.set()
 
         try:
             async with open_nursery() as nursery:
                 for child in batch:
                     nursery.start_soon(head, child)
-        finally:  # a bug: no stat may wait forever
+        finally:  # a bug, or the mount closing: no stat may wait forever
             for child in batch:
-                self.pending_heads.pop(child.ino, None)
-                events[child.ino].set()
+                pending = heads[child.ino]
+                if not pending.done.is_set():
+                    pending.error = FsError(errno.EIO, "fetching its metadata failed")
+                    self.pending_heads.pop(child.ino, None)
+                    pending.done.set()
+
+    async def know_meta(self, node: Node) -> None:
+        """Before a change rewrites a file's metadata (chmod, chown, utime, a write): what
+        it keeps (owner, times, xattrs) must be known, not the listing's defaults. Raises
+        rather than let the change go on without them."""
+        if node.kind is not Kind.FILE or node.staged is not None or node.meta_known:
+            return
+        if not node.remote:
+            return
+        if node.meta_pending:
+            await self._head_pending(node)
+        elif not await self.head_into(node):
+            raise FsError(errno.ENOENT, f"{self.ns.key(node)}: gone from the bucket")
+        if not node.meta_known and node.staged is None:
+            raise FsError(errno.EIO, f"{self.ns.key(node)}: its metadata could not be read")
 
     async def _head_marker(self, node: Node) -> None:
         """Directory mode/owner/times live on the `dir/` marker (when the server keeps them)."""
@@ -594,7 +612,7 @@ class Filesystem(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         node = self._node(inode)
-        if node.meta_pending and not node.meta_known:
+        if node.meta_pending:
             await self._head_pending(node)
         if (
             node.kind is not Kind.DIR
@@ -1037,17 +1055,16 @@ class Filesystem(pyfuse3.Operations):
             if child.kind is not Kind.DIR and not child.meta_known and child.staged is None:
                 unknown.append(child)
         if 0 < len(unknown) <= HEAD_ON_LIST_LIMIT:
-            limiter = trio.CapacityLimiter(16)
+            for child in unknown:
+                child.meta_pending = child.kind is Kind.FILE and child.size >= TYPED_BY_SIZE
 
             async def head(child: Node) -> None:
-                async with limiter:
+                async with self.head_limiter:
                     await self.head_into(child)
 
             async with open_nursery() as nursery:
                 for child in unknown:
-                    if child.kind is Kind.FILE and child.size >= TYPED_BY_SIZE:
-                        child.meta_pending = True
-                    else:
+                    if not child.meta_pending:
                         nursery.start_soon(head, child)
         fh = self._new_fh()
         self.dir_handles[fh] = snapshot

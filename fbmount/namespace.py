@@ -354,6 +354,7 @@ class Namespace:
         node.cid = meta.cid
         node.meta_extra = dict(meta.extra)
         node.meta_known = True
+        node.meta_pending = False
 
     def kind_from_headers(self, headers: dict[str, str] | None) -> Kind:
         if headers:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from conftest import MountFactory
 from faultproxy import FaultProxy
-from helpers import sync_path
+from helpers import sync_path, wait_for
 
 FILES = 1_100  # more than one LIST page (1,000 keys)
 STATS = 500
@@ -161,3 +163,48 @@ def test_a_change_to_a_listed_file_keeps_the_metadata_it_was_not_asked_for(
         assert (got["uid"], got["gid"]) == ("1234", "4321"), (name, got)
     got = s3.head_object(Bucket=bucket, Key="t/chmod")["Metadata"]
     assert got["mtime"].startswith("1500000000"), got
+
+
+def test_a_failed_batched_head_fails_only_the_stats_that_waited_for_it(
+    s3: Any, s3_endpoint: str, bucket: str, mount: MountFactory
+) -> None:
+    """A listed file's HEAD that fails inside another file's batch does not fail a later
+    stat of it, whose own HEAD succeeds; and a chmod waiting on a HEAD that fails fails
+    too, rather than store the listing's defaults over the object's owner and times."""
+    meta = {"mode": str(0o100644), "uid": "1234", "gid": "4321", "mtime": "1500000000"}
+    for key in ("t/big0", "t/big1", "t/big2", "u/f"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"b" * 5000, Metadata=meta)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint)
+        os.listdir(m.path / "t")
+        os.listdir(m.path / "u")
+        denied = proxy.add_rule(
+            "HeadObject", key="t/big2", status=403, code="AccessDenied", times=1
+        )
+        assert os.stat(m.path / "t" / "big0").st_mode & 0o777 == 0o644  # big2 fails in its batch
+        wait_for(lambda: denied.fired == 1, "big2's HEAD denied")
+        proxy.wait_idle()
+        time.sleep(0.5)  # the daemon has taken the answer: big2's next stat asks again
+        assert os.stat(m.path / "t" / "big2").st_size == 5000  # asked again: 200
+
+        proxy.add_rule("HeadObject", "delay", key="u/f", seconds=1.5, times=1)
+        proxy.add_rule("HeadObject", key="u/f", status=403, code="AccessDenied", times=1)
+        errors: list[OSError] = []
+
+        def stat() -> None:
+            try:
+                os.stat(m.path / "u" / "f")
+            except OSError as e:
+                errors.append(e)
+
+        waiter = threading.Thread(target=stat)
+        waiter.start()
+        time.sleep(0.5)  # the stat's HEAD is out, held by the proxy
+        with pytest.raises(OSError):
+            os.chmod(m.path / "u" / "f", 0o600)
+        waiter.join(30)
+        assert errors, "the stat waiting on the failed HEAD succeeded"
+        os.chmod(m.path / "u" / "f", 0o600)  # asked again: 200
+        sync_path(m.path / "u" / "f")
+    got = s3.head_object(Bucket=bucket, Key="u/f")["Metadata"]
+    assert (got["uid"], got["gid"], int(got["mode"])) == ("1234", "4321", 0o100600), got

@@ -154,8 +154,8 @@ def links_table(metrics: list[Metric], runs: list[tuple[str, dict]]) -> str:
         cols += [f"fbmount, {name}", f"best peer, {name}", f"ratio, {name}"]
     rows = []
     for m in metrics:
-        if not any(results.get(m.key) for _, results in runs):
-            continue
+        if not any(results.get(m.key, {}).get("fbmount") for _, results in runs):
+            continue  # the native client's rows: in each link's own table
         r = [m.label, m.unit + (" ↑" if m.higher_is_better else " ↓")]
         for _, results in runs:
             row = results.get(m.key, {})

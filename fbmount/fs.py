@@ -1505,13 +1505,10 @@ class Filesystem(pyfuse3.Operations):
         if self._is_bucket_root(inode):
             raise FsError(errno.EPERM, "the bucket root has no object to store xattrs on")
         node = await self._meta_node(inode)
-        old = node.xattrs.get(sname)
-        node.xattrs[sname] = bytes(value)
+        old = node.xattrs
+        node.xattrs = {**old, sname: bytes(value)}  # a new mapping: nodes share the empty one
         if fmt.metadata_size(headers_for(node)[0]) > fmt.MAX_USER_METADATA_BYTES:
-            if old is None:  # refused: leave the node as it was
-                del node.xattrs[sname]
-            else:
-                node.xattrs[sname] = old
+            node.xattrs = old  # refused: leave the node as it was
             raise FsError(errno.E2BIG, f"{sname}: object metadata would exceed 2 KiB")
         node.ctime_ns = time.time_ns()
         await self.metadata_changed(node)
@@ -1527,6 +1524,6 @@ class Filesystem(pyfuse3.Operations):
         node = await self._meta_node(inode)
         if sname not in node.xattrs:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        del node.xattrs[sname]
+        node.xattrs = {n: v for n, v in node.xattrs.items() if n != sname}
         node.ctime_ns = time.time_ns()
         await self.metadata_changed(node)

@@ -21,7 +21,9 @@ import enum
 import stat
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import cachetools
 
@@ -62,7 +64,16 @@ class Entry:
     storage_class: str | None = None
 
 
-@dataclass(eq=False)
+# What most nodes carry as xattrs and other tools' metadata: nothing. One shared read-only
+# mapping instead of two empty dicts per node (100,000 listed files: 12 MiB). Nodes never
+# change these mappings in place, they get new ones (a change in place raises TypeError).
+NOTHING: Mapping[str, bytes] = MappingProxyType({})
+NO_EXTRA: Mapping[str, str] = MappingProxyType({})
+
+
+# slots: a node is kept for every name the kernel knows; without them each one also carries
+# its own attribute dictionary.
+@dataclass(eq=False, slots=True)
 class Node:
     ino: int
     parent: int
@@ -88,10 +99,11 @@ class Node:
     staged: Staged | None = None
     link_target: str | None = None
     rdev: int = 0  # st_rdev of a character or block device
-    xattrs: dict[str, bytes] = field(default_factory=dict)
+    # replaced, never changed in place (dataclass refuses an unhashable default)
+    xattrs: Mapping[str, bytes] = field(default_factory=lambda: NOTHING)
     cid: str | None = None
     # x-amz-meta-* keys of other tools (rclone's btime, md5chksum ...): written back as read
-    meta_extra: dict[str, str] = field(default_factory=dict)
+    meta_extra: Mapping[str, str] = field(default_factory=lambda: NO_EXTRA)  # replaced too
     content_type: str | None = None
     storage_class: str | None = None
     cached_etag: str | None = None  # ETag whose bytes the kernel page cache may hold
@@ -121,7 +133,7 @@ def headers_for(node: Node, name: str | None = None) -> tuple[dict[str, str], st
         xattrs=dict(node.xattrs),
         rdev=node.rdev if stat.S_IFMT(node.mode) in (stat.S_IFCHR, stat.S_IFBLK) else None,
         cid=node.cid,
-        extra=node.meta_extra,
+        extra=dict(node.meta_extra),
     )
     if node.staged is not None and node.staged.has_data:
         # Other tools' checksums described the old bytes: gone for good (a later
@@ -350,9 +362,9 @@ class Namespace:
             node.mtime_ns = meta.mtime_ns
         node.ctime_ns = meta.ctime_ns if meta.ctime_ns is not None else node.mtime_ns
         node.atime_ns = meta.atime_ns if meta.atime_ns is not None else node.mtime_ns
-        node.xattrs = dict(meta.xattrs)
+        node.xattrs = dict(meta.xattrs) if meta.xattrs else NOTHING
         node.cid = meta.cid
-        node.meta_extra = dict(meta.extra)
+        node.meta_extra = dict(meta.extra) if meta.extra else NO_EXTRA
         node.meta_known = True
         node.meta_pending = False
 

@@ -32,7 +32,7 @@ from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node, headers_fo
 from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
 from fbmount.rename import Renamer
 from fbmount.staging import Staged, StagingArea, State
-from fbmount.store import ListPage, S3Store
+from fbmount.store import S3Store
 from fbmount.tasks import guarded, open_nursery
 from fbmount.uploader import WriteBack
 from fbmount.uploadnotes import UploadNotes
@@ -540,24 +540,24 @@ class Filesystem(pyfuse3.Operations):
         prefix = self.ns.key(node)
         batches = self.uploader.delete_batches  # deletes done after this may be listed
         sent = time.monotonic()  # keys this mount writes after this may be missing
-        if max_pages is not None:
-            page, token = ListPage(), None
-            for _ in range(max_pages):
-                more = await self.store.list_page(prefix, "/", token)
-                page.objects += more.objects
-                page.prefixes += more.prefixes
-                token = more.next_token
-                if not token:
-                    break
-            else:
+        # Page by page into the one dict: a big directory's LIST answers are never all held
+        # beside its entries (100,000 keys: ~20 MiB of ObjectInfo and key strings).
+        listing = {}
+        token, pages = None, 0
+        while True:
+            if pages == max_pages:
                 self.big_dirs[node.ino] = True
                 return None
-            listing = self.ns.listings.get(node.ino)
-            if listing is not None and (not again or self.listed_at.get(node.ino, 0.0) >= sent):
-                return listing  # a concurrent lookup or readdir listed it meanwhile
-        else:
-            page = await self.store.list_all(prefix)
-        listing = self.ns.listing_from_page(prefix, page)
+            page = await self.store.list_page(prefix, "/", token)
+            self.ns.add_listing_page(listing, prefix, page)
+            pages += 1
+            token = page.next_token
+            if not token:
+                break
+        if max_pages is not None:
+            cached = self.ns.listings.get(node.ino)
+            if cached is not None and (not again or self.listed_at.get(node.ino, 0.0) >= sent):
+                return cached  # a concurrent lookup or readdir listed it meanwhile
         up = self.uploader
         if up.pending_deletes or up.deleting or up.delete_batches > batches:
             for name in [

@@ -3,7 +3,7 @@
 Everything here is synchronous on purpose: trio only switches tasks at `await`, so each
 method runs atomically and the table's invariants (every (parent, name) pair maps to one
 live node; a node's key is derived from its parent chain) can never be seen half-updated.
-S3 is consulted by fs.py, which feeds the answers in through `apply_listing` and friends.
+S3 is consulted by fs.py, which feeds the answers in through `add_listing_page` and friends.
 
 Rules for keys (the README "Semantics" section repeats them):
 - directory D ↔ prefix "D/"; file F ↔ object "F"; the mount's PREFIX is prepended.
@@ -389,9 +389,10 @@ class Namespace:
         node.remote = True
         node.fresh_until = time.monotonic() + self.attr_ttl
 
-    def listing_from_page(self, dir_key: str, page: ListPage) -> dict[str, Entry]:
-        """Turn a delimiter listing of `dir_key` into name → Entry, by the key rules above."""
-        entries: dict[str, Entry] = {}
+    def add_listing_page(self, entries: dict[str, Entry], dir_key: str, page: ListPage) -> None:
+        """Add one page of a delimiter listing of `dir_key` to name → Entry, by the key rules
+        above. Pages come in key order, and "a" sorts before "a/": a prefix replaces a file of
+        its name from an earlier page as it does one from its own page."""
         for p in page.prefixes:
             name = p[len(dir_key) :].rstrip("/")
             if "/" not in name and fmt.valid_name(name):
@@ -408,4 +409,3 @@ class Namespace:
             if not fmt.valid_name(name) or name in entries:
                 continue  # a file hidden by a same-named prefix: the directory wins
             entries[name] = Entry(Kind.FILE, o.size, o.etag, o.mtime_ns, o.storage_class)
-        return entries

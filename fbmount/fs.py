@@ -566,10 +566,10 @@ class Filesystem(pyfuse3.Operations):
                 if e.kind is not Kind.DIR and up.deleted_since(prefix + n, batches)
             ]:
                 del listing[name]  # unlinked: DeleteObjects not sent, or done after the LIST
-        for (parent_ino, name), ino in list(self.ns.children.items()):
-            if parent_ino != node.ino:
+        for name in self.ns.child_names(node):
+            child = self.ns.child(node.ino, name)
+            if child is None:
                 continue
-            child = self.ns.nodes[ino]
             stored_since = child.stored_at >= sent  # newer than the answer: ours stands
             if name in listing and not stored_since:
                 continue

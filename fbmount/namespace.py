@@ -20,7 +20,6 @@ from __future__ import annotations
 import enum
 import stat
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -174,8 +173,9 @@ class Namespace:
         self.attr_ttl, self.dir_ttl = attr_ttl, dir_ttl
         self.started_ns = time.time_ns()
         self.nodes: dict[int, Node] = {}
-        self.children: dict[tuple[int, str], int] = {}
-        self.child_count: Counter[int] = Counter()
+        # parent ino → name → ino: no (parent, name) tuple per node, and a directory's
+        # children are found without walking every node of the mount.
+        self.children: dict[int, dict[str, int]] = {}
         self.listings: cachetools.TTLCache[int, dict[str, Entry]] = cachetools.TTLCache(
             max_listings, dir_ttl, timer=time.monotonic
         )
@@ -239,8 +239,12 @@ class Namespace:
         return self.nodes.get(ino)
 
     def child(self, parent: int, name: str) -> Node | None:
-        ino = self.children.get((parent, name))
+        ino = self.children.get(parent, {}).get(name)
         return self.nodes[ino] if ino is not None else None
+
+    def child_names(self, parent: Node) -> list[str]:
+        """The names of a directory's known children (a copy: safe to unlink while walking)."""
+        return list(self.children.get(parent.ino, ()))
 
     def add(self, parent: Node, name: str, kind: Kind) -> Node:
         """The node for parent/name, created if new; a kind change makes a new node."""
@@ -310,27 +314,23 @@ class Namespace:
         self.nodes.pop(node.ino, None)
 
     def _link(self, parent: int, name: str, ino: int) -> None:
-        self.children[(parent, name)] = ino
-        self.child_count[parent] += 1
+        self.children.setdefault(parent, {})[name] = ino
 
     def _unlink_name(self, node: Node) -> None:
-        if self.children.get((node.parent, node.name)) == node.ino:
-            del self.children[(node.parent, node.name)]
-            self.child_count[node.parent] -= 1
-            if self.child_count[node.parent] <= 0:
-                del self.child_count[node.parent]
+        names = self.children.get(node.parent)
+        if names is not None and names.get(node.name) == node.ino:
+            del names[node.name]
+            if not names:
+                del self.children[node.parent]
 
     def has_children(self, node: Node) -> bool:
-        return self.child_count.get(node.ino, 0) > 0
+        return node.ino in self.children  # an emptied directory's dict is dropped
 
     def descendants(self, node: Node) -> list[Node]:
         """Known nodes below a directory (for renames of staged files)."""
         out, stack = [], [node.ino]
-        by_parent: dict[int, list[int]] = {}
-        for (p, _), ino in self.children.items():
-            by_parent.setdefault(p, []).append(ino)
         while stack:
-            for ino in by_parent.get(stack.pop(), []):
+            for ino in self.children.get(stack.pop(), {}).values():
                 out.append(self.nodes[ino])
                 stack.append(ino)
         return out

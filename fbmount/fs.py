@@ -537,6 +537,9 @@ class Filesystem(pyfuse3.Operations):
         listing = self.ns.listings.get(node.ino)
         if listing is not None and not again:
             return listing
+        # Listings past --dir-ttl are dropped only when the cache is next written: let them
+        # go now, not after this directory's new listing is built beside its old one.
+        self.ns.listings.expire()
         prefix = self.ns.key(node)
         batches = self.uploader.delete_batches  # deletes done after this may be listed
         sent = time.monotonic()  # keys this mount writes after this may be missing

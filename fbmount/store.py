@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import ssl
+import sys
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -90,6 +91,12 @@ class ListPage:
 
 def _ns(dt: Any) -> int:
     return int(dt.timestamp() * 1e9) if dt is not None else time.time_ns()
+
+
+def _shared(value: str | None) -> str | None:
+    """One string object for a value that repeats on every object of a listing ("STANDARD"),
+    not one per object (100,000 listed files: 5 MiB)."""
+    return sys.intern(value) if value else value
 
 
 def _etag(value: str | None) -> str:
@@ -906,7 +913,7 @@ class S3Store:
                         o.get("Size", 0),
                         _etag(o.get("ETag")),
                         _ns(o.get("LastModified")),
-                        storage_class=o.get("StorageClass"),
+                        storage_class=_shared(o.get("StorageClass")),
                     )
                     for o in r.get("Contents", [])
                 ],
@@ -1004,7 +1011,7 @@ def parse_list_xml(body: bytes) -> ListPage:
                 int(c.findtext(f"{ns}Size") or 0),
                 _etag(c.findtext(f"{ns}ETag")),
                 _iso_ns(c.findtext(f"{ns}LastModified")),
-                storage_class=c.findtext(f"{ns}StorageClass"),
+                storage_class=_shared(c.findtext(f"{ns}StorageClass")),
             )
         )
     for p in root.iterfind(f"{ns}CommonPrefixes"):

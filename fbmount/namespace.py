@@ -18,6 +18,7 @@ Rules for keys (the README "Semantics" section repeats them):
 from __future__ import annotations
 
 import enum
+import functools
 import stat
 import time
 from collections.abc import Mapping
@@ -154,6 +155,17 @@ def headers_for(node: Node, name: str | None = None) -> tuple[dict[str, str], st
     return headers, ctype
 
 
+@functools.cache
+def default_mode(kind: Kind, umask: int) -> int:
+    """The mode of an object that carries none. Cached: one int object shared by all the
+    nodes of a kind, not one each (an int above 256 is an object of 32 bytes)."""
+    if kind is Kind.DIR:
+        return stat.S_IFDIR | (0o777 & ~umask)
+    if kind is Kind.LINK:
+        return stat.S_IFLNK | 0o777
+    return stat.S_IFREG | (0o666 & ~umask)
+
+
 class Namespace:
     def __init__(
         self,
@@ -229,11 +241,7 @@ class Namespace:
         self.root.mode = self.default_mode(Kind.DIR)
 
     def default_mode(self, kind: Kind) -> int:
-        if kind is Kind.DIR:
-            return stat.S_IFDIR | (0o777 & ~self.umask)
-        if kind is Kind.LINK:
-            return stat.S_IFLNK | 0o777
-        return stat.S_IFREG | (0o666 & ~self.umask)
+        return default_mode(kind, self.umask)
 
     def get(self, ino: int) -> Node | None:
         return self.nodes.get(ino)

@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,7 +172,7 @@ class Filesystem(pyfuse3.Operations):
             root_ino=root_ino,
         )
         self.handles: dict[int, FileHandle] = {}
-        self.dir_handles: dict[int, list[tuple[str, int]]] = {}
+        self.dir_handles: dict[int, tuple[list[str], array[int]]] = {}  # opendir: names, inos
         self._root_meta_warned = False  # said once per mount: root metadata is not stored
         self._next_fh = root_ino
         self.get_limiter = trio.CapacityLimiter(max(4, cfg.parallel * 2))
@@ -1045,17 +1046,26 @@ class Filesystem(pyfuse3.Operations):
         index_rows = (
             self.index.under(self.ns.key(node), 4 * len(names)) if len(names) > 64 else None
         )
-        unknown = []
-        snapshot = []
+        unknown: list[Node] = []  # at most HEAD_ON_LIST_LIMIT + 1: more are not HEADed
+        # The names and an array of their inodes, not a (name, ino) tuple per entry (100,000
+        # entries: 6 MiB). Inode 0 (a name gone from the listing meanwhile) is skipped by
+        # readdir as a forgotten node is.
+        inos = array("Q")
         for name in names:
             entry = listing.get(name)
             if entry is None:
+                inos.append(0)
                 continue
             child = await self._node_from_entry(
                 node, name, entry, head_unknown=False, index_rows=index_rows
             )
-            snapshot.append((name, child.ino))
-            if child.kind is not Kind.DIR and not child.meta_known and child.staged is None:
+            inos.append(child.ino)
+            if (
+                child.kind is not Kind.DIR
+                and not child.meta_known
+                and child.staged is None
+                and len(unknown) <= HEAD_ON_LIST_LIMIT
+            ):
                 unknown.append(child)
         if 0 < len(unknown) <= HEAD_ON_LIST_LIMIT:
             for child in unknown:
@@ -1070,14 +1080,14 @@ class Filesystem(pyfuse3.Operations):
                     if not child.meta_pending:
                         nursery.start_soon(head, child)
         fh = self._new_fh()
-        self.dir_handles[fh] = snapshot
+        self.dir_handles[fh] = (names, inos)
         return fh
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        snapshot = self.dir_handles[fh]
-        for i in range(start_id, len(snapshot)):
-            name, ino = snapshot[i]
+        names, inos = self.dir_handles[fh]
+        for i in range(start_id, len(names)):
+            name, ino = names[i], inos[i]
             node = self.ns.get(ino)
             if node is None:
                 continue

@@ -553,7 +553,7 @@ class Filesystem(pyfuse3.Operations):
                 self.big_dirs[node.ino] = True
                 return None
             page = await self.store.list_page(prefix, "/", token)
-            self.ns.add_listing_page(listing, prefix, page)
+            self.ns.add_listing_page(listing, node, prefix, page)
             pages += 1
             token = page.next_token
             if not token:

@@ -397,10 +397,14 @@ class Namespace:
         node.remote = True
         node.fresh_until = time.monotonic() + self.attr_ttl
 
-    def add_listing_page(self, entries: dict[str, Entry], dir_key: str, page: ListPage) -> None:
-        """Add one page of a delimiter listing of `dir_key` to name → Entry, by the key rules
-        above. Pages come in key order, and "a" sorts before "a/": a prefix replaces a file of
-        its name from an earlier page as it does one from its own page."""
+    def add_listing_page(
+        self, entries: dict[str, Entry], parent: Node, dir_key: str, page: ListPage
+    ) -> None:
+        """Add one page of a delimiter listing of directory `parent` (key `dir_key`) to
+        name → Entry, by the key rules above. Pages come in key order, and "a" sorts before
+        "a/": a prefix replaces a file of its name from an earlier page as it does one from
+        its own page."""
+        known = self.children.get(parent.ino, {})
         for p in page.prefixes:
             name = p[len(dir_key) :].rstrip("/")
             if "/" not in name and fmt.valid_name(name):
@@ -416,4 +420,14 @@ class Namespace:
                 continue
             if not fmt.valid_name(name) or name in entries:
                 continue  # a file hidden by a same-named prefix: the directory wins
-            entries[name] = Entry(Kind.FILE, o.size, o.etag, o.mtime_ns, o.storage_class)
+            etag, mtime_ns, ino = o.etag, o.mtime_ns, known.get(name)
+            if ino is not None:
+                # Listed again: share the node's objects rather than hold a second copy of
+                # each (a relisted 100,000-entry directory: 16 MiB).
+                node = self.nodes[ino]
+                name = node.name
+                if node.etag == etag:
+                    etag = node.etag
+                if node.mtime_ns == mtime_ns:
+                    mtime_ns = node.mtime_ns
+            entries[name] = Entry(Kind.FILE, o.size, etag, mtime_ns, o.storage_class)

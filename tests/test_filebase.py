@@ -473,7 +473,8 @@ def test_setxattr_removexattr_on_stored_file(
 
 
 def test_xattr_errors(s3: Any, bucket: str, mount: MountFactory) -> None:
-    """ENODATA for a missing name, EPERM for user.fbmount.*, ENOTSUP/EPERM outside user.*,
+    """ENODATA for a missing name, EPERM for user.fbmount.*, ENOTSUP outside user.* (EPERM
+    allowed for setxattr),
     an error for names s3fs's header cannot hold, E2BIG past the 2 KiB metadata cap."""
     m = mount(bucket, *STRICT)
     p = m.path / "f.txt"
@@ -486,6 +487,10 @@ def test_xattr_errors(s3: Any, bucket: str, mount: MountFactory) -> None:
         expect_errno(errno.EPERM, os.setxattr, p, FBX + "anything", b"x")
         for name in ("trusted.x", "security.x"):
             expect_errno({errno.ENOTSUP, errno.EPERM}, os.setxattr, p, name, b"x")
+        # Not stored, so not supported: ls -l then stops asking for every file's
+        # SELinux label and ACL (two FUSE round trips per entry).
+        for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+            expect_errno(errno.ENOTSUP, os.getxattr, p, name)
         for name in ("user.a:b", "user.a,b", 'user.a"b'):
             expect_errno({errno.ENOTSUP, errno.EINVAL}, os.setxattr, p, name, b"x")
             assert name not in os.listxattr(p)

@@ -41,17 +41,23 @@ def ratio(metric: Metric, row: dict[str, dict]) -> float | None:
     fb = row.get("fbmount")
     if not fb or fb.get("status") != "ok" or fb.get("value") is None:
         return None
-    peers = [
-        row[p]["value"]
+    best = best_peer(metric, row)
+    if best is None or row[best]["value"] == 0:
+        return None
+    return fb["value"] / row[best]["value"]
+
+
+def best_peer(metric: Metric, row: dict[str, dict]) -> str | None:
+    """The peer with the best measured value on this row (None: no peer measured it)."""
+    done = [
+        p
         for p in PEERS
         if p in row and row[p].get("status") == "ok" and row[p].get("value") is not None
     ]
-    if not peers:
+    if not done:
         return None
-    best = max(peers) if metric.higher_is_better else min(peers)
-    if best == 0:
-        return None
-    return fb["value"] / best
+    pick = max if metric.higher_is_better else min
+    return pick(done, key=lambda p: row[p]["value"])
 
 
 def ratio_text(metric: Metric, row: dict[str, dict]) -> str:
@@ -100,17 +106,7 @@ def table(metrics: list[Metric], results: dict, stats: dict, tools: list[str]) -
                 cpu_cell(per_tool, tools),
             ]
         )
-    widths = [
-        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)
-    ]
-    line = " | ".join(
-        c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(cols)
-    )
-    out = [line, "-+-".join("-" * w for w in widths)]
-    for r in rows:
-        out.append(
-            " | ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(r))
-        )
+    out = render(cols, rows)
     out.append(
         "↑ higher is better, ↓ lower is better; ratio = fbmount value / best peer value "
         "(so > 1 is better on ↑ rows, < 1 is better on ↓ rows). BAD = data check failed. "
@@ -132,18 +128,28 @@ def cpu_cell(per_tool: dict, tools: list[str]) -> str:
     )
 
 
-def best_peer(metric: Metric, row: dict[str, dict]) -> str:
-    """The best peer's cell on one row (the one fbmount is divided by)."""
-    done = [
-        p
-        for p in PEERS
-        if p in row and row[p].get("status") == "ok" and row[p].get("value") is not None
+def render(cols: list[str], rows: list[list[str]]) -> list[str]:
+    """Header, rule and rows as aligned text lines: the first two columns (workload, unit)
+    left-aligned, the numbers right-aligned."""
+    widths = [
+        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)
     ]
-    if not done:
+
+    def line(cells: list[str]) -> str:
+        return " | ".join(
+            c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(cells)
+        )
+
+    return [line(cols), "-+-".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+def best_peer_cell(metric: Metric, row: dict[str, dict]) -> str:
+    """The best peer's cell on one row (the one fbmount is divided by), or every peer's
+    when none was measured."""
+    best = best_peer(metric, row)
+    if best is None:
         return " / ".join(f"{p} {cell(row[p])}" for p in PEERS if p in row)
-    pick = max if metric.higher_is_better else min
-    p = pick(done, key=lambda t: row[t]["value"])
-    return f"{cell(row[p])} ({p})"
+    return f"{cell(row[best])} ({best})"
 
 
 def links_table(metrics: list[Metric], runs: list[tuple[str, dict]]) -> str:
@@ -159,15 +165,9 @@ def links_table(metrics: list[Metric], runs: list[tuple[str, dict]]) -> str:
         r = [m.label, m.unit + (" ↑" if m.higher_is_better else " ↓")]
         for _, results in runs:
             row = results.get(m.key, {})
-            r += [cell(row.get("fbmount")), best_peer(m, row), ratio_text(m, row)]
+            r += [cell(row.get("fbmount")), best_peer_cell(m, row), ratio_text(m, row)]
         rows.append(r)
-    widths = [
-        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)
-    ]
-    just = [lambda c, w: c.ljust(w)] * 2 + [lambda c, w: c.rjust(w)] * (len(cols) - 2)
-    out = [" | ".join(just[i](c, widths[i]) for i, c in enumerate(cols))]
-    out.append("-+-".join("-" * w for w in widths))
-    out += [" | ".join(just[i](c, widths[i]) for i, c in enumerate(r)) for r in rows]
+    out = render(cols, rows)
     out.append("ratio = fbmount / best peer on that link (> 1 better on ↑ rows, < 1 on ↓ rows).")
     return "\n".join(out)
 

@@ -50,6 +50,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import logging
 import os
@@ -648,7 +649,9 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
     """pwrite all of `data` or raise: a short write (a full disk) must not count as put."""
     written = os.pwrite(fd, data, offset)
     if written != len(data):
-        raise OSError(28, f"short write of a journal record ({written} of {len(data)} bytes)")
+        raise OSError(
+            errno.ENOSPC, f"short write of a journal record ({written} of {len(data)} bytes)"
+        )
 
 
 def _fsync_path(path: Path) -> None:

@@ -373,6 +373,8 @@ class WriteBack:
         Nothing escapes: each upload, delete batch and marker runs guarded, and a bug in
         the scan itself is logged and the scan tried again a second later."""
         async with open_nursery() as nursery:
+            # Not write-back, but the same per-bucket life: data files made ahead for create.
+            nursery.start_soon(guarded, "spare staging files", self.staging.keep_spares)
             while True:
                 with trio.move_on_after(0.25):
                     await self._wake.wait()

@@ -143,3 +143,22 @@ def fail_lines(out: str, own_root: Path) -> list[str]:
             continue
         lines.append(line)
     return lines
+
+
+def journal_records(staging: Path) -> dict[str, dict]:
+    """The entries a staging directory's journal still holds, by id: the newest record of
+    each (later in the log on a tie), tombstoned ones left out, as recover() reads them."""
+    from fbmount.journal import read_records
+
+    newest: dict[str, dict] = {}
+    segments = sorted(staging.glob("journal-*.log"), key=lambda p: int(p.stem.split("-")[1]))
+    for path in segments:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            continue  # cleaned meanwhile: its live records were copied forward first
+        for _, _, payload, _ in read_records(raw)[0]:
+            old = newest.get(payload["id"])
+            if old is None or payload["seq"] >= old["seq"]:
+                newest[payload["id"]] = payload
+    return {sid: r for sid, r in newest.items() if not r.get("gone")}

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import Mount, MountFactory
 from faultproxy import FaultProxy
-from helpers import status_json
+from helpers import journal_records, status_json
 
 MIB = 1024 * 1024
 FIXED_NS = 1_500_000_000_123_456_789  # 2017-07-14, an mtime no clock would produce
@@ -80,8 +80,8 @@ def state_dir(m: Mount) -> Path:
     return dirs[0]
 
 
-def staged_records(m: Mount) -> list[Path]:
-    return sorted((state_dir(m) / "staging").glob("*.json"))
+def staged_records(m: Mount) -> list[dict]:
+    return list(journal_records(state_dir(m) / "staging").values())
 
 
 def wait_settled(m: Mount, timeout: float = 60) -> None:
@@ -239,7 +239,7 @@ def test_cache_dir_is_private(bucket: str, mount: MountFactory) -> None:
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     assert stat.S_IMODE(staging.stat().st_mode) == 0o700
     staged = list(staging.iterdir())
-    assert {p.suffix for p in staged} == {".data", ".json"}, staged
+    assert {p.suffix for p in staged} == {".data", ".log"}, staged
     for p in staged:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     assert m.unmount() == 0

@@ -28,9 +28,15 @@ from typing import Any
 import pytest
 from conftest import Mount, MountFactory
 from faultproxy import FaultProxy
-from helpers import HANG_BOUND, body, bounded, open_uploads, read_file, wait_for
-
-from fbmount.staging import read_journal_record
+from helpers import (
+    HANG_BOUND,
+    body,
+    bounded,
+    journal_records,
+    open_uploads,
+    read_file,
+    wait_for,
+)
 
 MIB = 1024 * 1024
 STRICT = ("--upload-delay", "0")
@@ -65,8 +71,7 @@ def staged_records(m: Mount) -> dict[str, dict]:
     """Journal records in the mount's staging dir, by key."""
     out = {}
     for state in m.cache_dir.iterdir():
-        for p in (state / "staging").glob("*.json"):
-            record, _ = read_journal_record(p.read_bytes())
+        for record in journal_records(state / "staging").values():
             out[record["key"]] = record
     return out
 

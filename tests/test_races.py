@@ -26,10 +26,11 @@ from typing import Any
 import pytest
 from conftest import Mount, MountFactory
 from faultproxy import FaultProxy, RequestInfo
-from helpers import body, exists, read_file, sync_path, wait_for
+from helpers import body, exists, journal_records, read_file, sync_path, wait_for
 
+from fbmount.journal import INLINE_MAX
 from fbmount.reader import CHUNK
-from fbmount.staging import SLOT, Staged, StagingArea, State, read_journal_record
+from fbmount.staging import Staged, StagingArea, State
 
 MIB = 1 << 20
 HANG_BOUND = 60.0  # a syscall still blocked after this long is a hang
@@ -270,7 +271,7 @@ def test_file_removed_while_open_does_not_come_back_after_kill9(
     m = mount(bucket, "--upload-delay", "60")  # nothing is uploaded before the crash
     victim = m.path / "victim.txt"
     victim.write_bytes(b"removed while open\n")
-    records = wait_for(lambda: list(staging_dir(m).glob("*.json")), "the journal record")
+    records = wait_for(lambda: journal_records(staging_dir(m)), "the journal record")
     assert len(records) == 1
     if how == "rename-over":
         (m.path / "other.txt").write_bytes(b"renamed over it\n")
@@ -298,7 +299,7 @@ def test_file_removed_while_open_does_not_come_back_after_kill9(
         assert body(s3, bucket, "victim.txt") == b"renamed over it\n"
         assert (m2.path / "victim.txt").read_bytes() == b"renamed over it\n"
         assert not exists(s3, bucket, "other.txt")
-    assert not list(staging_dir(m2).glob("*.json"))
+    assert not journal_records(staging_dir(m2))
     assert m2.unmount() == 0
 
 
@@ -317,7 +318,7 @@ def test_ten_dd_notrunc_writers_of_one_staged_file(
     for rnd in range(3):
         dd_slices_at_once(path, tmp_path, f"round{rnd}", want)
         assert read_file(path) == want, f"round {rnd}"
-    assert len(list(staging_dir(m).glob("*.json"))) == 1
+    assert len(journal_records(staging_dir(m))) == 1
     assert not list(staging_dir(m).glob("*.tmp"))
     sync_path(path)
     assert body(s3, bucket, "shared.bin") == want
@@ -332,17 +333,17 @@ def staged_file(area: StagingArea, key: str = "k", data: bytes = b"data") -> Sta
     return staged
 
 
-def overwrite(path: Path, data: bytes) -> None:
-    """What a crash in the middle of a rewrite leaves at the start of a record file."""
+def overwrite(path: Path, data: bytes, offset: int = 0) -> None:
+    """What a crash in the middle of an append leaves, or a damaged disk."""
     fd = os.open(path, os.O_WRONLY)
     try:
-        os.pwrite(fd, data, 0)
+        os.pwrite(fd, data, offset)
     finally:
         os.close(fd)
 
 
 def record_of(area: StagingArea, staged: Staged) -> dict:
-    return read_journal_record((area.root / f"{staged.id}.json").read_bytes())[0]
+    return journal_records(area.root)[staged.id]
 
 
 def test_journal_concurrent_writes_keep_the_newest(tmp_path: Path) -> None:
@@ -356,9 +357,7 @@ def test_journal_concurrent_writes_keep_the_newest(tmp_path: Path) -> None:
     assert record_of(area, staged)["seq"] == records[-1]["seq"]
     assert record_of(area, staged)["headers"] == {"n": "19"}
     assert staged.record is not None and staged.record["seq"] == records[-1]["seq"]
-    assert sorted(p.name for p in area.root.iterdir()) == sorted(
-        [f"{staged.id}.data", f"{staged.id}.json"]
-    )
+    assert sorted(p.name for p in area.root.iterdir()) == [f"{staged.id}.data", "journal-1.log"]
 
 
 def test_journal_older_record_never_replaces_a_newer_one(tmp_path: Path) -> None:
@@ -387,7 +386,7 @@ def test_journal_write_after_remove_does_not_resurrect(tmp_path: Path) -> None:
     late = area.journal_record(kept, {}, "text/plain")
     area.drop_record(kept)
     assert not area.write_journal(kept, late, durable=False)
-    assert not (area.root / f"{kept.id}.json").exists()
+    assert kept.id not in journal_records(area.root)
     newer = area.journal_record(kept, {}, "text/plain")  # changed again afterwards: kept
     assert area.write_journal(kept, newer, durable=False)
 
@@ -402,117 +401,153 @@ def test_discard_drops_the_record_while_the_copy_stays_open(tmp_path: Path) -> N
     area.discard(staged)
     assert staged.state is State.DISCARDED and not staged.dirty
     assert not area.write_journal(staged, late, durable=True)
-    assert [p.name for p in area.root.iterdir()] == [f"{staged.id}.data"]
+    assert sorted(p.name for p in area.root.iterdir()) == [f"{staged.id}.data", "journal-1.log"]
+    assert journal_records(area.root) == {}
     assert os.pread(staged.fd, 10, 0) == b"data"
 
 
-def test_journal_rewrites_alternate_slots_and_a_torn_one_leaves_the_record_before(
-    tmp_path: Path,
-) -> None:
-    """The first record is a whole file; each later one goes into the slot that does not
-    hold the newest. A crash in the middle of a rewrite (its slot torn) recovers the record
-    before it, never nothing; a record file of an older fbmount (plain JSON) is read and
-    then rewritten whole."""
+def test_journal_appends_and_a_torn_tail_leaves_the_records_before(tmp_path: Path) -> None:
+    """Records are appended to one log, a small file's bytes inline: after a crash the next
+    mount rewrites them into its data file. A crash in the middle of an append (a torn
+    tail) recovers the records before it, never nothing; damage in the middle of a
+    segment is reported and a copy kept; a record file of an older fbmount (plain JSON) is
+    read, and a newer journal record of the same entry wins over it."""
     root = tmp_path / "staging"
     area = StagingArea(root)
     staged = staged_file(area, "f.txt", b"bytes")
-    path = root / f"{staged.id}.json"
-    seen = []
     for n in range(4):
         assert area.write_journal(staged, area.journal_record(staged, {"n": str(n)}, "t"), True)
-        record, slot = read_journal_record(path.read_bytes())
-        assert record["headers"] == {"n": str(n)}
-        seen.append(slot)
-    assert seen == [0, 1, 0, 1]
-    assert path.stat().st_size < 2 * SLOT  # the second slot only as long as its record
+        assert record_of(area, staged)["headers"] == {"n": str(n)}
+    log_path = root / "journal-1.log"
+    records = journal_records(root)
+    assert list(records) == [staged.id] and records[staged.id]["inline"]
 
-    # A crash while record 4 was going into slot 0: half of it written.
+    # A crash while record 4 was being appended: half of it written.
+    raw = log_path.read_bytes()
+    end = len(raw.rstrip(b"\0"))
     torn = area.journal_record(staged, {"n": "4"}, "t")
-    overwrite(path, b"FBJ2\xff\xff" + b"{" * 100)
+    overwrite(log_path, b"FBL1\xff\xff" + b"{" * 100, end)
     area.close_fd(staged)
-    (found,) = StagingArea(root).recover()
-    assert found[1]["headers"] == {"n": "3"} and found[0].journal_slot == 1
-    assert torn["seq"] > found[1]["seq"]
+    staged.data_path.write_bytes(b"lost")  # the data file was not synced: the log has it
+    after = StagingArea(root)
+    ((found, record),) = after.recover()
+    assert record["headers"] == {"n": "3"} and torn["seq"] > record["seq"]
+    assert found.data_path.read_bytes() == b"bytes"
+    assert not (root / "quarantine").exists()  # a torn tail is no damage
 
-    # Both slots unreadable: the entry is quarantined, its bytes kept.
-    overwrite(path, b"\0" * (SLOT + 64))
+    # Damage before the last record: what follows it is not read; a copy is kept.
+    overwrite(log_path, b"\xff", 40)
     assert StagingArea(root).recover() == []
-    assert (root / "quarantine" / f"{staged.id}.data").read_bytes() == b"bytes"
+    assert (root / "quarantine" / "journal-1.log").exists()
 
-    # An older fbmount's record: plain JSON, read as is, then replaced by a slot file.
+    # An older fbmount's record: plain JSON, read as is; a newer journal record wins.
     old = staged_file(area, "old.txt", b"old")
     legacy = area.journal_record(old, {"v": "1"}, "t")
     (root / f"{old.id}.json").write_text(json.dumps(legacy))
     area.close_fd(old)
-    after = StagingArea(root)
-    ((recovered, record),) = after.recover()
-    assert record["headers"] == {"v": "1"} and recovered.journal_slot == -1
-    assert after.write_journal(recovered, after.journal_record(recovered, {"v": "2"}, "t"), True)
-    assert read_journal_record((root / f"{old.id}.json").read_bytes()) == (recovered.record, 0)
+    later = StagingArea(root)
+    ((recovered, record),) = later.recover()
+    assert record["headers"] == {"v": "1"} and recovered.legacy
+    assert later.write_journal(recovered, later.journal_record(recovered, {"v": "2"}, "t"), True)
+    ((_, record),) = StagingArea(root).recover()
+    assert record["headers"] == {"v": "2"}
+    later.remove(recovered)
+    assert not (root / f"{old.id}.json").exists()
 
 
-def test_durable_record_overtaken_by_an_unsynced_one_syncs_it(tmp_path: Path) -> None:
-    """close() (durable) queued behind a truncate's record (not fsynced, newer): close()'s
-    record is skipped as older, so the newer one carrying its change is synced before
-    close() is told its change is on disk. A recovered record counts as unsynced too."""
-    root = tmp_path / "staging"
-    area = StagingArea(root)
+def test_a_durable_record_overtaken_by_an_unsynced_one_syncs_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() (durable) queued behind a truncate's record (not synced, newer): close()'s
+    record is skipped as older, and the journal is synced before close() is told its
+    change is on disk: the newer record carries it."""
+    area = StagingArea(tmp_path / "staging")
     staged = staged_file(area)
     assert area.write_journal(staged, area.journal_record(staged, {"n": "1"}, "t"), True)
     closing = area.journal_record(staged, {"n": "2"}, "t")
     truncating = area.journal_record(staged, {"n": "3"}, "t")
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
     assert area.write_journal(staged, truncating, durable=False)
-    assert staged.journal_unsynced
+    assert synced == []
     assert not area.write_journal(staged, closing, durable=True)  # older: skipped ...
-    assert not staged.journal_unsynced  # ... but the newer record is on disk now
+    assert len(synced) == 1  # ... but the journal holding the newer record is synced
     assert record_of(area, staged)["headers"] == {"n": "3"}
-    area.close_fd(staged)
-    ((recovered, _),) = StagingArea(root).recover()
-    assert recovered.journal_unsynced and recovered.journal_slot == 1
 
 
 def test_durable_records_skip_the_syncs_already_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """rsync's close, utime and rename are three durable records of one file: the first
-    syncs the data, the record and the directory; the later ones only their slot, unless
-    the bytes changed since (or the entry was recovered after a crash)."""
-    import fbmount.staging as staging_module
-
+    """A small file rides in its record: no fsync of its data file or of the directory,
+    ever. A big one (rsync's close, utime and rename are three durable records) syncs its
+    data and the directory once, then only when its bytes changed or after a crash."""
     synced: list[str] = []
-    real = staging_module._fsync_path
-    monkeypatch.setattr(
-        staging_module, "_fsync_path", lambda p: (synced.append(Path(p).suffix or "dir"), real(p))
-    )
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append("dir" if os.path.isdir(path) else Path(path).suffix)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     root = tmp_path / "staging"
     area = StagingArea(root)
-    staged = staged_file(area)
+    warm_up = staged_file(area, "warm-up")  # the journal's first segment is made and synced
+    assert area.write_journal(warm_up, area.journal_record(warm_up, {}, "t"), True)
+    small = staged_file(area, "small", b"tiny")
+    big = staged_file(area, "big", b"b" * (INLINE_MAX + 1))
 
-    def durable_record(data_changed: bool) -> list[str]:
+    def durable_record(staged: Staged, data_changed: bool) -> list[str]:
         synced.clear()
         staged.touch(data=data_changed)
         assert area.write_journal(staged, area.journal_record(staged, {}, "t"), durable=True)
         return sorted(synced)
 
-    assert durable_record(True) == [".data", "dir"]  # close: a whole record file (its own fsync)
-    assert durable_record(False) == []  # utime: the slot's fdatasync only
-    assert durable_record(False) == []  # rename
-    os.pwrite(staged.fd, b"more", 4)
-    assert durable_record(True) == [".data"]  # written again: its bytes first
-    # Uploaded while still open (its record dropped), truncated (a record renamed into
-    # place without fsync), written and closed: the directory is synced for that name.
-    area.drop_record(staged)
-    staged.touch()
-    assert area.write_journal(staged, area.journal_record(staged, {}, "t"), durable=False)
-    assert durable_record(True) == [".data", "dir"]
-    area.close_fd(staged)
+    assert durable_record(small, True) == []  # inline: one fdatasync of the journal
+    assert durable_record(big, True) == [".data", "dir"]  # close: its bytes and its name
+    assert durable_record(big, False) == []  # utime
+    assert durable_record(big, False) == []  # rename
+    os.pwrite(big.fd, b"more", 4)
+    assert durable_record(big, True) == [".data"]  # written again: its bytes first
+    area.close_fd(big)
+    area.close_fd(small)
     after = StagingArea(root)
-    ((recovered, _),) = after.recover()
+    recovered = {s.key: s for s, _ in after.recover()}
+    assert recovered["small"].data_path.read_bytes() == b"tiny"
     synced.clear()
-    assert after.write_journal(recovered, after.journal_record(recovered, {}, "t"), True)
-    # After a crash nothing is assumed: the data, the directory, and (fdatasync, not
-    # counted here) the recovered record before its twin slot is overwritten.
-    assert sorted(synced) == [".data", "dir"] and not recovered.journal_unsynced
+    big2 = recovered["big"]
+    assert after.write_journal(big2, after.journal_record(big2, {}, "t"), True)
+    # After a crash nothing is assumed: the data and the directory are synced again (and
+    # the first record after a recovery starts a new segment: its file and name).
+    assert sorted(synced) == [".data", ".log", "dir", "dir"]
+
+
+def test_the_journal_cleans_old_segments_and_keeps_the_live_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Segments fill and new ones begin; an old segment whose records are all superseded
+    or dropped is deleted, and live records of a mostly dead one are copied forward first.
+    Every entry still staged is recovered with its newest record after all that."""
+    import fbmount.journal as journal_module
+
+    monkeypatch.setattr(journal_module, "SEGMENT_MAX", 64 * 1024)
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+    keep = staged_file(area, "keep", b"k" * 1000)
+    assert area.write_journal(keep, area.journal_record(keep, {"v": "keep"}, "t"), True)
+    for n in range(300):  # files written, closed and uploaded, as rsync's would be
+        staged = staged_file(area, f"f{n}", b"x" * 2000)
+        assert area.write_journal(staged, area.journal_record(staged, {}, "t"), True)
+        area.remove(staged)
+    segments = sorted(root.glob("journal-*.log"))
+    assert 1 <= len(segments) <= 3, segments  # 600 KiB appended, segments of 64 KiB
+    assert "journal-1.log" not in [p.name for p in segments]
+    assert list(journal_records(root)) == [keep.id]
+    area.close_fd(keep)
+    ((found, record),) = StagingArea(root).recover()
+    assert found.id == keep.id and record["headers"] == {"v": "keep"}
+    assert found.data_path.read_bytes() == b"k" * 1000
 
 
 def test_recover_quarantines_unreadable_records(
@@ -544,7 +579,7 @@ def test_recover_quarantines_unreadable_records(
     assert (quarantine / f"{bad.id}.json").exists()
     assert bad.id in caplog.text and "quarantine" in caplog.text
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        [f"{good.id}.data", f"{good.id}.json", "quarantine"]
+        [f"{good.id}.data", "journal-1.log", "quarantine"]
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from conftest import Mount, MountFactory
 from faultproxy import FaultProxy
+from helpers import journal_records
 
 N_FILES = 300  # files in the rsync tree
 FILES_PER_DIR = 50
@@ -100,7 +101,7 @@ def wait_settled(
     included, is in S3), then until no request is in flight at the proxy."""
     staging = staging_dir(m)
     deadline = time.monotonic() + timeout
-    while any(staging.glob("*.json")):
+    while journal_records(staging):
         if time.monotonic() > deadline:
             left = sorted(p.name for p in staging.iterdir())
             pytest.fail(f"uploads did not settle in {timeout:.0f} s; staged: {left[:10]}")

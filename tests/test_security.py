@@ -308,7 +308,7 @@ def test_cache_directory_is_private(tmp_path: Path, bucket: str, mount: MountFac
     for d in (cache, states[0], staging):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, (d, oct(d.stat().st_mode))
     staged = list(staging.iterdir())
-    assert {p.suffix for p in staged} == {".data", ".json"}, staged
+    assert {p.suffix for p in staged} == {".data", ".log"}, staged
     for p in staged:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, (p, oct(p.stat().st_mode))
     from fbmount.control import socket_path

@@ -34,11 +34,19 @@ from conftest import (
     warm_bucket,
 )
 from faultproxy import FaultProxy
-from helpers import body, fail_lines, pid_alive, status_json, wait_for, wait_gone, write_file
+from helpers import (
+    body,
+    fail_lines,
+    journal_records,
+    pid_alive,
+    status_json,
+    wait_for,
+    wait_gone,
+    write_file,
+)
 
 from fbmount import control
 from fbmount.localserver import LocalS3Server
-from fbmount.staging import read_journal_record
 
 MIB = 1024 * 1024
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -494,8 +502,9 @@ def test_sync_waits_for_s3_and_reports_refusals(
         assert failed and "AccessDenied" in failed[0]["error"], st
         assert st["pending_files"] >= 1, st
         journal = [
-            read_journal_record(p.read_bytes())[0]["key"]
-            for p in m.cache_dir.glob("*/staging/*.json")
+            record["key"]
+            for staging in m.cache_dir.glob("*/staging")
+            for record in journal_records(staging).values()
         ]
         assert "b.txt" in journal, journal
         human = run_fbmount("status", str(m.path), timeout=30).stdout
@@ -546,7 +555,7 @@ def test_sigterm_flush_timeout_keeps_files_staged_for_next_mount(
         assert not is_mounted(m.path)
         for name in files:
             assert body(s3, bucket, name) is None
-        assert len(list(m.cache_dir.glob("*/staging/*.json"))) >= 2
+        assert sum(len(journal_records(s)) for s in m.cache_dir.glob("*/staging")) >= 2
         m.unmount()  # closes the log; nothing left to stop
 
         for rule in rules:

@@ -1,0 +1,303 @@
+"""The staging journal: one append-only log shared by every staged file.
+
+Why one log: a record file per staged file cost every close() a new inode, a rename and
+three fsyncs (data, record, directory): 1.8 ms of a 3 ms small-file create on ext4. Here a
+close appends its record to the open segment, with the bytes of a small file inline
+(`INLINE_MAX`), and one fdatasync covers it and every record appended before it.
+
+Format: segment files `journal-<n>.log`, n counting up. A segment is a run of records:
+a header (magic, payload length, data length, crc32 of payload and data), a JSON payload,
+then the data. A payload names its staged entry (`id`) and carries a sequence number
+(`seq`); the newest record of an entry wins, later in the log on a tie, and a tombstone
+(`gone`) says the entry has no record any more. Reading a segment stops at its first torn or
+damaged record: appends are serialized, a failed append closes the segment (the next one
+goes to a new segment), and a recovery starts a new segment too, so nothing that was synced
+can follow a bad record in its segment.
+
+Segments: when the open segment passes `SEGMENT_MAX` the next durable append starts a new
+one, and old segments are cleaned oldest first: a segment whose live records (entries' newest
+records, not tombstones) are under a quarter of it, or any segment while the log holds more
+garbage than live bytes plus two segments, has its live records copied into the open
+segment and is deleted. Oldest first keeps tombstones sound: a tombstone only ever covers
+records in its own or older segments, and those are gone before it is.
+
+Every method but `recover` expects the caller to hold the lock that orders its journal
+writes (StagingArea's journal lock): an append and the caller's bookkeeping of it must be
+one step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("fbmount.staging")
+
+MAGIC = b"FBL1"
+HEAD = struct.Struct("<4sIII")  # magic, payload length, data length, crc32(payload + data)
+INLINE_MAX = 128 * 1024  # a file up to this size rides in its record: no fsync of its own
+SEGMENT_MAX = 4 * 1024 * 1024  # zero-filled when opened: an fdatasync of an append that
+# stays inside the file need not write the inode (120 instead of 200 µs on ext4)
+_SEGMENT_NAME = re.compile(r"journal-(\d+)\.log")
+
+
+def record_bytes(payload: dict, data: bytes = b"") -> bytes:
+    body = json.dumps(payload).encode()
+    return HEAD.pack(MAGIC, len(body), len(data), zlib.crc32(data, zlib.crc32(body))) + body + data
+
+
+def read_records(raw: bytes) -> tuple[list[tuple[int, int, dict, bytes]], int]:
+    """The intact records at the start of a segment's bytes as (offset, length, payload,
+    data), and where reading stopped (len(raw) unless a record was torn or damaged)."""
+    found = []
+    pos = 0
+    while pos + HEAD.size <= len(raw):
+        magic, plen, dlen, crc = HEAD.unpack_from(raw, pos)
+        end = pos + HEAD.size + plen + dlen
+        if magic != MAGIC or end > len(raw):
+            break
+        body = raw[pos + HEAD.size : pos + HEAD.size + plen]
+        data = raw[pos + HEAD.size + plen : end]
+        if zlib.crc32(data, zlib.crc32(body)) != crc:
+            break
+        try:
+            payload = json.loads(body)
+            str(payload["id"]), int(payload["seq"])
+        except (ValueError, KeyError, TypeError):
+            break
+        found.append((pos, end - pos, payload, data))
+        pos = end
+    return found, pos
+
+
+@dataclass
+class _Live:
+    """Where an entry's newest record is (a tombstone has none)."""
+
+    segment: int
+    offset: int
+    length: int
+
+
+class Journal:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._fd = -1  # the open segment (appends go to its end)
+        self._number = 0
+        self._end = 0
+        self._broken = False  # an append failed: the next one starts a new segment
+        self._live: dict[str, _Live] = {}
+        self._sizes: dict[int, int] = {}  # segment -> bytes
+        self._live_bytes: dict[int, int] = {}  # segment -> bytes of live records
+
+    # ----- reading, at mount ------------------------------------------------------------
+    def segments(self) -> list[tuple[int, Path]]:
+        found = []
+        for path in self.root.glob("journal-*.log"):
+            match = _SEGMENT_NAME.fullmatch(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def recover(self) -> dict[str, tuple[dict, bytes]]:
+        """The newest record and inline data of every entry that has one, read from every
+        segment; the next append goes to a new segment. A segment with bytes after a
+        damaged record is copied to quarantine/ and named in the log."""
+        newest: dict[str, tuple[dict, bytes, int, int, int]] = {}
+        for number, path in self.segments():
+            raw = path.read_bytes()
+            records, stop = read_records(raw)
+            if _damaged_not_torn(raw, stop):
+                qdir = self.root / "quarantine"
+                qdir.mkdir(exist_ok=True, mode=0o700)
+                shutil.copyfile(path, qdir / path.name)
+                log.error(
+                    "%s: a damaged record at byte %d; %d bytes after it not read, a copy "
+                    "kept in %s",
+                    path.name,
+                    stop,
+                    len(raw) - stop,
+                    qdir,
+                )
+            self._sizes[number] = stop  # a segment is zero-filled past its records
+            self._live_bytes[number] = 0
+            self._number = max(self._number, number)
+            for offset, length, payload, data in records:
+                sid = payload["id"]
+                old = newest.get(sid)
+                if old is None or int(payload["seq"]) >= int(old[0]["seq"]):
+                    newest[sid] = (payload, data, number, offset, length)
+        found = {}
+        for sid, (payload, data, number, offset, length) in newest.items():
+            if payload.get("gone"):
+                continue
+            self._set_live(sid, _Live(number, offset, length))
+            found[sid] = (payload, data)
+        self.clean()
+        return found
+
+    # ----- writing (the caller holds the journal lock) ----------------------------------
+    def append(self, records: list[tuple[str, dict, bytes | None]]) -> None:
+        """Append records of entries (id, payload, inline data) in one write; each becomes
+        its entry's newest. Raises OSError (a full disk) with nothing counted as written."""
+        if not records:
+            return
+        if self._fd < 0 or self._broken:
+            self._start_segment()
+        blobs = [record_bytes(payload, data or b"") for _, payload, data in records]
+        blob = b"".join(blobs)
+        try:
+            written = os.pwrite(self._fd, blob, self._end)
+            if written != len(blob):
+                raise OSError(28, f"short write to the journal ({written} of {len(blob)} bytes)")
+        except OSError:
+            self._broken = True  # whatever was half written ends this segment's reading
+            raise
+        offset = self._end
+        self._end += len(blob)
+        self._sizes[self._number] = self._end
+        for (sid, payload, _), piece in zip(records, blobs, strict=True):
+            if payload.get("gone"):
+                self._drop_live(sid)
+            else:
+                self._set_live(sid, _Live(self._number, offset, len(piece)))
+            offset += len(piece)
+
+    def tombstone(self, sid: str, seq: int) -> None:
+        """The entry has no record from now on (not synced: a crash of the process keeps
+        it, as it would an unlink). A failed write is logged: the record could come back."""
+        if sid not in self._live:
+            return
+        try:
+            self.append([(sid, {"id": sid, "seq": seq, "gone": True}, None)])
+        except OSError as e:
+            log.error("journal: could not drop the record of %s: %s", sid, e)
+
+    def sync_handle(self) -> int:
+        """A descriptor of the open segment for an fdatasync outside the lock (the caller
+        closes it); -1 when nothing was appended yet."""
+        return os.dup(self._fd) if self._fd >= 0 else -1
+
+    def rotate_if_full(self) -> None:
+        if self._fd >= 0 and self._end >= SEGMENT_MAX:
+            self._start_segment()
+
+    # ----- segments ---------------------------------------------------------------------
+    def _start_segment(self) -> None:
+        """Close the open segment (synced: records that counted on a later fdatasync of it
+        get theirs now), open the next one, zero-filled and durable by name, and clean old
+        ones. On an error (a full disk) no segment is open and the next append tries again."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        number = self._number + 1
+        path = self.root / f"journal-{number}.log"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            zeros = bytes(SEGMENT_MAX)
+            if os.pwrite(fd, zeros, 0) != len(zeros):
+                raise OSError(28, "short write while preparing a journal segment")
+            os.fsync(fd)
+            _fsync_dir(self.root)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._fd, self._number, self._end, self._broken = fd, number, 0, False
+        self._sizes[number] = 0
+        self._live_bytes[number] = 0
+        self.clean()
+
+    def clean(self) -> None:
+        """Delete old segments oldest first, copying their live records forward when they
+        are mostly garbage or the log as a whole is (see the module docstring)."""
+        while True:
+            old = sorted(n for n in self._sizes if n != self._number)
+            if not old:
+                return
+            first = old[0]
+            live = self._live_bytes.get(first, 0)
+            all_live = sum(self._live_bytes.values())
+            garbage = sum(self._sizes.values()) - all_live
+            if not (
+                live == 0 or live * 4 < self._sizes[first] or garbage > all_live + 2 * SEGMENT_MAX
+            ):
+                return
+            if live:
+                if self._fd < 0:
+                    return  # nowhere to copy them yet: the first append opens a segment
+                self._copy_forward(first)
+            (self.root / f"journal-{first}.log").unlink(missing_ok=True)
+            del self._sizes[first]
+            self._live_bytes.pop(first, None)
+
+    def _copy_forward(self, number: int) -> None:
+        path = self.root / f"journal-{number}.log"
+        moving = [(sid, live) for sid, live in self._live.items() if live.segment == number]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            pieces = [(sid, os.pread(fd, live.length, live.offset)) for sid, live in moving]
+        finally:
+            os.close(fd)
+        blob = b"".join(piece for _, piece in pieces)
+        if os.pwrite(self._fd, blob, self._end) != len(blob):
+            raise OSError(28, "short write while copying journal records forward")
+        os.fdatasync(self._fd)  # the copies are on disk before the originals go
+        offset = self._end
+        self._end += len(blob)
+        self._sizes[self._number] = self._end
+        for sid, piece in pieces:
+            self._set_live(sid, _Live(self._number, offset, len(piece)))
+            offset += len(piece)
+
+    def _set_live(self, sid: str, live: _Live) -> None:
+        self._drop_live(sid)
+        self._live[sid] = live
+        self._live_bytes[live.segment] = self._live_bytes.get(live.segment, 0) + live.length
+
+    def _drop_live(self, sid: str) -> None:
+        old = self._live.pop(sid, None)
+        if old is not None:
+            self._live_bytes[old.segment] -= old.length
+
+    def close(self, delete: bool = False) -> None:
+        """Close the open segment; delete=True (no entry is left) removes every segment."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if delete:
+            for number, path in self.segments():
+                path.unlink(missing_ok=True)
+                self._sizes.pop(number, None)
+                self._live_bytes.pop(number, None)
+            self._live.clear()
+
+    def size(self) -> int:
+        return sum(self._sizes.values())
+
+
+def _damaged_not_torn(raw: bytes, stop: int) -> bool:
+    """A bad record whose declared end lies inside the segment, with bytes after it: damage,
+    not the torn tail a crash in the middle of an append leaves."""
+    if stop + HEAD.size > len(raw):
+        return False
+    magic, plen, dlen, _ = HEAD.unpack_from(raw, stop)
+    return magic == MAGIC and stop + HEAD.size + plen + dlen < len(raw)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

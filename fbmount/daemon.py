@@ -121,7 +121,11 @@ def try_lock_state_dir(state_dir: Path) -> int | None:
 def holds_staged_files(state_dir: Path) -> bool:
     """Did a mount that used this directory leave files to upload (a bucket's, or one of an
     account's buckets)?"""
-    return any(state_dir.glob("staging/*.json")) or any(state_dir.glob("buckets/*/staging/*.json"))
+    return any(
+        any(state_dir.glob(f"{where}/{name}"))
+        for where in ("staging", "buckets/*/staging")
+        for name in ("journal-*.log", "*.json")  # *.json: an older fbmount's records
+    )
 
 
 def claim_state_dir(cfg: Config) -> tuple[int, list[Path]]:

@@ -238,6 +238,9 @@ class Journal:
                     return  # nowhere to copy them yet: the first append opens a segment
                 self._copy_forward(first)
             (self.root / f"journal-{first}.log").unlink(missing_ok=True)
+            # Durable before the next goes: a power cut must not keep an older segment's
+            # record while losing the newer segment's tombstone of it.
+            _fsync_dir(self.root)
             del self._sizes[first]
             self._live_bytes.pop(first, None)
 

@@ -270,6 +270,7 @@ class StagingArea:
         self._spares: list[tuple[str, int]] = []
         self._spares_low = trio.Event()
         self._recovered = trio.Event()  # no spare before recover() has deleted orphans
+        self._spares_closed = False
 
     # ----- creation ---------------------------------------------------------------------
     def new(
@@ -283,31 +284,34 @@ class StagingArea:
         """A new entry: DIRTY (a new file), CLEAN (about to get a metadata change) or
         LOADING (an existing object about to be downloaded into it)."""
         fd = -1
+        sid = secrets.token_hex(8)
         if with_data and self._spares:
             sid, fd = self._spares.pop()
+            os.rename(self.root / f"{sid}.spare", self.root / f"{sid}.data")  # no new inode
             if len(self._spares) < SPARES // 4:
                 self._spares_low.set()
-        else:
-            sid = secrets.token_hex(8)
         data_path = self.root / f"{sid}.data" if with_data else None
         staged = Staged(
             sid, key, data_path, source_key=source_key, source_etag=source_etag, state=state
         )
         if data_path is not None:
-            staged.fd = fd if fd >= 0 else _create_data_file(data_path)
+            staged.fd = fd if fd >= 0 else _create_file(data_path)
         self.entries[sid] = staged
         return staged
 
     async def keep_spares(self) -> None:
-        """Forever (a background task, started after recover()): keep up to SPARES empty
-        data files ready for new(). A spare is an orphan until new() hands it out and a
-        record names it; after a crash, recover() deletes it like any orphan."""
-        await self._recovered.wait()
-        while True:
+        """Forever (a background task, started with the write-back): keep up to SPARES
+        empty files (`<id>.spare`) ready for new(), which renames one to `<id>.data`. A
+        spare is no entry's; recover() and drop_spares() delete leftovers."""
+        await self._recovered.wait()  # recover() first: it deletes what it does not know
+        while not self._spares_closed:
             want = SPARES - len(self._spares)
             if want > 0:
                 made = await trio.to_thread.run_sync(self._make_spares, want)
                 self._spares.extend(made)
+                if self._spares_closed:  # made while drop_spares() ran
+                    self.drop_spares()
+                    return
             self._spares_low = trio.Event()
             await self._spares_low.wait()
 
@@ -315,14 +319,16 @@ class StagingArea:
         made = []
         for _ in range(count):
             sid = secrets.token_hex(8)
-            made.append((sid, _create_data_file(self.root / f"{sid}.data")))
+            made.append((sid, _create_file(self.root / f"{sid}.spare")))
         return made
 
     def drop_spares(self) -> None:
+        """At exit: no spare is made or left any more."""
+        self._spares_closed = True
         while self._spares:
             sid, fd = self._spares.pop()
             os.close(fd)
-            (self.root / f"{sid}.data").unlink(missing_ok=True)
+            (self.root / f"{sid}.spare").unlink(missing_ok=True)
 
     def begin_load(self, staged: Staged) -> None:
         """CLEAN/DIRTY metadata-only → LOADING: give it an empty local data file to fill.
@@ -594,8 +600,8 @@ class StagingArea:
             self._recovered.set()
 
     def _recover(self) -> list[tuple[Staged, dict]]:
-        for tmp in self.root.glob("*.tmp"):
-            tmp.unlink(missing_ok=True)  # upload snapshots, an older fbmount's temps
+        for tmp in [*self.root.glob("*.tmp"), *self.root.glob("*.spare")]:
+            tmp.unlink(missing_ok=True)  # upload snapshots, spares, an older fbmount's temps
         newest: dict[str, tuple[dict, bytes | None, bool]] = {}  # id -> record, data, legacy
         quarantined = set()
         for path in sorted(self.root.glob("*.json")):
@@ -650,7 +656,7 @@ class StagingArea:
         return sum(p.stat().st_size for p in self.root.glob("*.data")) + self.journal.size()
 
 
-def _create_data_file(path: Path) -> int:
+def _create_file(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
 
 

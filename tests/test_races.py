@@ -623,14 +623,14 @@ def test_sync_during_the_download_of_a_file_opened_for_writing(
 
 def test_group_commit_writes_every_record_before_its_caller_returns(tmp_path: Path) -> None:
     """Closes at the same moment share a journal write (one worker-thread call, one
-    directory fsync); each still returns only once its own record is on disk, and an
-    error in one record is that caller's alone."""
+    fdatasync); each still returns only once its own record is on disk, and an error in
+    one record is that caller's alone."""
     import trio
 
     area = StagingArea(tmp_path / "staging")
     files = [staged_file(area, key=f"k{i}") for i in range(20)]
     broken = files[7]
-    broken.id = "missing-dir/x"  # its temp cannot be created: this caller gets the error
+    broken.data_path = area.root  # its bytes cannot be read: this caller gets the error
     groups: list[int] = []
     write_group = area._write_group
 

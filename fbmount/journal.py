@@ -28,12 +28,14 @@ one step.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ log = logging.getLogger("fbmount.staging")
 MAGIC = b"FBL1"
 HEAD = struct.Struct("<4sIII")  # magic, payload length, data length, crc32(payload + data)
 INLINE_MAX = 128 * 1024  # a file up to this size rides in its record: no fsync of its own
+TOMBSTONE_SHARE = 16  # 1/16 of a segment's fill is kept for tombstones (rotate_if_full)
 SEGMENT_MAX = 4 * 1024 * 1024  # zero-filled when opened: an fdatasync of an append that
 # stays inside the file need not write the inode (120 instead of 200 µs on ext4)
 _SEGMENT_NAME = re.compile(r"journal-(\d+)\.log")
@@ -96,6 +99,7 @@ class Journal:
         self._live: dict[str, _Live] = {}
         self._sizes: dict[int, int] = {}  # segment -> bytes
         self._live_bytes: dict[int, int] = {}  # segment -> bytes of live records
+        self._maybe_written: set[str] = set()  # ids of a failed append (maybe on disk)
 
     # ----- reading, at mount ------------------------------------------------------------
     def segments(self) -> list[tuple[int, Path]]:
@@ -111,24 +115,21 @@ class Journal:
         segment; the next append goes to a new segment. A segment with bytes after a
         damaged record is copied to quarantine/ and named in the log."""
         newest: dict[str, tuple[dict, bytes, int, int, int]] = {}
-        for number, path in self.segments():
-            raw = path.read_bytes()
+        segments = self.segments()
+        # Numbers go on from the highest on disk, whatever fails below: a new segment
+        # never meets an old name.
+        self._number = max((number for number, _ in segments), default=self._number)
+        for number, path in segments:
+            try:
+                raw = _read_and_sync(path)
+            except OSError as e:  # never deleted: not in _sizes, so clean() leaves it
+                log.error("%s could not be read (%s); kept, its records not recovered", path, e)
+                continue
             records, stop = read_records(raw)
             if _damaged_not_torn(raw, stop):
-                qdir = self.root / "quarantine"
-                qdir.mkdir(exist_ok=True, mode=0o700)
-                shutil.copyfile(path, qdir / path.name)
-                log.error(
-                    "%s: a damaged record at byte %d; %d bytes after it not read, a copy "
-                    "kept in %s",
-                    path.name,
-                    stop,
-                    len(raw) - stop,
-                    qdir,
-                )
+                self._keep_a_copy(path, stop, len(raw) - stop)
             self._sizes[number] = stop  # a segment is zero-filled past its records
             self._live_bytes[number] = 0
-            self._number = max(self._number, number)
             for offset, length, payload, data in records:
                 sid = payload["id"]
                 old = newest.get(sid)
@@ -142,6 +143,24 @@ class Journal:
             found[sid] = (payload, data)
         self.clean()
         return found
+
+    def _keep_a_copy(self, path: Path, stop: int, left: int) -> None:
+        """Damage in the middle of a segment: what follows it is not read; keep a copy for
+        whoever wants to dig (never fatal: the records before it are recovered)."""
+        qdir = self.root / "quarantine"
+        copy = qdir / f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        try:
+            qdir.mkdir(exist_ok=True, mode=0o700)
+            shutil.copyfile(path, copy)
+        except OSError as e:
+            copy = Path(f"nowhere ({e})")
+        log.error(
+            "%s: a damaged record at byte %d; the %d bytes after it were not read; a copy is in %s",
+            path.name,
+            stop,
+            left,
+            copy,
+        )
 
     # ----- writing (the caller holds the journal lock) ----------------------------------
     def append(self, records: list[tuple[str, dict, bytes | None]]) -> None:
@@ -159,6 +178,8 @@ class Journal:
                 raise OSError(28, f"short write to the journal ({written} of {len(blob)} bytes)")
         except OSError:
             self._broken = True  # whatever was half written ends this segment's reading
+            # A short write may have put some of them whole: a later drop must say so.
+            self._maybe_written.update(sid for sid, _, _ in records)
             raise
         offset = self._end
         self._end += len(blob)
@@ -173,12 +194,14 @@ class Journal:
     def tombstone(self, sid: str, seq: int) -> None:
         """The entry has no record from now on (not synced: a crash of the process keeps
         it, as it would an unlink). A failed write is logged: the record could come back."""
-        if sid not in self._live:
+        if sid not in self._live and sid not in self._maybe_written:
             return
         try:
             self.append([(sid, {"id": sid, "seq": seq, "gone": True}, None)])
         except OSError as e:
             log.error("journal: could not drop the record of %s: %s", sid, e)
+        else:
+            self._maybe_written.discard(sid)
 
     def sync_handle(self) -> int:
         """A descriptor of the open segment for an fdatasync outside the lock (the caller
@@ -186,7 +209,9 @@ class Journal:
         return os.dup(self._fd) if self._fd >= 0 else -1
 
     def rotate_if_full(self) -> None:
-        if self._fd >= 0 and self._end >= SEGMENT_MAX:
+        """A durable group starts the next segment a little before the zero-filled end:
+        the rest stays for tombstones, which then need no new block even on a full disk."""
+        if self._fd >= 0 and self._end >= SEGMENT_MAX - SEGMENT_MAX // TOMBSTONE_SHARE:
             self._start_segment()
 
     # ----- segments ---------------------------------------------------------------------
@@ -204,9 +229,14 @@ class Journal:
         path = self.root / f"journal-{number}.log"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            zeros = bytes(SEGMENT_MAX)
-            if os.pwrite(fd, zeros, 0) != len(zeros):
-                raise OSError(28, "short write while preparing a journal segment")
+            try:
+                zeros = bytes(SEGMENT_MAX)
+                if os.pwrite(fd, zeros, 0) != len(zeros):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                os.ftruncate(fd, 0)  # a nearly full disk: a plain segment, grown by appends
             os.fsync(fd)
             _fsync_dir(self.root)
         except BaseException:
@@ -253,9 +283,13 @@ class Journal:
         finally:
             os.close(fd)
         blob = b"".join(piece for _, piece in pieces)
-        if os.pwrite(self._fd, blob, self._end) != len(blob):
-            raise OSError(28, "short write while copying journal records forward")
-        os.fdatasync(self._fd)  # the copies are on disk before the originals go
+        try:
+            if os.pwrite(self._fd, blob, self._end) != len(blob):
+                raise OSError(errno.ENOSPC, "short write while copying journal records forward")
+            os.fdatasync(self._fd)  # the copies are on disk before the originals go
+        except OSError:
+            self._broken = True  # nothing may be appended after a partial copy
+            raise
         offset = self._end
         self._end += len(blob)
         self._sizes[self._number] = self._end
@@ -273,29 +307,49 @@ class Journal:
         if old is not None:
             self._live_bytes[old.segment] -= old.length
 
-    def close(self, delete: bool = False) -> None:
-        """Close the open segment; delete=True (no entry is left) removes every segment."""
+    def close(self) -> None:
+        """At exit: sync the open segment (its tombstones too) and close it; when no
+        entry has a record left, delete the segments this journal read or wrote."""
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if delete:
-            for number, path in self.segments():
-                path.unlink(missing_ok=True)
-                self._sizes.pop(number, None)
+            try:
+                os.fdatasync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+        if not self._live and not self._maybe_written:
+            for number in list(self._sizes):
+                (self.root / f"journal-{number}.log").unlink(missing_ok=True)
+                del self._sizes[number]
                 self._live_bytes.pop(number, None)
-            self._live.clear()
 
     def size(self) -> int:
         return sum(self._sizes.values())
 
 
 def _damaged_not_torn(raw: bytes, stop: int) -> bool:
-    """A bad record whose declared end lies inside the segment, with bytes after it: damage,
-    not the torn tail a crash in the middle of an append leaves."""
-    if stop + HEAD.size > len(raw):
+    """Bytes written after the bad record (past its declared end, or past a bad header):
+    damage. Only zeros there (the segment's fill) or nothing: the torn tail a crash in the
+    middle of an append leaves."""
+    if stop >= len(raw):
         return False
-    magic, plen, dlen, _ = HEAD.unpack_from(raw, stop)
-    return magic == MAGIC and stop + HEAD.size + plen + dlen < len(raw)
+    after = stop
+    if stop + HEAD.size <= len(raw):
+        magic, plen, dlen, _ = HEAD.unpack_from(raw, stop)
+        if magic == MAGIC:
+            after = stop + HEAD.size + plen + dlen
+    return bool(raw[after:].strip(b"\0"))
+
+
+def _read_and_sync(path: Path) -> bytes:
+    """A segment's bytes, synced first: what a killed process left may be only in the page
+    cache, and recovery acts on it (deletes older segments whose records it supersedes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        size = os.fstat(fd).st_size
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -285,11 +285,15 @@ class StagingArea:
         LOADING (an existing object about to be downloaded into it)."""
         fd = -1
         sid = secrets.token_hex(8)
+        if with_data and len(self._spares) <= SPARES // 4:
+            self._spares_low.set()  # (also after a full disk left none to take)
         if with_data and self._spares:
-            sid, fd = self._spares.pop()
-            os.rename(self.root / f"{sid}.spare", self.root / f"{sid}.data")  # no new inode
-            if len(self._spares) < SPARES // 4:
-                self._spares_low.set()
+            spare, spare_fd = self._spares.pop()
+            try:
+                os.rename(self.root / f"{spare}.spare", self.root / f"{spare}.data")
+                sid, fd = spare, spare_fd  # a rename, no new inode
+            except OSError:
+                os.close(spare_fd)  # gone somehow: a fresh file below
         data_path = self.root / f"{sid}.data" if with_data else None
         staged = Staged(
             sid, key, data_path, source_key=source_key, source_etag=source_etag, state=state
@@ -304,22 +308,27 @@ class StagingArea:
         empty files (`<id>.spare`) ready for new(), which renames one to `<id>.data`. A
         spare is no entry's; recover() and drop_spares() delete leftovers."""
         await self._recovered.wait()  # recover() first: it deletes what it does not know
-        while not self._spares_closed:
-            want = SPARES - len(self._spares)
-            if want > 0:
-                made = await trio.to_thread.run_sync(self._make_spares, want)
-                self._spares.extend(made)
-                if self._spares_closed:  # made while drop_spares() ran
-                    self.drop_spares()
-                    return
-            self._spares_low = trio.Event()
-            await self._spares_low.wait()
+        try:
+            while not self._spares_closed:
+                want = SPARES - len(self._spares)
+                if want > 0:
+                    made = await trio.to_thread.run_sync(self._make_spares, want)
+                    self._spares.extend(made)
+                    if self._spares_closed:  # made while drop_spares() ran
+                        return
+                self._spares_low = trio.Event()
+                await self._spares_low.wait()
+        finally:  # cancelled with its bucket (an account mount unloads it), or closed
+            self.drop_spares()
 
     def _make_spares(self, count: int) -> list[tuple[str, int]]:
         made = []
         for _ in range(count):
             sid = secrets.token_hex(8)
-            made.append((sid, _create_file(self.root / f"{sid}.spare")))
+            try:
+                made.append((sid, _create_file(self.root / f"{sid}.spare")))
+            except OSError:
+                break  # a full disk: new() makes its own file, and fails there if it must
         return made
 
     def drop_spares(self) -> None:
@@ -576,7 +585,7 @@ class StagingArea:
                 self.remove(staged)
         self.drop_spares()
         with self._journal_lock:
-            self.journal.close(delete=not self.entries)
+            self.journal.close()
 
     def quarantine(self, sid: str, why: str) -> None:
         """Move an entry's files aside (never delete what may be someone's only copy) and

@@ -28,9 +28,9 @@ from conftest import Mount, MountFactory
 from faultproxy import FaultProxy, RequestInfo
 from helpers import body, exists, journal_records, read_file, sync_path, wait_for
 
-from fbmount.journal import INLINE_MAX
+from fbmount.journal import INLINE_MAX, record_bytes
 from fbmount.reader import CHUNK
-from fbmount.staging import Staged, StagingArea, State
+from fbmount.staging import SPARES, Staged, StagingArea, State
 
 MIB = 1 << 20
 HANG_BOUND = 60.0  # a syscall still blocked after this long is a hang
@@ -426,7 +426,8 @@ def test_journal_appends_and_a_torn_tail_leaves_the_records_before(tmp_path: Pat
     raw = log_path.read_bytes()
     end = len(raw.rstrip(b"\0"))
     torn = area.journal_record(staged, {"n": "4"}, "t")
-    overwrite(log_path, b"FBL1\xff\xff" + b"{" * 100, end)
+    whole = record_bytes({**torn, "id": staged.id, "inline": True}, b"bytes")
+    overwrite(log_path, whole[: len(whole) // 2], end)  # zeros follow: the segment's fill
     area.close_fd(staged)
     staged.data_path.write_bytes(b"lost")  # the data file was not synced: the log has it
     after = StagingArea(root)
@@ -438,7 +439,7 @@ def test_journal_appends_and_a_torn_tail_leaves_the_records_before(tmp_path: Pat
     # Damage before the last record: what follows it is not read; a copy is kept.
     overwrite(log_path, b"\xff", 40)
     assert StagingArea(root).recover() == []
-    assert (root / "quarantine" / "journal-1.log").exists()
+    assert list((root / "quarantine").glob("journal-1-*.log"))
 
     # An older fbmount's record: plain JSON, read as is; a newer journal record wins.
     old = staged_file(area, "old.txt", b"old")
@@ -548,6 +549,144 @@ def test_the_journal_cleans_old_segments_and_keeps_the_live_records(
     ((found, record),) = StagingArea(root).recover()
     assert found.id == keep.id and record["headers"] == {"v": "keep"}
     assert found.data_path.read_bytes() == b"k" * 1000
+
+
+def test_recovery_syncs_what_it_read_before_it_deletes_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed process's last records may be only in the page cache. Recovery acts on
+    them (an older segment whose records they supersede is deleted), so it syncs every
+    segment it reads first: a power cut after that cannot lose both."""
+    import fbmount.journal as journal_module
+
+    monkeypatch.setattr(journal_module, "SEGMENT_MAX", 64 * 1024)
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+    big, small = staged_file(area, "big", b"b" * 40_000), staged_file(area, "small")
+
+    def record(staged: Staged) -> None:
+        assert area.write_journal(staged, area.journal_record(staged, {}, "t"), True)
+
+    record(big)  # most of segment 1 is live: kept when segment 2 begins
+    while len(list(root.glob("journal-*.log"))) < 2:
+        record(small)
+    record(big)  # newer records in segment 2 ...
+    record(small)  # ... and nothing in segment 1 is live any more
+    assert len(list(root.glob("journal-*.log"))) == 2
+    for staged in (big, small):
+        area.close_fd(staged)
+    events: list[str] = []
+    real_sync, real_unlink = os.fdatasync, Path.unlink
+    monkeypatch.setattr(
+        os,
+        "fdatasync",
+        lambda fd: (events.append("sync " + os.readlink(f"/proc/self/fd/{fd}")), real_sync(fd)),
+    )
+    monkeypatch.setattr(
+        Path, "unlink", lambda p, **k: (events.append(f"unlink {p}"), real_unlink(p, **k))
+    )
+    segments = sorted(str(p) for p in root.glob("journal-*.log"))
+    assert sorted(s.key for s, _ in StagingArea(root).recover()) == ["big", "small"]
+    assert not (root / "journal-1.log").exists()  # recovery deleted it
+    synced = [e.split(" ", 1)[1] for e in events if e.startswith("sync")]
+    first_unlink = next((i for i, e in enumerate(events) if e.startswith("unlink")), len(events))
+    assert set(segments) <= set(synced)
+    assert all(events.index(f"sync {p}") < first_unlink for p in segments), events
+
+
+def test_a_failed_append_still_gets_its_tombstone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk cut an append short after its records were written whole: the close
+    failed, but the record is on disk. When the file is then deleted, its tombstone is
+    written all the same, so a later mount does not bring the file back."""
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+    other = staged_file(area, "other")
+    assert area.write_journal(other, area.journal_record(other, {}, "t"), True)
+    victim = staged_file(area, "victim")
+    real = os.pwrite
+    journal_fd = area.journal._fd
+
+    def short(fd: int, data: bytes, offset: int) -> int:
+        written = real(fd, data, offset)
+        return written - 1 if fd == journal_fd else written
+
+    monkeypatch.setattr(os, "pwrite", short)
+    with pytest.raises(OSError):
+        area.write_journal(victim, area.journal_record(victim, {}, "t"), True)
+    monkeypatch.setattr(os, "pwrite", real)
+    area.discard(victim)
+    area.remove(victim)
+    area.close_fd(other)
+    assert [s.key for s, _ in StagingArea(root).recover()] == ["other"]
+
+
+def test_a_nearly_full_disk_still_takes_records_and_tombstones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No room for a zero-filled segment: a plain one is used, grown by its appends."""
+    import fbmount.journal as journal_module
+
+    real = os.pwrite
+
+    def no_room_for_fill(fd: int, data: bytes, offset: int) -> int:
+        if len(data) == journal_module.SEGMENT_MAX:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", no_room_for_fill)
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+    kept, gone = staged_file(area, "kept"), staged_file(area, "gone")
+    for staged in (kept, gone):
+        assert area.write_journal(staged, area.journal_record(staged, {}, "t"), True)
+    area.remove(gone)
+    area.close_fd(kept)
+    assert (root / "journal-1.log").stat().st_size < 4096
+    assert [s.key for s, _ in StagingArea(root).recover()] == ["kept"]
+
+
+def test_records_of_entries_set_aside_outlive_a_clean_exit(tmp_path: Path) -> None:
+    """A recovered entry the mount cannot place (its key is no file name here) is left
+    out of the entries but kept: the exit that finds nothing else staged keeps its
+    journal record, and the next mount finds it again."""
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+    odd = staged_file(area, "dir/", b"kept")
+    assert area.write_journal(odd, area.journal_record(odd, {}, "t"), True)
+    area.close_fd(odd)
+    after = StagingArea(root)
+    ((found, _),) = after.recover()
+    after.entries.pop(found.id)  # what fs._adopt_recovered does with such a key
+    after.remove_settled()
+    ((again, _),) = StagingArea(root).recover()
+    assert again.data_path.read_bytes() == b"kept"
+
+
+def test_spares_are_made_after_recovery_and_gone_when_their_task_ends(tmp_path: Path) -> None:
+    """Empty files are made ahead for new files, only once recovery has deleted what it
+    did not know; new() renames one into place; cancelling the task (an account mount
+    unloading a bucket) deletes the rest."""
+    import trio
+
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(area.keep_spares)
+            await trio.sleep(0.2)
+            assert not list(root.glob("*.spare"))  # not before recover()
+            area.recover()
+            while len(list(root.glob("*.spare"))) < SPARES:
+                await trio.sleep(0.01)
+            staged = area.new("k")
+            assert staged.data_path.exists() and len(list(root.glob("*.spare"))) == SPARES - 1
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert not list(root.glob("*.spare"))
 
 
 def test_recover_quarantines_unreadable_records(

@@ -654,24 +654,27 @@ class Filesystem(pyfuse3.Operations):
             node.mtime_ns = node.ctime_ns = now
             staged.touch()
             self.journal(staged, durable=False)
+        # Only a real change is stored: rsync fchmods its mkstemp file to the mode it has,
+        # and a durable journal append for nothing cost each file 0.8 ms.
         meta_changed = False
         if fields.update_mode:
-            node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
-            meta_changed = True
+            mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+            meta_changed |= mode != node.mode
+            node.mode = mode
         if fields.update_uid:
+            meta_changed |= attr.st_uid != node.uid
             node.uid = attr.st_uid
-            meta_changed = True
         if fields.update_gid:
+            meta_changed |= attr.st_gid != node.gid
             node.gid = attr.st_gid
-            meta_changed = True
         if fields.update_mtime:
+            meta_changed |= attr.st_mtime_ns != node.mtime_ns
             node.mtime_ns = attr.st_mtime_ns
-            meta_changed = True
             if node.staged is not None:
                 node.staged.times_set = True
         if fields.update_atime:
+            meta_changed |= attr.st_atime_ns != node.atime_ns
             node.atime_ns = attr.st_atime_ns
-            meta_changed = True
         if meta_changed:
             node.ctime_ns = now
             node.meta_known = True

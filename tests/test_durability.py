@@ -469,3 +469,35 @@ def test_chmod_then_rename_over_a_file_survives_kill9_and_remount(
     assert (m2.path / "f3").read_bytes() == b"C" * 1000
     assert stat.S_IMODE((m2.path / "f3").stat().st_mode) == 0o664
     assert m2.unmount() == 0
+
+
+def test_a_setattr_that_changes_nothing_writes_no_journal_record(
+    bucket: str, mount: MountFactory
+) -> None:
+    """rsync makes its temp file 0600 with mkstemp and then fchmods it to 0600: a change of
+    nothing, which cost a durable journal append. Only real changes are journaled; each
+    still is, and survives a kill -9."""
+    m = mount(bucket, "--upload-delay", "60")
+    path = m.path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"bytes")
+        os.fchmod(fd, 0o600)  # the same mode
+    finally:
+        os.close(fd)
+    (record,) = staged_records(m)
+    st = os.stat(path)
+    os.chmod(path, 0o600)
+    os.chown(path, st.st_uid, st.st_gid)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert [r["seq"] for r in staged_records(m)] == [record["seq"]]
+    os.chmod(path, 0o640)
+    os.utime(path, ns=(st.st_atime_ns, 1_600_000_000 * 10**9))
+    (after,) = staged_records(m)
+    assert after["seq"] == record["seq"] + 2
+    m.kill9()
+    m2 = mount(bucket, "--upload-delay", "60", cache_dir=m.cache_dir, mountpoint=m.path)
+    st2 = os.stat(m2.path / "f")
+    assert stat.S_IMODE(st2.st_mode) == 0o640 and st2.st_mtime_ns == 1_600_000_000 * 10**9
+    assert (m2.path / "f").read_bytes() == b"bytes"
+    assert m2.unmount() == 0

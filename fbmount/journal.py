@@ -82,11 +82,16 @@ def read_records(raw: bytes) -> tuple[list[tuple[int, int, dict, bytes]], int]:
 
 @dataclass
 class _Live:
-    """Where an entry's newest record is (a tombstone has none)."""
+    """Where a record that recovery needs is: an entry's newest (a tombstone is none), and
+    the one holding its bytes when the newest only refers to them (NEWEST, DATA)."""
 
     segment: int
     offset: int
     length: int
+    seq: int
+
+
+NEWEST, DATA = "newest", "data"
 
 
 class Journal:
@@ -96,7 +101,7 @@ class Journal:
         self._number = 0
         self._end = 0
         self._broken = False  # an append failed: the next one starts a new segment
-        self._live: dict[str, _Live] = {}
+        self._live: dict[tuple[str, str], _Live] = {}  # (id, NEWEST or DATA)
         self._sizes: dict[int, int] = {}  # segment -> bytes
         self._live_bytes: dict[int, int] = {}  # segment -> bytes of live records
         self._maybe_written: set[str] = set()  # ids of a failed append (maybe on disk)
@@ -110,11 +115,13 @@ class Journal:
                 found.append((int(match.group(1)), path))
         return sorted(found)
 
-    def recover(self) -> dict[str, tuple[dict, bytes]]:
-        """The newest record and inline data of every entry that has one, read from every
-        segment; the next append goes to a new segment. A segment with bytes after a
-        damaged record is copied to quarantine/ and named in the log."""
-        newest: dict[str, tuple[dict, bytes, int, int, int]] = {}
+    def recover(self) -> dict[str, tuple[dict, bytes | None]]:
+        """The newest record of every entry that has one, with its file's bytes when the
+        journal holds them (inline, or in the record it refers to by `data_seq`), read
+        from every segment; the next append goes to a new segment. A segment with bytes
+        after a damaged record is copied to quarantine/ and named in the log."""
+        newest: dict[str, tuple[dict, bytes, _Live]] = {}
+        inline: dict[tuple[str, int], tuple[bytes, _Live]] = {}
         segments = self.segments()
         # Numbers go on from the highest on disk, whatever fails below: a new segment
         # never meets an old name.
@@ -131,16 +138,29 @@ class Journal:
             self._sizes[number] = stop  # a segment is zero-filled past its records
             self._live_bytes[number] = 0
             for offset, length, payload, data in records:
-                sid = payload["id"]
+                sid, seq = payload["id"], int(payload["seq"])
+                where = _Live(number, offset, length, seq)
+                if payload.get("inline"):
+                    inline[(sid, seq)] = (data, where)
                 old = newest.get(sid)
-                if old is None or int(payload["seq"]) >= int(old[0]["seq"]):
-                    newest[sid] = (payload, data, number, offset, length)
-        found = {}
-        for sid, (payload, data, number, offset, length) in newest.items():
+                if old is None or seq >= old[2].seq:
+                    newest[sid] = (payload, data, where)
+        found: dict[str, tuple[dict, bytes | None]] = {}
+        for sid, (payload, data, where) in newest.items():
             if payload.get("gone"):
                 continue
-            self._set_live(sid, _Live(number, offset, length))
-            found[sid] = (payload, data)
+            self._set_live(sid, NEWEST, where)
+            body: bytes | None = data if payload.get("inline") else None
+            if payload.get("data_seq"):
+                held = inline.get((sid, int(payload["data_seq"])))
+                if held is None:
+                    log.error(
+                        "journal: the bytes of %s (record %s) are missing", sid, payload["data_seq"]
+                    )
+                else:
+                    body = held[0]
+                    self._set_live(sid, DATA, held[1])
+            found[sid] = (payload, body)
         self.clean()
         return found
 
@@ -185,16 +205,32 @@ class Journal:
         self._end += len(blob)
         self._sizes[self._number] = self._end
         for (sid, payload, _), piece in zip(records, blobs, strict=True):
-            if payload.get("gone"):
-                self._drop_live(sid)
-            else:
-                self._set_live(sid, _Live(self._number, offset, len(piece)))
+            where = _Live(self._number, offset, len(piece), int(payload["seq"]))
             offset += len(piece)
+            if payload.get("gone"):
+                self._drop_live(sid, NEWEST)
+                self._drop_live(sid, DATA)
+                continue
+            if payload.get("data_seq"):  # the record it refers to stays, as DATA
+                before = self._live.get((sid, NEWEST))
+                if before is not None and before.seq == payload["data_seq"]:
+                    self._set_live(sid, DATA, before)
+            else:
+                self._drop_live(sid, DATA)
+            self._set_live(sid, NEWEST, where)
+
+    def holds_data(self, sid: str, seq: int) -> bool:
+        """Is record `seq` of this entry (one with its bytes inline) still kept, so that a
+        newer record may refer to it instead of carrying the same bytes again?"""
+        return any(
+            (live := self._live.get((sid, role))) is not None and live.seq == seq
+            for role in (NEWEST, DATA)
+        )
 
     def tombstone(self, sid: str, seq: int) -> None:
         """The entry has no record from now on (not synced: a crash of the process keeps
         it, as it would an unlink). A failed write is logged: the record could come back."""
-        if sid not in self._live and sid not in self._maybe_written:
+        if (sid, NEWEST) not in self._live and sid not in self._maybe_written:
             return
         try:
             self.append([(sid, {"id": sid, "seq": seq, "gone": True}, None)])
@@ -276,13 +312,16 @@ class Journal:
 
     def _copy_forward(self, number: int) -> None:
         path = self.root / f"journal-{number}.log"
-        moving = [(sid, live) for sid, live in self._live.items() if live.segment == number]
+        moving = sorted(
+            ((key, live) for key, live in self._live.items() if live.segment == number),
+            key=lambda item: item[1].offset,
+        )
         fd = os.open(path, os.O_RDONLY)
         try:
-            pieces = [(sid, os.pread(fd, live.length, live.offset)) for sid, live in moving]
+            pieces = [(key, live, os.pread(fd, live.length, live.offset)) for key, live in moving]
         finally:
             os.close(fd)
-        blob = b"".join(piece for _, piece in pieces)
+        blob = b"".join(piece for _, _, piece in pieces)
         try:
             if os.pwrite(self._fd, blob, self._end) != len(blob):
                 raise OSError(errno.ENOSPC, "short write while copying journal records forward")
@@ -293,17 +332,17 @@ class Journal:
         offset = self._end
         self._end += len(blob)
         self._sizes[self._number] = self._end
-        for sid, piece in pieces:
-            self._set_live(sid, _Live(self._number, offset, len(piece)))
+        for (sid, role), live, piece in pieces:
+            self._set_live(sid, role, _Live(self._number, offset, len(piece), live.seq))
             offset += len(piece)
 
-    def _set_live(self, sid: str, live: _Live) -> None:
-        self._drop_live(sid)
-        self._live[sid] = live
+    def _set_live(self, sid: str, role: str, live: _Live) -> None:
+        self._drop_live(sid, role)
+        self._live[(sid, role)] = live
         self._live_bytes[live.segment] = self._live_bytes.get(live.segment, 0) + live.length
 
-    def _drop_live(self, sid: str) -> None:
-        old = self._live.pop(sid, None)
+    def _drop_live(self, sid: str, role: str) -> None:
+        old = self._live.pop((sid, role), None)
         if old is not None:
             self._live_bytes[old.segment] -= old.length
 

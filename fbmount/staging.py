@@ -147,6 +147,8 @@ class Staged:
     journal_on_disk: int = 0  # ... and of the newest one in the journal (journal lock)
     journal_closed: bool = False  # removed: no journal write may add a record any more
     legacy: bool = False  # recovered from an older fbmount's `<id>.json` (deleted with it)
+    inline_seq: int = 0  # the newest record with this file's bytes inline ...
+    inline_version: int = -1  # ... and their data_version (journal lock)
     # What a durable record of a big file (not inline) may skip: the data file's fsync when
     # its bytes have not changed since the last one, and the directory's when the data
     # file's name is on disk already.
@@ -493,19 +495,17 @@ class StagingArea:
                 for i, staged, record, data in ready
                 if not staged.journal_closed and record["seq"] > staged.journal_on_disk
             ]
+            payloads = self._payloads(appending)
             try:
-                self.journal.append(
-                    [
-                        (staged.id, {**record, "id": staged.id, "inline": data is not None}, data)
-                        for _, staged, record, data in appending
-                    ]
-                )
+                self.journal.append(payloads)
             except OSError as e:
                 for i, *_ in appending:
                     outcomes[i] = e
-                appending = []
-            for i, staged, record, _ in appending:
+                appending, payloads = [], []
+            for (i, staged, record, _), (_, payload, _) in zip(appending, payloads, strict=True):
                 staged.journal_on_disk, staged.record = record["seq"], record
+                if payload["inline"]:
+                    staged.inline_seq, staged.inline_version = record["seq"], record["data_version"]
                 outcomes[i] = True
             if durable:
                 try:
@@ -521,6 +521,29 @@ class StagingArea:
             finally:
                 os.close(sync_fd)
         return outcomes
+
+    def _payloads(
+        self, appending: list[tuple[int, Staged, dict, bytes | None]]
+    ) -> list[tuple[str, dict, bytes | None]]:
+        """What goes into the journal (the lock is held): a small file's bytes inline, unless
+        a record of the journal (or earlier in this batch) holds these very bytes (same
+        data_version): then a reference to it. rsync's utime, chmod and rename of a file
+        it just closed carried the same bytes three more times (1.6 → 0.96 s for 300)."""
+        payloads: list[tuple[str, dict, bytes | None]] = []
+        in_batch: dict[int, tuple[int, int]] = {}  # id(staged) -> (seq, data_version)
+        for _, staged, record, data in appending:
+            payload = {**record, "id": staged.id, "inline": data is not None}
+            if data is not None:
+                held = in_batch.get(id(staged))
+                if held is None and self.journal.holds_data(staged.id, staged.inline_seq):
+                    held = (staged.inline_seq, staged.inline_version)
+                if held is not None and held[1] == record["data_version"]:
+                    payload.update(inline=False, data_seq=held[0])
+                    data = None
+                else:
+                    in_batch[id(staged)] = (record["seq"], record["data_version"])
+            payloads.append((staged.id, payload, data))
+        return payloads
 
     def _record_data(
         self, staged: Staged, record: dict, durable: bool
@@ -625,7 +648,7 @@ class StagingArea:
         for sid, (record, data) in self.journal.recover().items():
             legacy = newest.get(sid)
             if legacy is None or int(record["seq"]) >= int(legacy[0].get("seq", 0)):
-                newest[sid] = (record, data if record.get("inline") else None, legacy is not None)
+                newest[sid] = (record, data, legacy is not None)
         found = []
         for sid, (record, data, legacy) in sorted(newest.items()):
             data_path = self.root / f"{sid}.data"

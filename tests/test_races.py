@@ -420,7 +420,8 @@ def test_journal_appends_and_a_torn_tail_leaves_the_records_before(tmp_path: Pat
         assert record_of(area, staged)["headers"] == {"n": str(n)}
     log_path = root / "journal-1.log"
     records = journal_records(root)
-    assert list(records) == [staged.id] and records[staged.id]["inline"]
+    # The bytes went in with the first record; the later ones (same bytes) refer to it.
+    assert list(records) == [staged.id] and records[staged.id]["data_seq"] == 1
 
     # A crash while record 4 was being appended: half of it written.
     raw = log_path.read_bytes()
@@ -565,6 +566,7 @@ def test_recovery_syncs_what_it_read_before_it_deletes_anything(
     big, small = staged_file(area, "big", b"b" * 40_000), staged_file(area, "small")
 
     def record(staged: Staged) -> None:
+        staged.touch()  # changed bytes: each record carries them
         assert area.write_journal(staged, area.journal_record(staged, {}, "t"), True)
 
     record(big)  # most of segment 1 is live: kept when segment 2 begins
@@ -687,6 +689,51 @@ def test_spares_are_made_after_recovery_and_gone_when_their_task_ends(tmp_path: 
 
     trio.run(main)
     assert not list(root.glob("*.spare"))
+
+
+def test_records_with_the_same_bytes_refer_to_the_one_that_carries_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rsync closes a file, then sets its times and mode and renames it: four durable
+    records of the same bytes. Only the first carries them; the others refer to it, and
+    that record is kept (copied forward, never cleaned) while they do. New bytes go inline
+    again. After a crash every entry gets the bytes of its newest record."""
+    import fbmount.journal as journal_module
+
+    monkeypatch.setattr(journal_module, "SEGMENT_MAX", 64 * 1024)
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+    kept = staged_file(area, "kept", b"k" * 20_000)
+
+    def durable(staged: Staged, headers: dict) -> dict:
+        assert area.write_journal(staged, area.journal_record(staged, headers, "t"), True)
+        return journal_records(root)[staged.id]
+
+    assert durable(kept, {"step": "close"})["inline"]
+    for step in ("utime", "chmod", "rename"):
+        record = durable(kept, {"step": step})
+        assert not record["inline"] and record["data_seq"] == 1
+    size = area.journal.size()  # bytes of records, not the zero fill
+    for n in range(300):  # other files come and go: segments fill, rotate and are cleaned
+        other = staged_file(area, f"o{n}", b"o" * 3000)
+        durable(other, {})
+        area.remove(other)
+    assert "journal-1.log" not in [p.name for p in root.glob("journal-*.log")]
+    assert journal_records(root)[kept.id]["data_seq"] == 1
+    changed = staged_file(area, "changed", b"old")
+    durable(changed, {})
+    os.pwrite(changed.fd, b"new", 0)
+    changed.touch()
+    assert durable(changed, {})["inline"]  # new bytes: carried again
+    for staged in (kept, changed):
+        area.close_fd(staged)
+        staged.data_path.write_bytes(b"lost")  # not synced: the journal has the bytes
+    found = {s.key: (s, r) for s, r in StagingArea(root).recover()}
+    assert sorted(found) == ["changed", "kept"]
+    assert found["kept"][1]["headers"] == {"step": "rename"}
+    assert found["kept"][0].data_path.read_bytes() == b"k" * 20_000
+    assert found["changed"][0].data_path.read_bytes() == b"new"
+    assert size < 30_000  # the first record's 20 KB, not four times that
 
 
 def test_recover_quarantines_unreadable_records(

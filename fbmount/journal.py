@@ -9,7 +9,10 @@ Format: segment files `journal-<n>.log`, n counting up. A segment is a run of re
 a header (magic, payload length, data length, crc32 of payload and data), a JSON payload,
 then the data. A payload names its staged entry (`id`) and carries a sequence number
 (`seq`); the newest record of an entry wins, later in the log on a tie, and a tombstone
-(`gone`) says the entry has no record any more. Reading a segment stops at its first torn or
+(`gone`) says the entry has no record any more. A record of the same bytes as an earlier
+one of its entry (rsync's utime, chmod, rename after a close) names that one (`data_seq`)
+instead of carrying them again; the journal keeps it as the entry's DATA record as long
+as the newest refers to it. Reading a segment stops at its first torn or
 damaged record: appends are serialized, a failed append closes the segment (the next one
 goes to a new segment), and a recovery starts a new segment too, so nothing that was synced
 can follow a bad record in its segment.
@@ -122,6 +125,7 @@ class Journal:
         after a damaged record is copied to quarantine/ and named in the log."""
         newest: dict[str, tuple[dict, bytes, _Live]] = {}
         inline: dict[tuple[str, int], tuple[bytes, _Live]] = {}
+        last_inline: dict[str, tuple[dict, bytes, _Live]] = {}  # a fallback, see below
         segments = self.segments()
         # Numbers go on from the highest on disk, whatever fails below: a new segment
         # never meets an old name.
@@ -142,6 +146,8 @@ class Journal:
                 where = _Live(number, offset, length, seq)
                 if payload.get("inline"):
                     inline[(sid, seq)] = (data, where)
+                    if sid not in last_inline or seq >= last_inline[sid][2].seq:
+                        last_inline[sid] = (payload, data, where)
                 old = newest.get(sid)
                 if old is None or seq >= old[2].seq:
                     newest[sid] = (payload, data, where)
@@ -149,17 +155,26 @@ class Journal:
         for sid, (payload, data, where) in newest.items():
             if payload.get("gone"):
                 continue
-            self._set_live(sid, NEWEST, where)
             body: bytes | None = data if payload.get("inline") else None
-            if payload.get("data_seq"):
-                held = inline.get((sid, int(payload["data_seq"])))
-                if held is None:
-                    log.error(
-                        "journal: the bytes of %s (record %s) are missing", sid, payload["data_seq"]
-                    )
-                else:
-                    body = held[0]
-                    self._set_live(sid, DATA, held[1])
+            wanted = payload.get("data_seq")
+            held = inline.get((sid, int(wanted))) if wanted else None
+            if wanted and held is None and sid in last_inline:
+                # Its bytes' record is damaged or unreadable: the newest record that still
+                # has bytes is recovered instead, whole, never new metadata on a data file
+                # that was never synced.
+                log.error(
+                    "journal: the bytes of %s (record %s) are missing; recovering its record %s",
+                    sid,
+                    wanted,
+                    last_inline[sid][0]["seq"],
+                )
+                payload, body, where = last_inline[sid]
+            elif wanted and held is None:
+                log.error("journal: the bytes of %s (record %s) are missing", sid, wanted)
+            elif held is not None:
+                body = held[0]
+                self._set_live(sid, DATA, held[1])
+            self._set_live(sid, NEWEST, where)
             found[sid] = (payload, body)
         self.clean()
         return found
@@ -188,6 +203,7 @@ class Journal:
         its entry's newest. Raises OSError (a full disk) with nothing counted as written."""
         if not records:
             return
+        _check_references(records, self._live)
         if self._fd < 0 or self._broken:
             self._start_segment()
         blobs = [record_bytes(payload, data or b"") for _, payload, data in records]
@@ -363,6 +379,30 @@ class Journal:
 
     def size(self) -> int:
         return sum(self._sizes.values())
+
+
+def _check_references(
+    records: list[tuple[str, dict, bytes | None]], live: dict[tuple[str, str], _Live]
+) -> None:
+    """A record that refers to another's bytes (`data_seq`) must find it kept (the entry's
+    newest or its DATA) at its turn in the batch: else a bug, refused before any write."""
+    newest = {sid: lv.seq for (sid, role), lv in live.items() if role == NEWEST}
+    held = {sid: lv.seq for (sid, role), lv in live.items() if role == DATA}
+    for sid, payload, _ in records:
+        seq = int(payload["seq"])
+        if payload.get("gone"):
+            newest.pop(sid, None)
+            held.pop(sid, None)
+            continue
+        wanted = payload.get("data_seq")
+        if wanted:
+            if newest.get(sid) == wanted:
+                held[sid] = wanted
+            elif held.get(sid) != wanted:
+                raise ValueError(f"journal: {sid} refers to record {wanted}, which is not kept")
+        else:
+            held.pop(sid, None)
+        newest[sid] = seq
 
 
 def _damaged_not_torn(raw: bytes, stop: int) -> bool:

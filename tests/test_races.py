@@ -736,6 +736,38 @@ def test_records_with_the_same_bytes_refer_to_the_one_that_carries_them(
     assert size < 30_000  # the first record's 20 KB, not four times that
 
 
+def test_a_record_without_bytes_in_a_batch_ends_what_later_ones_may_refer_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three records of one file in one group commit, the middle one read while the file
+    was over the inline limit (no bytes): the journal drops the first one's bytes at the
+    middle one, so the third must carry its own, never refer back. A reference to a record
+    the journal does not keep is refused before anything is written."""
+    import fbmount.journal as journal_module
+
+    root = tmp_path / "staging"
+    area = StagingArea(root)
+    staged = staged_file(area, "f", b"small")
+    records = [area.journal_record(staged, {"n": str(n)}, "t") for n in range(3)]
+    real = area._record_data
+    calls = iter([False, True, False])
+
+    def record_data(s: Staged, record: dict, durable: bool) -> tuple:
+        return (None, False) if next(calls) else real(s, record, durable)
+
+    monkeypatch.setattr(area, "_record_data", record_data)
+    assert area._write_group([(staged, r) for r in records], True) == [True, True, True]
+    newest = journal_records(root)[staged.id]
+    assert newest["headers"] == {"n": "2"} and newest["inline"]
+    area.close_fd(staged)
+    ((found, _),) = StagingArea(root).recover()
+    assert found.data_path.read_bytes() == b"small"
+
+    with pytest.raises(ValueError, match="not kept"):
+        area.journal.append([(staged.id, {"id": staged.id, "seq": 99, "data_seq": 1}, None)])
+    assert journal_module.read_records((root / "journal-1.log").read_bytes())[0][-1][2]["seq"] == 3
+
+
 def test_recover_quarantines_unreadable_records(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -207,19 +207,12 @@ class Journal:
         if self._fd < 0 or self._broken:
             self._start_segment()
         blobs = [record_bytes(payload, data or b"") for _, payload, data in records]
-        blob = b"".join(blobs)
         try:
-            written = os.pwrite(self._fd, blob, self._end)
-            if written != len(blob):
-                raise OSError(28, f"short write to the journal ({written} of {len(blob)} bytes)")
+            offset = self._put(b"".join(blobs))
         except OSError:
-            self._broken = True  # whatever was half written ends this segment's reading
             # A short write may have put some of them whole: a later drop must say so.
             self._maybe_written.update(sid for sid, _, _ in records)
             raise
-        offset = self._end
-        self._end += len(blob)
-        self._sizes[self._number] = self._end
         for (sid, payload, _), piece in zip(records, blobs, strict=True):
             where = _Live(self._number, offset, len(piece), int(payload["seq"]))
             offset += len(piece)
@@ -234,6 +227,19 @@ class Journal:
             else:
                 self._drop_live(sid, DATA)
             self._set_live(sid, NEWEST, where)
+
+    def _put(self, blob: bytes) -> int:
+        """Write `blob` at the open segment's end and return where it starts. An error
+        ends the segment: whatever was half written ends its reading, and nothing may
+        follow it there."""
+        try:
+            _write_all(self._fd, blob, self._end)
+        except OSError:
+            self._broken = True
+            raise
+        offset, self._end = self._end, self._end + len(blob)
+        self._sizes[self._number] = self._end
+        return offset
 
     def holds_data(self, sid: str, seq: int) -> bool:
         """Is record `seq` of this entry (one with its bytes inline) still kept, so that a
@@ -282,15 +288,13 @@ class Journal:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
-                zeros = bytes(SEGMENT_MAX)
-                if os.pwrite(fd, zeros, 0) != len(zeros):
-                    raise OSError(errno.ENOSPC, "short write")
+                _write_all(fd, bytes(SEGMENT_MAX), 0)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
                 os.ftruncate(fd, 0)  # a nearly full disk: a plain segment, grown by appends
             os.fsync(fd)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -322,7 +326,7 @@ class Journal:
             (self.root / f"journal-{first}.log").unlink(missing_ok=True)
             # Durable before the next goes: a power cut must not keep an older segment's
             # record while losing the newer segment's tombstone of it.
-            _fsync_dir(self.root)
+            fsync_path(self.root)
             del self._sizes[first]
             self._live_bytes.pop(first, None)
 
@@ -337,17 +341,12 @@ class Journal:
             pieces = [(key, live, os.pread(fd, live.length, live.offset)) for key, live in moving]
         finally:
             os.close(fd)
-        blob = b"".join(piece for _, _, piece in pieces)
+        offset = self._put(b"".join(piece for _, _, piece in pieces))
         try:
-            if os.pwrite(self._fd, blob, self._end) != len(blob):
-                raise OSError(errno.ENOSPC, "short write while copying journal records forward")
             os.fdatasync(self._fd)  # the copies are on disk before the originals go
         except OSError:
-            self._broken = True  # nothing may be appended after a partial copy
+            self._broken = True
             raise
-        offset = self._end
-        self._end += len(blob)
-        self._sizes[self._number] = self._end
         for (sid, role), live, piece in pieces:
             self._set_live(sid, role, _Live(self._number, offset, len(piece), live.seq))
             offset += len(piece)
@@ -431,7 +430,15 @@ def _read_and_sync(path: Path) -> bytes:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite all of `data` or raise: a short write (a full disk) must not count as put."""
+    written = os.pwrite(fd, data, offset)
+    if written != len(data):
+        raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory through a descriptor of our own."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -62,7 +62,7 @@ from typing import Any
 
 import trio
 
-from fbmount.journal import INLINE_MAX, Journal
+from fbmount.journal import INLINE_MAX, Journal, fsync_path
 
 log = logging.getLogger("fbmount.staging")
 
@@ -467,7 +467,7 @@ class StagingArea:
         appended before without a sync, which carries its change."""
         outcomes: list[bool | BaseException] = [False] * len(items)
         ready: list[tuple[int, Staged, dict, bytes | None]] = []
-        dir_sync: list[Staged] = []
+        dir_sync: list[tuple[Staged, int]] = []  # big files whose data file's name is new
         for i, (staged, record) in enumerate(items):
             try:
                 data, name_pending = self._record_data(staged, record, durable)
@@ -477,17 +477,16 @@ class StagingArea:
                 outcomes[i] = e
                 continue
             if name_pending:
-                dir_sync.append(staged)
+                dir_sync.append((staged, record["data_file"]))
             ready.append((i, staged, record, data))
         if dir_sync:  # a big file's data file must keep its name after a power cut
             try:
-                _fsync_path(self.root)
+                fsync_path(self.root)
             except OSError as e:
                 return [e] * len(items)
             with self._journal_lock:
-                for staged, record in items:
-                    if staged in dir_sync:
-                        staged.data_file_synced = max(staged.data_file_synced, record["data_file"])
+                for staged, data_file in dir_sync:
+                    staged.data_file_synced = max(staged.data_file_synced, data_file)
         sync_fd = -1
         with self._journal_lock:
             appending = [
@@ -702,12 +701,3 @@ class StagingArea:
 
 def _create_file(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory through a descriptor of our own."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

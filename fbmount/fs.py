@@ -1153,12 +1153,30 @@ class Filesystem(pyfuse3.Operations):
         node.lookups += 1
         return self.attrs(node)
 
-    async def dir_is_empty(self, node: Node) -> bool:
+    async def dir_is_empty(self, node: Node, queued_count_as_gone: bool = False) -> bool:
+        """No staged child and nothing in S3 under the directory's key but its marker.
+
+        queued_count_as_gone: keys whose delete is queued or was sent after the LIST went
+        out count as gone (rmdir after `rm -rf` unlinked the files: one LIST, no wait for
+        their DeleteObjects first)."""
         if any(c.staged is not None and not c.staged.discarded for c in self.ns.descendants(node)):
             return False
         prefix = self.ns.key(node)
-        page = await self.store.list_page(prefix, "/", max_keys=2)
-        return not page.prefixes and all(o.key == prefix for o in page.objects)
+        if not queued_count_as_gone:
+            page = await self.store.list_page(prefix, "/", max_keys=2)
+            return not page.prefixes and all(o.key == prefix for o in page.objects)
+        up = self.uploader
+        batches = up.delete_batches
+        queued = sum(1 for k in up.queued_deletes() if k.startswith(prefix))
+        page = await self.store.list_page(prefix, "/", max_keys=min(1000, queued + 2))
+        if page.prefixes or any(
+            o.key != prefix and not up.deleted_since(o.key, batches) for o in page.objects
+        ):
+            return False
+        if page.next_token is None:
+            return True
+        await up.flush_deletes(prefix)  # more than a page: ask again once they are gone
+        return await self.dir_is_empty(node)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -1166,10 +1184,9 @@ class Filesystem(pyfuse3.Operations):
         parent, node, sname = await self._must_resolve(parent_inode, name)
         if node.kind is not Kind.DIR:
             raise FsError(errno.ENOTDIR)
-        await self.uploader.flush_deletes(self.ns.key(node))  # rm -rf: one batch per dir
-        if not await self.dir_is_empty(node):
+        if not await self.dir_is_empty(node, queued_count_as_gone=True):
             raise FsError(errno.ENOTEMPTY)
-        await self.store.delete(self.ns.key(node))
+        await self.uploader.delete_dir(self.ns.key(node))
         self.ns.listings.pop(node.ino, None)
         self.ns.unlink(node)
         self.ns.negative[(parent.ino, sname)] = True

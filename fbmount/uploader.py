@@ -170,6 +170,13 @@ class UploadHost(Protocol):
         """`node`'s object in S3 is now what this mount staged: open handles read it."""
 
 
+def _children_first(key: str) -> tuple[bool, int, str]:
+    """DeleteObjects order: a directory's marker after every key under it (servers that
+    keep real directories, SeaweedFS among them, leave a directory that still holds
+    files when its marker is deleted, and it is listed again once they go)."""
+    return key.endswith("/"), -key.count("/"), key
+
+
 class WriteBack:
     """The queue of staged files and the task that uploads them."""
 
@@ -230,6 +237,21 @@ class WriteBack:
             await self.store.delete(key)
         else:
             self.queue_delete(key)
+
+    async def delete_dir(self, marker: str) -> None:
+        """rmdir: the directory's marker and the deletes queued under it (rm -rf's files)
+        in one DeleteObjects; on failure the directory stays and its files' deletes wait
+        for the next batch."""
+        self.queue_delete(marker)
+        try:
+            await self.flush_deletes(marker)
+        except BaseException:
+            self.pending_deletes.pop(marker, None)
+            raise
+
+    def queued_deletes(self) -> list[str]:
+        """Keys unlinked whose DeleteObjects is not done yet."""
+        return [*self.pending_deletes, *self.deleting]
 
     def is_deleted(self, key: str) -> bool:
         return key in self.pending_deletes or key in self.deleting
@@ -308,7 +330,7 @@ class WriteBack:
                 del self.pending_deletes[k]
             self.deleting.update(keys)
             try:
-                await self.store.delete_many(sorted(keys))
+                await self.store.delete_many(sorted(keys, key=_children_first))
                 self.last_delete_error = None
                 self.delete_batches += 1
                 for k in keys:

@@ -757,6 +757,81 @@ def test_rm_rf_batches_deletes(s3: Any, bucket: str, mount: Callable, s3_endpoin
     assert deletes <= len(keys) // 10, f"{deletes} delete requests for {len(keys)} files"
 
 
+def fbmount_sync(run_fbmount: Callable, mnt: Path) -> None:
+    r = run_fbmount("sync", str(mnt), timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_rmdir_sends_its_marker_with_the_files_deletes(
+    s3: Any, bucket: str, mount: Callable, s3_endpoint: str
+) -> None:
+    """rm -rf: each rmdir is one LIST (the unlinked files count as gone) and one
+    DeleteObjects carrying the directory's marker with its files' queued deletes; no
+    DeleteObject. A batch of the files' deletes held in flight while rmdir lists does not
+    make it ENOTEMPTY."""
+    keys = [f"tree/d{i % 3}/f{i:02d}" for i in range(30)]
+    seed_many(s3, bucket, keys)
+    for marker in ["tree/", *(f"tree/d{i}/" for i in range(3))]:
+        s3.put_object(Bucket=bucket, Key=marker, Body=b"", ContentType="application/x-directory")
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint)
+        assert sorted(os.listdir(m.path / "tree")) == ["d0", "d1", "d2"]
+        proxy.wait_idle()
+        proxy.reset()
+        subprocess.run(["rm", "-rf", str(m.path / "tree" / "d0")], check=True, timeout=60)
+        proxy.wait_idle()
+        assert proxy.counts["DeleteObject"] == 0, dict(proxy.counts)
+        assert proxy.counts["DeleteObjects"] == 1, dict(proxy.counts)
+        assert not keys_under(s3, bucket, "tree/d0")
+
+        held = proxy.add_rule("DeleteObjects", "hold", times=1)
+        for name in os.listdir(m.path / "tree" / "d1"):
+            os.unlink(m.path / "tree" / "d1" / name)
+        assert held.wait_held(10), "the files' batch was not sent"
+        lists = proxy.counts["ListObjects"]
+        with ThreadPoolExecutor(1) as pool:
+            done = pool.submit(os.rmdir, m.path / "tree" / "d1")
+            wait_for(lambda: proxy.counts["ListObjects"] > lists, "rmdir's LIST")
+            held.release()
+            done.result(timeout=60)
+        assert not keys_under(s3, bucket, "tree/d1")
+
+        subprocess.run(["rm", "-rf", str(m.path / "tree")], check=True, timeout=60)
+        proxy.wait_idle()
+        assert proxy.counts["DeleteObject"] == 0, dict(proxy.counts)
+    assert not keys_under(s3, bucket, "tree")
+
+
+def test_rmdir_that_fails_keeps_the_directory(
+    s3: Any, bucket: str, mount: Callable, s3_endpoint: str, run_fbmount: Callable
+) -> None:
+    """A file added by another client after the unlinks: ENOTEMPTY, the marker stays and
+    the unlinked files still go. A refused DeleteObjects: rmdir fails, the directory and
+    its marker stay, and the file's delete goes out once the server takes it."""
+    seed_many(s3, bucket, ["d/a", "d/b", "e/a"])
+    for marker in ("d/", "e/"):
+        s3.put_object(Bucket=bucket, Key=marker, Body=b"", ContentType="application/x-directory")
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint)
+        for name in ("a", "b"):
+            os.unlink(m.path / "d" / name)
+        s3.put_object(Bucket=bucket, Key="d/other", Body=b"o")
+        expect_errno(errno.ENOTEMPTY, os.rmdir, m.path / "d")
+        fbmount_sync(run_fbmount, m.path)
+        assert sorted(keys_under(s3, bucket, "d")) == ["d/", "d/other"]
+
+        refusal = proxy.add_rule("DeleteObjects", "status", status=403, code="AccessDenied")
+        os.unlink(m.path / "e" / "a")
+        with pytest.raises(OSError):
+            os.rmdir(m.path / "e")
+        assert refusal.fired >= 1
+        assert (m.path / "e").is_dir()
+        proxy.remove_rule(refusal)  # the server takes deletes again
+        fbmount_sync(run_fbmount, m.path)
+        assert (m.path / "e").is_dir()
+    assert keys_under(s3, bucket, "e") == ["e/"]
+
+
 # --------------------------------------------------------------------------- failures
 def test_upload_failure_reports_eio_and_recovers(
     s3: Any, bucket: str, mount: Callable, s3_endpoint: str

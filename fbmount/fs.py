@@ -9,6 +9,7 @@ rsync's temp-file + rename + chmod + utime costs one PUT.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -62,6 +63,9 @@ HEAD_ON_LIST_LIMIT = 256  # readdir HEADs unknown entries only in directories th
 # its HEAD waits until its attributes are asked for (`rm -rf` never asks).
 TYPED_BY_SIZE = 4096
 PENDING_HEAD_BATCH = 64  # a stat of one such entry HEADs this many of its siblings at once
+# A second lookup in a directory that needs a HEAD within this many seconds of the last is
+# a scan (`stat` of every name, rsync, tar): its unknown siblings are HEADed ahead of it.
+SCAN_WINDOW = 1.0
 # `ls` (opendir) re-lists a small directory whose cached listing is older than this, so a file
 # another mount uploaded shows within a second of its upload, not after --dir-ttl.
 RELIST_ON_OPENDIR_AFTER = 1.0
@@ -186,6 +190,10 @@ class Filesystem(pyfuse3.Operations):
         # on the HEADs readdir and those batches send at a time.
         self.pending_heads: dict[int, PendingHead] = {}
         self.head_limiter = trio.CapacityLimiter(16)
+        # directory inode -> when a lookup in it last needed a HEAD (see SCAN_WINDOW)
+        self.lookup_heads: cachetools.TTLCache[int, float] = cachetools.TTLCache(
+            1024, SCAN_WINDOW, timer=time.monotonic
+        )
         self.nursery: trio.Nursery | None = None
         # The layers below get what they need passed in, and this object only as a host
         # seen through a Protocol of theirs: where streams run (eager.StreamHost), "this
@@ -366,10 +374,46 @@ class Filesystem(pyfuse3.Operations):
             if headers is not None:
                 self._apply_headers(node, headers)
             elif head_unknown:
-                await self.head_into(node)
+                await self._head_for_lookup(parent, node)
         elif node.kind is not Kind.DIR and not node.meta_known and head_unknown:
-            await self.head_into(node)
+            await self._head_for_lookup(parent, node)
         return node
+
+    async def _head_for_lookup(self, parent: Node, node: Node) -> None:
+        """A lookup needs this file's headers (it is small enough to be a symlink, and the
+        metadata index does not know it). A lone lookup costs its HEAD. A scan — a second
+        such lookup in the directory within SCAN_WINDOW — marks the next unknown entries
+        of the listing pending, so one parallel round HEADs them with this one and the
+        stats that follow find their answers ready: a round trip per batch, not per name."""
+        if not node.meta_pending and parent.ino not in self.lookup_heads:
+            self.lookup_heads[parent.ino] = time.monotonic()
+            await self.head_into(node)
+            return
+        self.lookup_heads[parent.ino] = time.monotonic()
+        node.meta_pending = True
+        await self._mark_unknown_pending(parent, PENDING_HEAD_BATCH - 1)
+        try:
+            await self._head_pending(node)
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                raise  # gone: the listing's attributes stand, as after a HEAD that finds none
+
+    async def _mark_unknown_pending(self, parent: Node, limit: int) -> None:
+        """Make nodes for up to `limit` listed files of `parent` whose headers nobody
+        knows yet (the metadata index is asked first) and mark them pending."""
+        listing = self.ns.listings.get(parent.ino)
+        for name, entry in list(listing.items()) if listing is not None else ():
+            if limit <= 0:
+                return
+            if entry.kind is Kind.DIR:
+                continue
+            child = self.ns.child(parent.ino, name)
+            if child is not None and (child.meta_known or child.meta_pending):
+                continue
+            child = await self._node_from_entry(parent, name, entry, head_unknown=False)
+            if child.kind is not Kind.DIR and not child.meta_known and child.staged is None:
+                child.meta_pending = True
+                limit -= 1
 
     def _apply_headers(self, node: Node, headers: dict[str, str]) -> None:
         kind = self.ns.kind_from_headers(headers)
@@ -623,6 +667,9 @@ class Filesystem(pyfuse3.Operations):
             return a
         if node.kind is Kind.DIR and not node.meta_known and node.ino != self.ns.root_ino:
             await self._head_marker(node)
+        elif node.meta_pending and node.size < TYPED_BY_SIZE:
+            # Maybe a symlink, and the kernel takes the type from this answer for good.
+            await self._head_for_lookup(parent, node)
         node.lookups += 1
         return self.attrs(node)
 
@@ -1089,16 +1136,25 @@ class Filesystem(pyfuse3.Operations):
                 unknown.append(child)
         if 0 < len(unknown) <= HEAD_ON_LIST_LIMIT:
             for child in unknown:
-                child.meta_pending = child.kind is Kind.FILE and child.size >= TYPED_BY_SIZE
+                # (a small entry still pending has its HEAD out in a lookup's batch)
+                child.meta_pending = (
+                    child.kind is Kind.FILE and child.size >= TYPED_BY_SIZE
+                ) or child.ino in self.pending_heads
 
             async def head(child: Node) -> None:
                 async with self.head_limiter:
                     await self.head_into(child)
 
+            async def wait_pending(child: Node) -> None:
+                with contextlib.suppress(FsError):
+                    await self._head_pending(child)
+
             async with open_nursery() as nursery:
                 for child in unknown:
                     if not child.meta_pending:
                         nursery.start_soon(head, child)
+                    elif child.size < TYPED_BY_SIZE:  # readdirplus gives the kernel its type
+                        nursery.start_soon(wait_pending, child)
         fh = self._new_fh()
         self.dir_handles[fh] = (names, inos)
         return fh

@@ -208,3 +208,43 @@ def test_a_failed_batched_head_fails_only_the_stats_that_waited_for_it(
         sync_path(m.path / "u" / "f")
     got = s3.head_object(Bucket=bucket, Key="u/f")["Metadata"]
     assert (got["uid"], got["gid"], int(got["mode"])) == ("1234", "4321", 0o100600), got
+
+
+def test_a_stat_of_each_small_file_heads_its_siblings_ahead(
+    s3: Any, s3_endpoint: str, bucket: str, mount: MountFactory
+) -> None:
+    """Files under 4,096 bytes could be symlinks, so a lookup of one that the metadata
+    index does not know (another client wrote it) needs its HEAD. A lone `stat` sends that
+    one HEAD; the second in the directory within a second is a scan, and the next unknown
+    siblings are HEADed with it in one parallel round (a far link: a round trip per batch,
+    not per name). Every name is HEADed once, and the symlink among them is one."""
+    for i in range(40):
+        key = f"s/f{i:02d}"
+        if i == 20:
+            s3.put_object(Bucket=bucket, Key=key, Body=b"f00", Metadata={"mode": str(0o120777)})
+        else:
+            s3.put_object(Bucket=bucket, Key=key, Body=b"x" * i)
+    with FaultProxy(s3_endpoint) as proxy:
+        m = mount(bucket, "--endpoint", proxy.endpoint)
+        d = m.path / "s"
+        os.stat(d)
+        proxy.wait_idle()
+        proxy.reset()
+        os.stat(d / "f00")
+        assert proxy.counts["HeadObject"] == 1, dict(proxy.counts)
+
+        held = proxy.add_rule("HeadObject", "hold")
+        with ThreadPoolExecutor(1) as pool:
+            done = pool.submit(os.stat, d / "f01")
+            try:
+                wait_for(lambda: held.seen >= 16, "the siblings' HEADs sent together", 10)
+            finally:
+                held.release()
+            done.result(timeout=30)
+        for i in range(2, 40):
+            os.lstat(d / f"f{i:02d}")
+        assert os.readlink(d / "f20") == "f00"
+        assert sorted(e.name for e in os.scandir(d) if e.is_symlink()) == ["f20"]
+        proxy.wait_idle()
+        heads = proxy.paths("HeadObject")
+    assert len(heads) == 40 == len(set(heads)), sorted(heads)

@@ -34,7 +34,7 @@ from fbmount.namespace import ROOT_INO, Entry, Kind, Namespace, Node, headers_fo
 from fbmount.reader import CHUNK, MemoryBudget, RemoteReader
 from fbmount.rename import Renamer
 from fbmount.staging import Staged, StagingArea, State
-from fbmount.store import ListPage, S3Store
+from fbmount.store import S3Store
 from fbmount.tasks import guarded, open_nursery
 from fbmount.uploader import WriteBack
 from fbmount.uploadnotes import UploadNotes
@@ -591,18 +591,17 @@ class Filesystem(pyfuse3.Operations):
         # Page by page into the one dict: a big directory's LIST answers are never all held
         # beside its entries (100,000 keys: ~20 MiB of ObjectInfo and key strings).
         listing = {}
-        pages_in: trio.MemorySendChannel[ListPage]
-        pages_in, pages_out = trio.open_memory_channel(1)
-        folded = 0
-        async with open_nursery() as nursery:
-            nursery.start_soon(self._list_pages, prefix, max_pages, pages_in)
-            async for page in pages_out:
-                await trio.lowlevel.checkpoint()  # let the next page's request go out first
-                self.ns.add_listing_page(listing, node, prefix, page)
-                folded += 1
-                if page.next_token is not None and folded == max_pages:
-                    self.big_dirs[node.ino] = True
-                    return None
+        token, pages = None, 0
+        while True:
+            if pages == max_pages:
+                self.big_dirs[node.ino] = True
+                return None
+            page = await self.store.list_page(prefix, "/", token)
+            self.ns.add_listing_page(listing, node, prefix, page)
+            pages += 1
+            token = page.next_token
+            if not token:
+                break
         if max_pages is not None:
             cached = self.ns.listings.get(node.ino)
             if cached is not None and (not again or self.listed_at.get(node.ino, 0.0) >= sent):
@@ -629,22 +628,6 @@ class Filesystem(pyfuse3.Operations):
         self.ns.listings[node.ino] = listing
         self.listed_at[node.ino] = time.monotonic()
         return listing
-
-    async def _list_pages(
-        self, prefix: str, max_pages: int | None, pages: trio.MemorySendChannel[ListPage]
-    ) -> None:
-        """Send the directory's LIST pages in order, asking for the next one while the
-        caller folds the last: the server's time per page overlaps ours (100,000 keys: 101
-        pages, sequential by continuation token)."""
-        async with pages:
-            token, sent = None, 0
-            while max_pages is None or sent < max_pages:
-                page = await self.store.list_page(prefix, "/", token)
-                await pages.send(page)
-                sent += 1
-                token = page.next_token
-                if not token:
-                    return
 
     # ===== attributes ===================================================================
     @fuse_errors

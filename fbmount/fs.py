@@ -9,8 +9,9 @@ rsync's temp-file + rename + chmod + utime costs one PUT.
 
 from __future__ import annotations
 
-import contextlib
+import bisect
 import errno
+import itertools
 import json
 import logging
 import os
@@ -193,6 +194,10 @@ class Filesystem(pyfuse3.Operations):
         # directory inode -> when a lookup in it last needed a HEAD (see SCAN_WINDOW)
         self.lookup_heads: cachetools.TTLCache[int, float] = cachetools.TTLCache(
             1024, SCAN_WINDOW, timer=time.monotonic
+        )
+        # directory inode -> (its listing, the names sorted): where a scan goes on from
+        self.scan_order: cachetools.LRUCache[int, tuple[dict[str, Entry], list[str]]] = (
+            cachetools.LRUCache(4)
         )
         self.nursery: trio.Nursery | None = None
         # The layers below get what they need passed in, and this object only as a host
@@ -387,25 +392,40 @@ class Filesystem(pyfuse3.Operations):
         stats that follow find their answers ready: a round trip per batch, not per name."""
         if not node.meta_pending and parent.ino not in self.lookup_heads:
             self.lookup_heads[parent.ino] = time.monotonic()
-            await self.head_into(node)
+            await self.head_into(node, unless_known=True)
             return
         self.lookup_heads[parent.ino] = time.monotonic()
         node.meta_pending = True
-        await self._mark_unknown_pending(parent, PENDING_HEAD_BATCH - 1)
+        siblings = (
+            []  # its batch is out already
+            if node.ino in self.pending_heads
+            else await self._mark_unknown_pending(parent, node.name, PENDING_HEAD_BATCH - 1)
+        )
         try:
-            await self._head_pending(node)
+            await self._head_pending(node, siblings)
         except FsError as e:
             if e.errno != errno.ENOENT:
-                raise  # gone: the listing's attributes stand, as after a HEAD that finds none
+                raise
+            # Gone: the listing's attributes stand, as after a lone HEAD that finds none.
+            node.meta_pending = False
 
-    async def _mark_unknown_pending(self, parent: Node, limit: int) -> None:
-        """Make nodes for up to `limit` listed files of `parent` whose headers nobody
-        knows yet (the metadata index is asked first) and mark them pending."""
+    async def _mark_unknown_pending(self, parent: Node, after: str, limit: int) -> list[Node]:
+        """Up to `limit` listed files of `parent` after the name `after` (listing order:
+        a scan goes that way) whose headers nobody knows yet (the metadata index is asked
+        first), as nodes marked pending."""
         listing = self.ns.listings.get(parent.ino)
-        for name, entry in list(listing.items()) if listing is not None else ():
-            if limit <= 0:
-                return
-            if entry.kind is Kind.DIR:
+        if listing is None:
+            return []
+        cached = self.scan_order.get(parent.ino)
+        if cached is None or cached[0] is not listing:
+            cached = self.scan_order[parent.ino] = (listing, sorted(listing))
+        names = cached[1]
+        marked: list[Node] = []
+        for name in itertools.islice(names, bisect.bisect_right(names, after), None):
+            if len(marked) >= limit:
+                break
+            entry = listing.get(name)
+            if entry is None or entry.kind is Kind.DIR or entry.size >= TYPED_BY_SIZE:
                 continue
             child = self.ns.child(parent.ino, name)
             if child is not None and (child.meta_known or child.meta_pending):
@@ -413,7 +433,8 @@ class Filesystem(pyfuse3.Operations):
             child = await self._node_from_entry(parent, name, entry, head_unknown=False)
             if child.kind is not Kind.DIR and not child.meta_known and child.staged is None:
                 child.meta_pending = True
-                limit -= 1
+                marked.append(child)
+        return marked
 
     def _apply_headers(self, node: Node, headers: dict[str, str]) -> None:
         kind = self.ns.kind_from_headers(headers)
@@ -441,15 +462,19 @@ class Filesystem(pyfuse3.Operations):
         node.fresh_until = time.monotonic() + self.cfg.attr_ttl
         return True
 
-    async def _head_pending(self, node: Node) -> None:
+    async def _head_pending(self, node: Node, siblings: list[Node] | None = None) -> None:
         """Fetch a meta_pending entry's headers, with those of up to PENDING_HEAD_BATCH of
-        its pending siblings (`ls -l` stats them next): one round of parallel HEADs, in
-        the background, so this stat waits for its own answer only. Raises what its HEAD
-        raised (ENOENT: the object is gone); every caller waiting on it gets that."""
+        its pending siblings (`ls -l` stats them next; `siblings`: these, not a walk of the
+        listing): one round of parallel HEADs, in the background, so this stat waits for
+        its own answer only. Raises what its HEAD raised (ENOENT: the object is gone);
+        every caller waiting on it gets that."""
         pending = self.pending_heads.get(node.ino)
         if pending is None:
             batch = [node]
-            for name in self.ns.listings.get(node.parent) or ():
+            if siblings is not None:
+                batch += [c for c in siblings if c is not node and c.ino not in self.pending_heads]
+            walk = self.ns.listings.get(node.parent) if siblings is None else None
+            for name in walk or ():
                 if len(batch) >= PENDING_HEAD_BATCH:
                     break
                 sibling = self.ns.child(node.parent, name)
@@ -650,7 +675,13 @@ class Filesystem(pyfuse3.Operations):
             return a
         if node.kind is Kind.DIR and not node.meta_known and node.ino != self.ns.root_ino:
             await self._head_marker(node)
-        elif node.meta_pending and node.size < TYPED_BY_SIZE:
+        elif (
+            node.kind is Kind.FILE
+            and not node.meta_known
+            and node.staged is None
+            and node.remote
+            and node.size < TYPED_BY_SIZE
+        ):
             # Maybe a symlink, and the kernel takes the type from this answer for good.
             await self._head_for_lookup(parent, node)
         node.lookups += 1
@@ -1129,8 +1160,11 @@ class Filesystem(pyfuse3.Operations):
                     await self.head_into(child)
 
             async def wait_pending(child: Node) -> None:
-                with contextlib.suppress(FsError):
+                try:
                     await self._head_pending(child)
+                except FsError as e:
+                    if e.errno != errno.ENOENT:
+                        await head(child)  # its type is what readdirplus must get right
 
             async with open_nursery() as nursery:
                 for child in unknown:
@@ -1225,7 +1259,13 @@ class Filesystem(pyfuse3.Operations):
             raise FsError(errno.ENOTDIR)
         if not await self.dir_is_empty(node, queued_count_as_gone=True):
             raise FsError(errno.ENOTEMPTY)
-        await self.uploader.delete_dir(self.ns.key(node))
+        try:
+            await self.uploader.delete_dir(self.ns.key(node))
+        except FsError:
+            # DeleteObjects fails key by key: the marker may be gone with the directory
+            # still there. PUT it again (its mode, owner and times) once settled.
+            self.uploader.marker_changed(node)
+            raise
         self.ns.listings.pop(node.ino, None)
         self.ns.unlink(node)
         self.ns.negative[(parent.ino, sname)] = True

@@ -637,7 +637,12 @@ class S3Store:
             async with open_nursery() as nursery:
                 limiter = trio.CapacityLimiter(16)
                 for key in batch:
-                    nursery.start_soon(self._delete_limited, limiter, key)
+                    if not key.endswith("/"):
+                        nursery.start_soon(self._delete_limited, limiter, key)
+            # Markers after the files, deepest first: a server that keeps real directories
+            # leaves one that still holds files when its marker goes first.
+            for key in sorted((k for k in batch if k.endswith("/")), key=lambda k: -k.count("/")):
+                await self.delete(key)
 
     async def _delete_limited(self, limiter: trio.CapacityLimiter, key: str) -> None:
         async with limiter:

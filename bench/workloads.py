@@ -100,6 +100,13 @@ def metrics_for(z: Sizes) -> list[Metric]:
         Metric("ls_cold", "listing", f"5a ls -l {z.list_n}-object prefix, cold", "s", False),
         Metric("ls_warm", "listing", "5b   same, warm", "s", False),
         Metric(
+            "stat_cold",
+            "listing",
+            f"5c stat {z.small_n} small files another client wrote, fresh mount",
+            "stat/s",
+            True,
+        ),
+        Metric(
             "rsync", "rsync", f"6a rsync -a {z.tree_files} files, {sz(z.tree_bytes)}", "s", False
         ),
         Metric("rsync_sent", "rsync", "6b   rsync bytes sent", "MB", False),
@@ -231,6 +238,9 @@ def seed_bucket(ctx: Ctx, bucket: str, workloads: set[str], budget: float) -> No
     if "listing" in workloads:
         body = b"x" * 256
         s3u.put_many(ctx.s3, bucket, ((f"list/o{i:05d}", body) for i in range(z.list_n)))
+        # Under 4,096 bytes, so a mount cannot tell them from symlinks without their headers.
+        names = (f"stat/{ops.small_name(i)}" for i in range(z.small_n))
+        s3u.put_many(ctx.s3, bucket, ((key, body) for key in names))
 
 
 # ---------------------------------------------------------------------------- workloads
@@ -323,6 +333,10 @@ def w_smallfiles(ctx: Ctx, m: Mount, b: Budget, rec: Rec) -> None:
 
 def w_listing(ctx: Ctx, m: Mount, b: Budget, rec: Rec) -> None:
     z = ctx.sizes
+    # First, while the mount knows nothing: `stat` by name (rsync, tar, a backup's check).
+    out = _ops("statall", m.mnt / "stat", z.small_n, 256, budget=b, mount=m)
+    note = f"{out['wrong']} wrong, e.g. {' '.join(out['examples'])}" if out["wrong"] else ""
+    rec("stat_cold", z.small_n / out["seconds"], "bad" if out["wrong"] else "ok", note)
     for metric in ("ls_cold", "ls_warm"):
         seconds, count = _ls_count(m.mnt / "list", b, m)
         good = count == z.list_n

@@ -390,11 +390,11 @@ class Filesystem(pyfuse3.Operations):
         such lookup in the directory within SCAN_WINDOW — marks the next unknown entries
         of the listing pending, so one parallel round HEADs them with this one and the
         stats that follow find their answers ready: a round trip per batch, not per name."""
-        if not node.meta_pending and parent.ino not in self.lookup_heads:
-            self.lookup_heads[parent.ino] = time.monotonic()
+        scan = node.meta_pending or parent.ino in self.lookup_heads
+        self.lookup_heads[parent.ino] = time.monotonic()
+        if not scan:
             await self.head_into(node, unless_known=True)
             return
-        self.lookup_heads[parent.ino] = time.monotonic()
         node.meta_pending = True
         siblings = (
             []  # its batch is out already

@@ -621,7 +621,11 @@ class S3Store:
         await self._call("DeleteObject", f"DELETE {key}", go)
 
     async def delete_many(self, keys: list[str]) -> None:
-        """DeleteObjects in batches of 1,000; single deletes where the server lacks it."""
+        """DeleteObjects in batches of 1,000; single deletes where the server lacks it.
+        Directory markers go after every key under them, deepest first: a server that
+        keeps real directories (SeaweedFS) leaves one that still holds files when its
+        marker goes first, and lists it again once they are gone."""
+        keys = sorted(keys, key=_children_first)
         for i in range(0, len(keys), 1000):
             batch = keys[i : i + 1000]
             if self.delete_many_supported is not False:
@@ -639,10 +643,9 @@ class S3Store:
                 for key in batch:
                     if not key.endswith("/"):
                         nursery.start_soon(self._delete_limited, limiter, key)
-            # Markers after the files, deepest first: a server that keeps real directories
-            # leaves one that still holds files when its marker goes first.
-            for key in sorted((k for k in batch if k.endswith("/")), key=lambda k: -k.count("/")):
-                await self.delete(key)
+            for key in batch:  # the markers, in the order above
+                if key.endswith("/"):
+                    await self.delete(key)
 
     async def _delete_limited(self, limiter: trio.CapacityLimiter, key: str) -> None:
         async with limiter:
@@ -1043,6 +1046,11 @@ class RateLimiter:
         self.tokens -= 1
         if self.tokens < 0:
             await trio.sleep(-self.tokens / self.rate)
+
+
+def _children_first(key: str) -> tuple[bool, int, str]:
+    """Files before directory markers, deeper markers before shallower ones."""
+    return key.endswith("/"), -key.count("/"), key
 
 
 def _range_total(r: dict) -> int | None:

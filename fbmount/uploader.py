@@ -170,13 +170,6 @@ class UploadHost(Protocol):
         """`node`'s object in S3 is now what this mount staged: open handles read it."""
 
 
-def _children_first(key: str) -> tuple[bool, int, str]:
-    """DeleteObjects order: a directory's marker after every key under it (servers that
-    keep real directories, SeaweedFS among them, leave a directory that still holds
-    files when its marker is deleted, and it is listed again once they go)."""
-    return key.endswith("/"), -key.count("/"), key
-
-
 class WriteBack:
     """The queue of staged files and the task that uploads them."""
 
@@ -330,7 +323,7 @@ class WriteBack:
                 del self.pending_deletes[k]
             self.deleting.update(keys)
             try:
-                await self.store.delete_many(sorted(keys, key=_children_first))
+                await self.store.delete_many(list(keys))
                 self.last_delete_error = None
                 self.delete_batches += 1
                 for k in keys:
